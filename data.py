@@ -1,0 +1,350 @@
+"""Datasets, file discovery, splits, augmentations and backbone files: the one module every script imports.
+
+- `list_images(roots)`, `labeled_images(root)`: unlabeled image trees; class-per-folder sets (found one level down too,
+  as EuroSAT's 2750/). "synthetic" is a built-in generated dataset, so every script runs without a download.
+- `stratified_split`: the papers' per-class 20 % / 80 % split. `augmentation`: MoCo v1 / v2 and GeRSP pipelines.
+- `ImageDataset`, `EpochSampler`: RGB whatever the file's mode, unreadable files skipped and counted, augmentations
+  seeded by (seed, epoch, index) so that a resumed run sees exactly what an uninterrupted one would.
+- `build_model`, `load_backbone`: torchvision models and the weights files that all scripts read and write.
+"""
+import math
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchvision
+from PIL import Image, ImageFilter
+from torch.utils.data import Dataset, Sampler
+from torchvision import transforms as T
+from torchvision.models.vision_transformer import interpolate_embeddings
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SYNTHETIC = "synthetic"
+SYNTHETIC_IMAGES, SYNTHETIC_CLASSES, SYNTHETIC_SIZE = 1024, 4, 64
+
+
+class UserError(Exception):
+    """A problem with the user's input or files: the scripts print it as one sentence and exit with code 2."""
+
+
+# ---------------------------------------------------------------- discovery
+def _scan(root):
+    """All image files below `root` (any nesting), via os.scandir: a million files take seconds."""
+    found, stack = [], [root]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(entry.path)
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append(entry.path)
+    return found
+
+
+def list_images(roots):
+    """Sorted image paths under each root; "synthetic" stands for the built-in generated dataset."""
+    paths = []
+    for root in roots:
+        if root == SYNTHETIC:
+            paths += [f"{SYNTHETIC}://{i}" for i in range(SYNTHETIC_IMAGES)]
+            continue
+        if not os.path.isdir(root):
+            raise UserError(f"--data {root} is not a folder (give a folder of images, or 'synthetic').")
+        found = _scan(root)
+        if not found:
+            raise UserError(f"--data {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        paths += sorted(found)
+    return paths
+
+
+def labeled_images(root):
+    """(paths, labels, class_names) of a class-per-folder dataset; descends through single wrapper folders."""
+    if root == SYNTHETIC:
+        return [f"{SYNTHETIC}://{i}" for i in range(SYNTHETIC_IMAGES)], \
+            [i % SYNTHETIC_CLASSES for i in range(SYNTHETIC_IMAGES)], [f"texture{c}" for c in range(SYNTHETIC_CLASSES)]
+    if not os.path.isdir(root):
+        raise UserError(f"--data {root} is not a folder (give a folder with one sub-folder per class).")
+    while True:  # EuroSAT unpacks to 2750/<Class>/, NWPU to NWPU-RESISC45/<class>/
+        entries = list(os.scandir(root))
+        subdirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        direct = any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
+        if len(subdirs) == 1 and not direct:
+            root = os.path.join(root, subdirs[0])
+        else:
+            break
+    if len(subdirs) < 2:
+        raise UserError(f"{root} has {len(subdirs)} class folder(s); a labeled dataset needs one folder per class "
+                        "and at least two classes.")
+    paths, labels = [], []
+    for label, name in enumerate(subdirs):
+        files = sorted(_scan(os.path.join(root, name)))
+        if not files:
+            raise UserError(f"class folder {os.path.join(root, name)} holds no images; remove it or add images.")
+        paths += files
+        labels += [label] * len(files)
+    return paths, labels, subdirs
+
+
+def stratified_split(labels, train_ratio, seed):
+    """Per class, a random `train_ratio` of the images for training and the rest for testing (fixed by `seed`)."""
+    if not 0 < train_ratio < 1:
+        raise UserError(f"--train-ratio must be between 0 and 1 (got {train_ratio}).")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_train = int(round(train_ratio * len(idx)))
+        if n_train < 1 or n_train >= len(idx):
+            raise UserError(f"class {c} has {len(idx)} images: a train ratio of {train_ratio} leaves it without "
+                            f"{'training' if n_train < 1 else 'test'} images; add images or change --train-ratio.")
+        train.append(idx[:n_train])
+        test.append(idx[n_train:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+# ---------------------------------------------------------------- images
+def synthetic_image(index, size=SYNTHETIC_SIZE):
+    """A generated texture: its class (index mod 4) fixes the hue and the stripe orientation; the rest is random."""
+    rng = np.random.default_rng(index)
+    label = index % SYNTHETIC_CLASSES
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    angle = math.pi * label / SYNTHETIC_CLASSES + rng.normal(0, 0.15)
+    freq = rng.uniform(3, 8)
+    wave = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle)) + rng.uniform(0, 6.3))
+    hue = np.array([[1.0, 0.3, 0.2], [0.2, 0.9, 0.3], [0.2, 0.4, 1.0], [0.9, 0.8, 0.2]])[label]
+    rgb = wave[..., None] * (hue + rng.normal(0, 0.1, 3)) + rng.normal(0, 0.08, (size, size, 3))
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+
+
+def open_rgb(path):
+    """Open any image as 8-bit RGB: grayscale, palette, RGBA, CMYK and 16-bit / float files are converted."""
+    if path.startswith(SYNTHETIC):
+        return synthetic_image(int(path.rsplit("/", 1)[1]))
+    with Image.open(path) as img:
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit or float: stretch to 0-255
+            arr = np.asarray(img, dtype=np.float32)
+            lo, hi = float(arr.min()), float(arr.max())
+            img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8))
+        return img.convert("RGB")
+
+
+def check_readable(paths, samples=32, seed=0):
+    """Open a random sample of the files at start-up: a dataset whose files mostly fail is an error, not a slow run."""
+    picked = random.Random(seed).sample(paths, min(samples, len(paths)))
+    failed = []
+    for path in picked:
+        try:
+            open_rgb(path).load()
+        except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable"
+            failed.append(f"{path} ({type(err).__name__})")
+    if len(failed) > len(picked) // 2:
+        raise UserError(f"{len(failed)} of {len(picked)} sampled images could not be read, e.g. {failed[0]}; "
+                        "check that --data points at image files.")
+
+
+# ---------------------------------------------------------------- augmentations
+class RandomGaussianBlur:
+    """Gaussian blur with sigma drawn from [0.1, 2.0], as in MoCo v2 / SimCLR (PIL's filter: fast on the CPU)."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(*self.sigma))))
+
+
+def augmentation(name, size):
+    """The pre-training pipelines: 'moco_v1', 'moco_v2' (official MoCo code) and 'gersp' (GeRSP Sec. III-B)."""
+    crop = T.RandomResizedCrop(size, scale=(0.2, 1.0))
+    tail = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if name == "moco_v1":
+        steps = [crop, T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomHorizontalFlip()]
+    elif name == "moco_v2":
+        steps = [crop, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+                 T.RandomApply([RandomGaussianBlur()], p=0.5), T.RandomHorizontalFlip()]
+    elif name == "gersp":  # crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.16) p=0.8, gray 0.2, flip 0.5, blur 0.5
+        steps = [crop, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.16)], p=0.8), T.RandomGrayscale(p=0.2),
+                 T.RandomHorizontalFlip(), T.RandomApply([RandomGaussianBlur()], p=0.5)]
+    else:
+        raise ValueError(f"unknown augmentation {name!r}")
+    return T.Compose(steps + tail)
+
+
+def eval_transform(size):
+    """Evaluation: resize the whole image to size x size (the papers resize EuroSAT's 64 px to 224), normalise."""
+    return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class TwoViews:
+    """Two independent augmentations of one image: the query and key of a positive pair."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, img):
+        return [self.transform(img), self.transform(img)]
+
+
+# ---------------------------------------------------------------- dataset and sampler
+class ImageDataset(Dataset):
+    """Images (and labels, -1 when unlabeled) with a transform; an unreadable file is replaced by the next readable
+    one and counted, so a single corrupt JPEG never stops a run. Items are `index` or `(epoch, index)`; the random
+    augmentation of an item is seeded by (seed, epoch, index) alone: the same on any worker, before and after a resume.
+    Returns (transformed image, label, number of files skipped)."""
+
+    def __init__(self, paths, labels=None, transform=None, seed=0):
+        self.paths, self.transform, self.seed = paths, transform, seed
+        self.labels = labels if labels is not None else [-1] * len(paths)
+        self.reported = 0
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        epoch, index = item if isinstance(item, tuple) else (0, item)
+        skipped = 0
+        for offset in range(len(self.paths)):
+            path = self.paths[(index + offset) % len(self.paths)]
+            try:
+                img = open_rgb(path)
+                break
+            except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
+                skipped += 1
+                if self.reported < 5:  # say which files fail, without flooding the log on a bad dataset
+                    self.reported += 1
+                    print(f"warning: skipping unreadable image {path} ({type(err).__name__}: {err})", flush=True)
+        else:
+            raise UserError("no image of the dataset could be read.")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
+            x = self.transform(img) if self.transform else img
+        return x, self.labels[(index + offset) % len(self.paths)], skipped
+
+
+class EpochSampler(Sampler):
+    """Each epoch: a permutation of the dataset fixed by (seed, epoch), cut into global batches (the last incomplete
+    one dropped); every process takes its slice of each global batch. `set_epoch(e, start_batch)` restarts inside
+    an epoch, so a run resumed mid-epoch continues with exactly the batches it would have seen."""
+
+    def __init__(self, size, global_batch, rank=0, world_size=1, seed=0):
+        self.size, self.global_batch, self.rank, self.world, self.seed = size, global_batch, rank, world_size, seed
+        self.epoch, self.start_batch = 0, 0
+
+    def batches_per_epoch(self):
+        return self.size // self.global_batch
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        local = self.global_batch // self.world
+        for b in range(self.start_batch, self.batches_per_epoch()):
+            batch = order[b * self.global_batch:(b + 1) * self.global_batch]
+            for i in batch[self.rank * local:(self.rank + 1) * local].tolist():
+                yield (self.epoch, i)
+
+    def __len__(self):
+        return (self.batches_per_epoch() - self.start_batch) * (self.global_batch // self.world)
+
+
+# ---------------------------------------------------------------- backbones and weights files
+VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads; 12 blocks
+HEADS = ("fc", "heads", "head")  # the classifier of torchvision's ResNet, ViT and Swin
+
+
+def build_model(arch, image_size=224, patch_size=16):
+    """A torchvision classification model; vit_tiny / vit_small / vit_base are VisionTransformer(12 blocks, mlp 4x)."""
+    if arch in VIT_SIZES:
+        width, heads = VIT_SIZES[arch]
+        return torchvision.models.VisionTransformer(image_size, patch_size, 12, heads, width, 4 * width)
+    if arch not in torchvision.models.list_models(torchvision.models):
+        raise UserError(f"unknown --arch {arch}; use a torchvision model name such as resnet50, swin_t or vit_small.")
+    return torchvision.models.get_model(arch, **({"image_size": image_size} if arch.startswith("vit") else {}))
+
+
+def strip_head(model):
+    """Replace the classifier by Identity; returns the feature width. The remaining keys are torchvision's."""
+    for name in HEADS:
+        head = getattr(model, name, None)
+        if head is not None:
+            setattr(model, name, nn.Identity())
+            return (head[-1] if isinstance(head, nn.Sequential) else head).in_features
+    raise UserError(f"{type(model).__name__} has no classifier head named {' / '.join(HEADS)}.")
+
+
+def load_backbone(weights, arch=None, image_size=224):
+    """(headless model, feature width, arch, method) from 'random', 'imagenet', one of our backbone.pth /
+    checkpoint.pth files, or a plain torchvision state dict; every backbone tensor must be loaded, or an error."""
+    state, method, config = None, weights, {}
+    if weights not in ("random", "imagenet"):
+        if not os.path.isfile(weights):
+            raise UserError(f"--weights {weights} is not a file (nor 'random' / 'imagenet').")
+        try:
+            obj = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a pickle that runs code or a non-checkpoint lands here
+            raise UserError(f"--weights {weights} cannot be loaded as weights ({type(err).__name__}); only tensor "
+                            "files are accepted (weights_only=True).") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"--weights {weights} holds a {type(obj).__name__}, not a state dict.")
+        arch, method, config = obj.get("arch", arch), obj.get("method", "torchvision"), obj.get("config", {})
+        if "state_dict" in obj:  # backbone.pth of this project
+            state = obj["state_dict"]
+        elif "backbone_prefix" in obj:  # a training checkpoint of this project
+            n = len(obj["backbone_prefix"])
+            state = {k[n:]: v for k, v in obj["model"].items() if k.startswith(obj["backbone_prefix"])}
+        else:  # a plain state dict, maybe saved from DistributedDataParallel
+            state = {k.removeprefix("module."): v for k, v in obj.items()}
+        if arch is None:
+            raise UserError(f"--weights {weights} does not say its architecture; add --arch.")
+    elif arch is None:
+        raise UserError(f"--weights {weights} needs --arch.")
+    model = build_model(arch, image_size, config.get("patch_size", 16))
+    if weights == "imagenet":
+        state = _imagenet_state(arch)
+    width = strip_head(model)
+    if state is not None:
+        if "encoder.pos_embedding" in state and state["encoder.pos_embedding"].shape[1] != model.seq_length:
+            state = interpolate_embeddings(image_size, model.patch_size, state)  # ViT at another image size
+        own = model.state_dict()
+        loaded = [k for k in own if k in state and state[k].shape == own[k].shape]
+        if len(loaded) < len(own):
+            missing = next(k for k in own if k not in loaded)
+            raise UserError(f"--weights {weights} matches only {len(loaded)} of the {len(own)} tensors of {arch} "
+                            f"(e.g. {missing}); it holds another architecture or other key names.")
+        model.load_state_dict({k: state[k] for k in own})
+    return model, width, arch, method
+
+
+def _imagenet_state(arch):
+    """torchvision's ImageNet weights from the local torch hub cache (these machines are offline)."""
+    try:
+        url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    except (ValueError, KeyError):
+        raise UserError(f"torchvision has no ImageNet weights for {arch}.") from None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.isfile(path):
+        raise UserError(f"ImageNet weights for {arch} are not in the local cache: download {url} on a machine "
+                        f"with internet access and copy it to {path}.")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof=1; 0 for one run) of a list of accuracies, as the papers' mu +- sigma."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def results_table(rows, datasets):
+    """Markdown table in the shape of GeRSP Table I: one row per backbone, 'mean +- std' top-1 per dataset.
+    rows: [(label, method, arch, {dataset: [accuracies]})]."""
+    lines = ["| weights | method | arch | " + " | ".join(f"{d} top-1" for d in datasets) + " |",
+             "|---|---|---|" + "---|" * len(datasets)]
+    for label, method, arch, accs in rows:
+        cells = ["%.2f +- %.2f" % mean_std(accs[d]) if d in accs else "" for d in datasets]
+        lines.append(f"| {label} | {method} | {arch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

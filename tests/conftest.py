@@ -1,0 +1,55 @@
+"""Shared test helpers: tiny generated image folders in a temp dir (never ../shared) and script runners."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses share the 2 cores with pytest itself
+
+# A tiny ResNet run that every pre-training smoke test can afford on a CPU.
+TINY_RESNET = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "8", "--bn-group", "4", "--workers", "0",
+               "--log-every", "1"]
+
+
+def make_image_folder(root, classes=3, per_class=8, size=32, ext=".png", seed=0):
+    """root/<class_i>/<j><ext>: class i has its own mean colour, so a probe can separate the classes."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        colour = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 151 + 40) % 256], dtype=np.float64)
+        for j in range(per_class):
+            pixels = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, f"class{c}", f"{j}{ext}"))
+    return str(root)
+
+
+def run_script(script, *args, env=None, timeout=300):
+    """Run a script of the repo as a user would; returns the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_torchrun(script, nproc, *args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(REPO, script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_sentence_error(result, script, *fragments):
+    """Exit code 2 and a single 'script: error: ...' line on stderr, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "images")

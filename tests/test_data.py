@@ -1,0 +1,128 @@
+"""data.py: discovery, labeled folders, splits, RGB conversion, skipping unreadable files, deterministic views."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from conftest import make_image_folder
+
+
+def test_list_images_finds_every_extension_at_any_depth_and_ignores_the_rest(tmp_path):
+    expected = []
+    for i, ext in enumerate(data.IMAGE_EXTENSIONS + (".JPG",)):
+        folder = tmp_path / "a" / ("b" * (i % 3)) / str(i)
+        folder.mkdir(parents=True)
+        (folder / f"x{ext}").write_bytes(b"")
+        expected.append(str(folder / f"x{ext}"))
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "y.png").write_bytes(b"")
+    found = data.list_images([str(tmp_path / "a"), str(tmp_path / "other")])
+    assert found == sorted(expected) + [str(tmp_path / "other" / "y.png")]
+    assert len(data.list_images(["synthetic"])) == data.SYNTHETIC_IMAGES
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: None, "is not a folder"),
+    (lambda p: os.makedirs(p / "empty" / "sub"), "holds no images"),
+])
+def test_list_images_rejects_missing_and_empty_folders(tmp_path, make, fragment):
+    make(tmp_path)
+    with pytest.raises(data.UserError, match=fragment):
+        data.list_images([str(tmp_path / "empty")])
+
+
+def test_labeled_images_descends_into_a_single_wrapper_folder(tmp_path):
+    make_image_folder(tmp_path / "EuroSAT" / "2750", classes=3, per_class=4)
+    paths, labels, classes = data.labeled_images(str(tmp_path / "EuroSAT"))
+    assert classes == ["class0", "class1", "class2"]
+    assert labels == [0] * 4 + [1] * 4 + [2] * 4
+    assert all(f"2750{os.sep}class{label}{os.sep}" in p for p, label in zip(paths, labels))
+
+
+def test_labeled_images_rejects_one_class_and_empty_classes(tmp_path):
+    make_image_folder(tmp_path / "one", classes=1)
+    with pytest.raises(data.UserError, match="at least two classes"):
+        data.labeled_images(str(tmp_path / "one"))
+    make_image_folder(tmp_path / "two", classes=2)
+    (tmp_path / "two" / "class9").mkdir()
+    with pytest.raises(data.UserError, match="class9 holds no images"):
+        data.labeled_images(str(tmp_path / "two"))
+
+
+def test_stratified_split_is_deterministic_disjoint_complete_and_per_class():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    train, test = data.stratified_split(labels, 0.2, seed=3)
+    again, _ = data.stratified_split(labels, 0.2, seed=3)
+    other, _ = data.stratified_split(labels, 0.2, seed=4)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+    assert not set(train) & set(test) and sorted(set(train) | set(test)) == list(range(100))
+    assert np.bincount(np.asarray(labels)[train]).tolist() == [10, 6, 4]
+
+
+def test_stratified_split_refuses_a_class_left_without_training_images():
+    with pytest.raises(data.UserError, match="class 1 has 2 images"):
+        data.stratified_split([0] * 10 + [1] * 2, 0.2, seed=0)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])
+def test_open_rgb_converts_every_mode_to_8bit_rgb(tmp_path, mode):
+    pixels = (np.arange(24 * 20) % 251).reshape(20, 24)
+    if mode == "I;16":
+        img = Image.fromarray((pixels * 250).astype(np.uint16))  # 16-bit values above 255
+    else:
+        img = Image.fromarray(pixels.astype(np.uint8)).convert(mode)
+    path = str(tmp_path / ("x.tif" if mode in ("I;16", "CMYK") else "x.png"))
+    img.save(path)
+    rgb = data.open_rgb(path)
+    assert rgb.mode == "RGB" and rgb.size == (24, 20)
+    if mode == "I;16":  # stretched, not clipped: the largest value maps to 255 and the smallest to 0
+        assert np.asarray(rgb).max() == 255 and np.asarray(rgb).min() == 0
+
+
+def test_dataset_skips_and_counts_an_unreadable_file(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "imgs", classes=1, per_class=3)
+    bad = os.path.join(folder, "class0", "1.png")
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG truncated")
+    paths = data.list_images([folder])
+    dataset = data.ImageDataset(paths, transform=data.eval_transform(16))
+    skipped = [dataset[i][2] for i in range(len(dataset))]
+    assert skipped == [0, 1, 0]  # the corrupt 1.png is replaced by 2.png and counted once
+    assert "skipping unreadable image" in capsys.readouterr().out
+    with pytest.raises(data.UserError, match="could not be read"):
+        data.check_readable([bad] * 4)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index():
+    dataset = data.ImageDataset(data.list_images(["synthetic"]), transform=data.augmentation("moco_v2", 32), seed=7)
+    torch.manual_seed(123)
+    a = dataset[(2, 5)][0]
+    torch.manual_seed(456)  # the global RNG does not matter, and is left untouched
+    state = torch.get_rng_state()
+    b = dataset[(2, 5)][0]
+    assert torch.equal(a, b) and torch.equal(state, torch.get_rng_state())
+    assert not torch.equal(a, dataset[(3, 5)][0]) and not torch.equal(a, dataset[(2, 6)][0])
+
+
+@pytest.mark.parametrize("name", ["moco_v1", "moco_v2", "gersp"])
+def test_augmentations_produce_normalised_crops_of_the_requested_size(name):
+    x = data.augmentation(name, 48)(data.synthetic_image(0))
+    assert x.shape == (3, 48, 48) and x.min() < 0 < x.max()
+
+
+def test_epoch_sampler_splits_global_batches_between_ranks_and_resumes_mid_epoch():
+    size, batch, world = 50, 8, 2
+    per_rank = [list(data.EpochSampler(size, batch, rank, world, seed=1)) for rank in range(world)]
+    assert all(len(r) == 24 for r in per_rank)  # 6 full global batches of 8, the last 2 images dropped
+    batches = [per_rank[0][b * 4:(b + 1) * 4] + per_rank[1][b * 4:(b + 1) * 4] for b in range(6)]
+    indices = [i for b in batches for _, i in b]
+    assert len(set(indices)) == 48  # no image twice in an epoch
+    sampler = data.EpochSampler(size, batch, 1, world, seed=1)
+    sampler.set_epoch(0, start_batch=4)
+    assert list(sampler) == per_rank[1][16:] and len(sampler) == 8
+    sampler.set_epoch(1)
+    assert [i for _, i in sampler] != [i for _, i in per_rank[1]] and all(e == 1 for e, _ in sampler)
