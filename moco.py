@@ -443,7 +443,8 @@ def train(args):
     if rank == 0:
         if skipped > 0:
             print(f"moco | {int(skipped)} unreadable image(s) were skipped in this run", flush=True)
-        print(f"moco | done at step {step}: backbone in {os.path.join(args.out, 'backbone.pth')}", flush=True)
+        if not stopping:
+            print(f"moco | done at step {step}: backbone in {os.path.join(args.out, 'backbone.pth')}", flush=True)
         log_file.close()
     if world > 1:
         dist.destroy_process_group()
