@@ -1,0 +1,165 @@
+"""gersp.py: each component against its definition (Eq. 1-5), alpha = 0 against moco.py, and real training runs."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import data
+import eval_linear
+import gersp
+import moco
+from conftest import TINY_RESNET, assert_one_sentence_error, make_image_folder, run_script, run_torchrun
+
+
+def per_sample_gersp(num_classes=3, dim=4, queue=8):
+    """A GeRSP whose backbone has no BatchNorm, so every output depends on its own image only."""
+    torch.manual_seed(0)
+    student = gersp.Student("resnet18", dim, num_classes, bn_splits=1)
+    student.backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 512))
+    return gersp.GeRSP(student, queue, dim, momentum=0.9, temperature=0.5)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_total_loss_is_l_ct_plus_alpha_l_ce_with_labels_in_their_order(alpha):
+    model = per_sample_gersp()
+    rs_q, rs_k, natural = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    labels = torch.tensor([2, 0, 1, 2])
+    with torch.no_grad():  # Eq. 1 and Eq. 2 written out independently of train_step
+        q = F.normalize(model.student.projector(model.student.backbone(rs_q)), dim=1)
+        k = F.normalize(model.teacher(rs_k), dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue.T], dim=1) / 0.5
+        l_ct = -torch.log_softmax(logits, dim=1)[:, 0].mean()
+        log_p = torch.log_softmax(model.student.predictor(model.student.backbone(natural)), dim=1)
+        l_ce = -log_p[torch.arange(4), labels].mean()
+        l_ce_shuffled = -log_p[torch.arange(4), labels.roll(1)].mean()
+    assert not torch.isclose(l_ce, l_ce_shuffled)  # the check below would catch labels out of order
+    optimizer = torch.optim.SGD(model.student.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, loss_ct, loss_ce, _ = gersp.train_step(model, model.student, rs_q, rs_k, natural, labels, optimizer,
+                                                 scaler, None, alpha)
+    torch.testing.assert_close(loss_ct, l_ct)
+    torch.testing.assert_close(loss_ce, l_ce)
+    torch.testing.assert_close(loss, l_ct + alpha * l_ce)
+
+
+def test_alpha_zero_switches_nial_off_and_the_step_equals_mocos():
+    torch.manual_seed(0)
+    mo = moco.MoCo(moco.build_encoder("resnet18", "mlp", 16, 2), 32, 16, 0.996, 0.07)
+    student = gersp.Student("resnet18", 16, 5, bn_splits=2)
+    student.predictor.requires_grad_(False)
+    ge = gersp.GeRSP(student, 32, 16, 0.996, 0.07)
+    ge.student.backbone.load_state_dict(mo.encoder_q.backbone.state_dict())
+    ge.student.projector.load_state_dict(mo.encoder_q.projector.state_dict())
+    ge.teacher.load_state_dict(mo.encoder_k.state_dict())
+    ge.queue.copy_(mo.queue)
+    rs_q, rs_k = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    opt_mo = torch.optim.SGD(mo.encoder_q.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_ge = torch.optim.SGD([p for p in ge.student.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
+                             weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    predictor_before = ge.student.predictor.weight.clone()
+    torch.manual_seed(1)  # the same shuffle permutation for both
+    loss_mo, _ = moco.train_step(mo, mo.encoder_q, rs_q, rs_k, opt_mo, scaler, None)
+    torch.manual_seed(1)
+    loss_ge, loss_ct, loss_ce, _ = gersp.train_step(ge, ge.student, rs_q, rs_k, None, None, opt_ge, scaler, None, 0.0)
+    assert loss_ce == 0 and ge.student.predictor.weight.grad is None
+    assert torch.equal(ge.student.predictor.weight, predictor_before)
+    torch.testing.assert_close(loss_ge, loss_mo, rtol=0, atol=1e-6)
+    for (name, p_ge), p_mo in zip(ge.student.backbone.named_parameters(), mo.encoder_q.backbone.parameters()):
+        torch.testing.assert_close(p_ge, p_mo, rtol=0, atol=1e-6, msg=name)
+    torch.testing.assert_close(ge.queue, mo.queue, rtol=0, atol=1e-6)
+
+
+def test_teacher_gets_no_gradient_and_its_projector_follows_the_ema():
+    model = per_sample_gersp()
+    optimizer = torch.optim.SGD(model.student.parameters(), lr=0.5)
+    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    gersp.train_step(model, model.student, torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2),
+                     torch.tensor([0, 1, 2, 0]), optimizer, torch.amp.GradScaler("cpu", enabled=False), None, 1.0)
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    student = list(model.student.backbone.parameters()) + list(model.student.projector.parameters())
+    for p_t, old, p_s in zip(model.teacher.parameters(), teacher_before, student):
+        assert not torch.equal(p_t, old)
+        torch.testing.assert_close(p_t, 0.9 * old + 0.1 * p_s)  # Eq. 4, projector included
+    assert model.queue_ptr == 4
+
+
+def test_cosine_annealing_restarts_every_20_epochs():
+    args = gersp.get_args([])
+    lrs = [gersp.lr_at(args, e) for e in (0, 10, 19, 20, 40, 99)]
+    assert lrs[0] == lrs[3] == lrs[4] == pytest.approx(0.007)
+    assert lrs[1] == pytest.approx(0.004)  # halfway between lr_max 0.007 and lr_min 0.001
+    assert 0.001 < lrs[2] < 0.0011 and lrs[5] == pytest.approx(lrs[2])
+
+
+def test_natural_stream_cycles_and_resumes_at_the_same_batch():
+    dataset = data.ImageDataset([f"{data.SYNTHETIC}://{i}" for i in range(10)], list(range(10)), lambda img: 0)
+    sampler = data.EpochSampler(10, 4, seed=3)  # 2 batches per natural epoch, 2 images never seen in each
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler)
+    stream = gersp.natural_batches(loader, sampler, 0)
+    labels = [next(stream)[1].tolist() for _ in range(5)]
+    assert len(set(sum(labels[:2], []))) == 8 and labels[0] != labels[2]  # a new shuffle each natural epoch
+    resumed = gersp.natural_batches(loader, sampler, 3)
+    assert next(resumed)[1].tolist() == labels[3]
+
+
+def gersp_tiny(rs, natural, out, *extra):
+    gersp.main(TINY_RESNET + ["--data", rs, "--natural", natural, "--queue", "16", "--out", str(out), *extra])
+    return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gersp")
+    return make_image_folder(root / "rs", classes=2, per_class=8), make_image_folder(root / "nat", classes=3,
+                                                                                     per_class=4, seed=1)
+
+
+def test_resume_continues_exactly_and_the_backbone_reaches_torchvision_and_eval_linear(tmp_path, folders):
+    rs, natural = folders
+    straight = gersp_tiny(rs, natural, tmp_path / "a", "--epochs", "2", "--max-steps", "3")
+    gersp_tiny(rs, natural, tmp_path / "b", "--epochs", "2", "--max-steps", "1")
+    resumed = gersp_tiny(rs, natural, tmp_path / "b", "--epochs", "2", "--max-steps", "3")
+    for key, value in straight["model"].items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, resumed["model"][key]), key
+    log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(r["loss"] == pytest.approx(r["loss_ct"] + r["loss_ce"], abs=1e-4) for r in log)
+    saved = torch.load(tmp_path / "b" / "backbone.pth", weights_only=True)
+    result = torchvision.models.resnet18().load_state_dict(saved["state_dict"], strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    for weights in ("backbone.pth", "checkpoint.pth"):
+        model, width, arch, method = data.load_backbone(str(tmp_path / "b" / weights))
+        assert (width, arch, method) == (512, "resnet18", "gersp")
+        torch.testing.assert_close(model.conv1.weight, saved["state_dict"]["conv1.weight"])
+    results = eval_linear.evaluate(eval_linear.get_args(
+        ["--data", natural, "--weights", str(tmp_path / "b" / "backbone.pth"), "--img-size", "32", "--runs", "1",
+         "--epochs", "2", "--workers", "0", "--out", str(tmp_path / "eval")]))
+    assert results[0]["method"] == "gersp" and 0 <= results[0]["nat"]["mean"] <= 100
+
+
+def test_two_process_torchrun_completes(tmp_path, folders):
+    rs, natural = folders
+    result = run_torchrun("gersp.py", 2, *TINY_RESNET, "--data", rs, "--natural", natural, "--queue", "16",
+                          "--max-steps", "2", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and "done at step 2" in result.stdout
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]["_extra_state"]["queue_ptr"] == 0
+
+
+def test_missing_or_unlabeled_natural_folder_is_one_sentence(tmp_path, folders):
+    rs, _ = folders
+    result = run_script("gersp.py", *TINY_RESNET, "--data", rs, "--natural", tmp_path / "nope", "--out", tmp_path / "o")
+    assert_one_sentence_error(result, "gersp.py", "is not a folder")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        data.synthetic_image(i).save(flat / f"{i}.png")
+    with pytest.raises(SystemExit) as exit_info:
+        gersp.main(TINY_RESNET + ["--data", rs, "--natural", str(flat), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2 and not os.path.exists(tmp_path / "o")
