@@ -1,12 +1,8 @@
-"""Datasets, file discovery, splits, augmentations and backbone files: the one module every script imports.
-
-- `list_images(roots)`, `labeled_images(root)`: unlabeled image trees; class-per-folder sets (found one level down too,
-  as EuroSAT's 2750/). "synthetic" is a built-in generated dataset, so every script runs without a download.
-- `stratified_split`: the papers' per-class 20 % / 80 % split. `augmentation`: MoCo v1 / v2 and GeRSP pipelines.
-- `ImageDataset`, `EpochSampler`: RGB whatever the file's mode, unreadable files skipped and counted, augmentations
-  seeded by (seed, epoch, index) so that a resumed run sees exactly what an uninterrupted one would.
-- `build_model`, `load_backbone`: torchvision models and the weights files that all scripts read and write.
-"""
+"""The one module every script imports: image discovery, labeled folders and splits, augmentations, the dataset and
+sampler (unreadable files skipped and counted; augmentations seeded by (seed, epoch, index), so a resumed run sees
+exactly what an uninterrupted one would), and the backbone files all scripts read and write. "synthetic" names a
+built-in generated dataset, so every script runs without a download."""
+import json
 import math
 import os
 import random
@@ -62,9 +58,9 @@ def list_images(roots):
 
 def labeled_images(root):
     """(paths, labels, class_names) of a class-per-folder dataset; descends through single wrapper folders."""
-    if root == SYNTHETIC:
-        return [f"{SYNTHETIC}://{i}" for i in range(SYNTHETIC_IMAGES)], \
-            [i % SYNTHETIC_CLASSES for i in range(SYNTHETIC_IMAGES)], [f"texture{c}" for c in range(SYNTHETIC_CLASSES)]
+    if root == SYNTHETIC:  # the class of synthetic image i is i mod SYNTHETIC_CLASSES
+        paths = list_images([SYNTHETIC])
+        return paths, [i % SYNTHETIC_CLASSES for i in range(len(paths))], [f"texture{c}" for c in range(4)]
     if not os.path.isdir(root):
         raise UserError(f"--data {root} is not a folder (give a folder with one sub-folder per class).")
     while True:  # EuroSAT unpacks to 2750/<Class>/, NWPU to NWPU-RESISC45/<class>/
@@ -106,6 +102,20 @@ def stratified_split(labels, train_ratio, seed):
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+def labeled_datasets(roots, names, train_ratio, runs, seed, verbose=True):
+    """The evaluation datasets: [(name, paths, labels, classes, [(train, test) split of each run])]."""
+    datasets = []
+    for i, root in enumerate(roots):
+        paths, labels, classes = labeled_images(root)
+        name = names[i] if names else os.path.basename(os.path.normpath(root))
+        splits = [stratified_split(labels, train_ratio, seed + r) for r in range(runs)]
+        datasets.append((name, paths, labels, classes, splits))
+        if verbose:
+            print(f"{name}: {len(classes)} classes, {len(paths)} images, {len(splits[0][0])} train / "
+                  f"{len(splits[0][1])} test per run", flush=True)
+    return datasets
+
+
 # ---------------------------------------------------------------- images
 def synthetic_image(index, size=SYNTHETIC_SIZE):
     """A generated texture: its class (index mod 4) fixes the hue and the stripe orientation; the rest is random."""
@@ -134,11 +144,10 @@ def open_rgb(path):
 
 def check_readable(paths, samples=32, seed=0):
     """Open a random sample of the files at start-up: a dataset whose files mostly fail is an error, not a slow run."""
-    picked = random.Random(seed).sample(paths, min(samples, len(paths)))
-    failed = []
+    picked, failed = random.Random(seed).sample(paths, min(samples, len(paths))), []
     for path in picked:
         try:
-            open_rgb(path).load()
+            open_rgb(path)
         except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable"
             failed.append(f"{path} ({type(err).__name__})")
     if len(failed) > len(picked) // 2:
@@ -148,13 +157,10 @@ def check_readable(paths, samples=32, seed=0):
 
 # ---------------------------------------------------------------- augmentations
 class RandomGaussianBlur:
-    """Gaussian blur with sigma drawn from [0.1, 2.0], as in MoCo v2 / SimCLR (PIL's filter: fast on the CPU)."""
-
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
+    """Gaussian blur with sigma drawn from [0.1, 2.0] as in MoCo v2 (PIL's filter, like the official code)."""
 
     def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(*self.sigma))))
+        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(0.1, 2.0))))
 
 
 def augmentation(name, size):
@@ -191,14 +197,12 @@ class TwoViews:
 
 # ---------------------------------------------------------------- dataset and sampler
 class ImageDataset(Dataset):
-    """Images (and labels, -1 when unlabeled) with a transform; an unreadable file is replaced by the next readable
-    one and counted, so a single corrupt JPEG never stops a run. Items are `index` or `(epoch, index)`; the random
-    augmentation of an item is seeded by (seed, epoch, index) alone: the same on any worker, before and after a resume.
-    Returns (transformed image, label, number of files skipped)."""
+    """(transform(image), label or -1, files skipped) for items `index` or `(epoch, index)`. An unreadable file is
+    replaced by the next readable one and counted; the augmentation is seeded by (seed, epoch, index) alone."""
 
     def __init__(self, paths, labels=None, transform=None, seed=0):
         self.paths, self.transform, self.seed = paths, transform, seed
-        self.labels = labels if labels is not None else [-1] * len(paths)
+        self.labels = [-1] * len(paths) if labels is None else labels
         self.reported = 0
 
     def __len__(self):
@@ -226,9 +230,8 @@ class ImageDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Each epoch: a permutation of the dataset fixed by (seed, epoch), cut into global batches (the last incomplete
-    one dropped); every process takes its slice of each global batch. `set_epoch(e, start_batch)` restarts inside
-    an epoch, so a run resumed mid-epoch continues with exactly the batches it would have seen."""
+    """A permutation per epoch fixed by (seed, epoch), cut into global batches (the last incomplete one dropped), each
+    process taking its slice of every batch; set_epoch(e, start_batch) resumes mid-epoch on the same batches."""
 
     def __init__(self, size, global_batch, rank=0, world_size=1, seed=0):
         self.size, self.global_batch, self.rank, self.world, self.seed = size, global_batch, rank, world_size, seed
@@ -260,8 +263,8 @@ HEADS = ("fc", "heads", "head")  # the classifier of torchvision's ResNet, ViT a
 def build_model(arch, image_size=224, patch_size=16):
     """A torchvision classification model; vit_tiny / vit_small / vit_base are VisionTransformer(12 blocks, mlp 4x)."""
     if arch in VIT_SIZES:
-        width, heads = VIT_SIZES[arch]
-        return torchvision.models.VisionTransformer(image_size, patch_size, 12, heads, width, 4 * width)
+        return torchvision.models.VisionTransformer(image_size, patch_size, 12, VIT_SIZES[arch][1],
+                                                    VIT_SIZES[arch][0], 4 * VIT_SIZES[arch][0])
     if arch not in torchvision.models.list_models(torchvision.models):
         raise UserError(f"unknown --arch {arch}; use a torchvision model name such as resnet50, swin_t or vit_small.")
     return torchvision.models.get_model(arch, **({"image_size": image_size} if arch.startswith("vit") else {}))
@@ -284,11 +287,7 @@ def load_backbone(weights, arch=None, image_size=224):
     if weights not in ("random", "imagenet"):
         if not os.path.isfile(weights):
             raise UserError(f"--weights {weights} is not a file (nor 'random' / 'imagenet').")
-        try:
-            obj = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - a pickle that runs code or a non-checkpoint lands here
-            raise UserError(f"--weights {weights} cannot be loaded as weights ({type(err).__name__}); only tensor "
-                            "files are accepted (weights_only=True).") from None
+        obj = load_weights_only(weights)
         if not isinstance(obj, dict):
             raise UserError(f"--weights {weights} holds a {type(obj).__name__}, not a state dict.")
         arch, method, config = obj.get("arch", arch), obj.get("method", "torchvision"), obj.get("config", {})
@@ -304,8 +303,15 @@ def load_backbone(weights, arch=None, image_size=224):
     elif arch is None:
         raise UserError(f"--weights {weights} needs --arch.")
     model = build_model(arch, image_size, config.get("patch_size", 16))
-    if weights == "imagenet":
-        state = _imagenet_state(arch)
+    if weights == "imagenet":  # torchvision's weights from the local torch hub cache (these machines are offline)
+        if arch in VIT_SIZES:
+            raise UserError(f"torchvision has no ImageNet weights for {arch}.")
+        url = torchvision.models.get_model_weights(arch).DEFAULT.url
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+        if not os.path.isfile(path):
+            raise UserError(f"ImageNet weights for {arch} are not in the local cache: download {url} on a machine "
+                            f"with internet access and copy it to {path}.")
+        state = load_weights_only(path)
     width = strip_head(model)
     if state is not None:
         if "encoder.pos_embedding" in state and state["encoder.pos_embedding"].shape[1] != model.seq_length:
@@ -320,31 +326,42 @@ def load_backbone(weights, arch=None, image_size=224):
     return model, width, arch, method
 
 
-def _imagenet_state(arch):
-    """torchvision's ImageNet weights from the local torch hub cache (these machines are offline)."""
+def load_weights_only(path):
+    """torch.load with weights_only=True: tensors and plain values load, a pickle that would run code is refused."""
     try:
-        url = torchvision.models.get_model_weights(arch).DEFAULT.url
-    except (ValueError, KeyError):
-        raise UserError(f"torchvision has no ImageNet weights for {arch}.") from None
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    if not os.path.isfile(path):
-        raise UserError(f"ImageNet weights for {arch} are not in the local cache: download {url} on a machine "
-                        f"with internet access and copy it to {path}.")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling error means "not a weights file"
+        raise UserError(f"{path} is not a weights or checkpoint file that loads with weights_only=True "
+                        f"({type(err).__name__}).") from None
+
+
+def save_atomic(obj, path):
+    """Write to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
+    with open(f"{path}.tmp", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
 
 
 def mean_std(values):
-    """Mean and sample standard deviation (ddof=1; 0 for one run) of a list of accuracies, as the papers' mu +- sigma."""
+    """Mean and sample standard deviation (ddof=1; 0 for one run): the papers' mu +- sigma over runs."""
     values = np.asarray(values, dtype=np.float64)
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def results_table(rows, datasets):
-    """Markdown table in the shape of GeRSP Table I: one row per backbone, 'mean +- std' top-1 per dataset.
-    rows: [(label, method, arch, {dataset: [accuracies]})]."""
-    lines = ["| weights | method | arch | " + " | ".join(f"{d} top-1" for d in datasets) + " |",
+def write_results(out, protocol, args, entries, datasets, title):
+    """results.json (every run) and results.md: GeRSP Table I's shape, one row per backbone, mean +- std per dataset.
+    entries: [{"weights", "method", "arch", <dataset>: {"mean", "std", ...}}]; the table is printed too."""
+    table = ["| weights | method | arch | " + " | ".join(f"{d} top-1" for d in datasets) + " |",
              "|---|---|---|" + "---|" * len(datasets)]
-    for label, method, arch, accs in rows:
-        cells = ["%.2f +- %.2f" % mean_std(accs[d]) if d in accs else "" for d in datasets]
-        lines.append(f"| {label} | {method} | {arch} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    for e in entries:
+        cells = [f"{e[d]['mean']:.2f} +- {e[d]['std']:.2f}" if d in e else "" for d in datasets]
+        table.append(f"| {e['weights']} | {e['method']} | {e['arch']} | " + " | ".join(cells) + " |")
+    text = f"{title}\n\n" + "\n".join(table) + "\n"
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"protocol": protocol, "args": vars(args), "backbones": entries}, f, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    print("\n" + text, flush=True)

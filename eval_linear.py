@@ -23,7 +23,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -146,33 +145,25 @@ def train_probe(features, labels, train_idx, test_idx, num_classes, args, seed):
 def evaluate(args):
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    datasets = []
-    for i, root in enumerate(args.data):
-        paths, labels, classes = data.labeled_images(root)
-        name = args.dataset[i] if args.dataset else os.path.basename(os.path.normpath(root))
-        splits = [data.stratified_split(labels, args.train_ratio, args.seed + r) for r in range(args.runs)]
-        datasets.append((name, paths, torch.tensor(labels), classes, splits))
-        print(f"eval_linear | {name}: {len(classes)} classes, {len(paths)} images, {len(splits[0][0])} train / "
-              f"{len(splits[0][1])} test per run", flush=True)
+    datasets = data.labeled_datasets(args.data, args.dataset, args.train_ratio, args.runs, args.seed)
     torch.manual_seed(args.seed)
     backbones = [data.load_backbone(w, args.arch, args.img_size) for w in args.weights]  # all checked before work
 
-    rows, results, log = [], [], []
+    results, log = [], []
     for weights, (model, width, arch, method) in zip(args.weights, backbones):
-        before, accuracies, entry = fingerprint(model), {}, {"weights": weights, "method": method, "arch": arch}
+        before, entry = fingerprint(model), {"weights": weights, "method": method, "arch": arch}
         for name, paths, labels, classes, splits in datasets:
             start = time.time()
             features = extract_features(model, paths, args, device)
             extract_s = time.time() - start
             per_key = {}
             for key, feats in features.items():
-                runs = [train_probe(feats, labels, torch.from_numpy(tr), torch.from_numpy(te), len(classes), args,
-                                    args.seed + r) for r, (tr, te) in enumerate(splits)]
+                runs = [train_probe(feats, torch.tensor(labels), torch.from_numpy(tr), torch.from_numpy(te),
+                                    len(classes), args, args.seed + r) for r, (tr, te) in enumerate(splits)]
                 per_key[key] = runs
                 log.append({"weights": weights, "dataset": name, "features": key, "dim": feats.shape[1],
                             "accuracies": [acc for acc, _ in runs], "extract_s": round(extract_s, 1)})
             accs = [acc for acc, _ in per_key["final"]]
-            accuracies[name] = accs
             mean, std = data.mean_std(accs)
             entry[name] = {"accuracies": accs, "mean": mean, "std": std, "classes": classes,
                            "confusion_last_run": per_key["final"][-1][1], "feature_dim": width,
@@ -185,18 +176,12 @@ def evaluate(args):
         entry["backbone_unchanged"] = fingerprint(model) == before
         if not entry["backbone_unchanged"]:
             raise RuntimeError(f"the backbone of {weights} changed during linear evaluation")
-        rows.append((weights, method, arch, accuracies))
         results.append(entry)
 
-    table = data.results_table(rows, [d[0] for d in datasets])
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"protocol": "linear", "args": vars(args), "backbones": results}, f, indent=1)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"Linear probe (frozen features), {args.runs} run(s), train ratio {args.train_ratio}\n\n{table}\n")
+    data.write_results(args.out, "linear", args, results, [d[0] for d in datasets],
+                       f"Linear probe (frozen features), {args.runs} run(s), train ratio {args.train_ratio}")
     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
         f.writelines(json.dumps(record) + "\n" for record in log)
-    print("\n" + table + "\n", flush=True)
     return results
 
 

@@ -1,0 +1,381 @@
+"""Fine-tuning evaluation: a whole backbone + one FC layer trained on a scene-classification dataset.
+
+GeRSP (paper 000, Sec. V-A) is the default recipe; Risojevic & Stojnic (paper 004, Sec. III-IV) is the other one,
+with its starting points: from scratch, ImageNet, and domain-adaptive pre-training (fine-tune, save, transfer).
+
+    python finetune_cls.py --data synthetic --weights random --arch resnet18 --img-size 64 --epochs 2 --runs 2
+    python finetune_cls.py --data /data/EuroSAT --dataset eurosat --weights runs/gersp/backbone.pth --weights imagenet
+    torchrun --nproc_per_node=8 finetune_cls.py --data /data/NWPU-RESISC45 --dataset nwpu --weights imagenet \\
+        --arch resnet50 --recipe risojevic --train-ratio 0.8 --runs 1 --save-backbone runs/dapt_nwpu/backbone.pth
+
+Recipes (--recipe; every value can be overridden by its flag)
+    gersp      backbone + global average pooling + one FC; SGD momentum 0.9, lr 0.01, weight decay 1e-4, batch 64,
+               100 epochs, lr x0.1 at epochs 30, 60, 90; images resized to 224 x 224, random horizontal flip.
+    risojevic  Adam, lr warmed up linearly over 5 epochs to 3e-4 (pre-trained) or 3e-3 (--weights random), x0.2 at
+               epochs 50, 70, 90; batch 100, 100 epochs; train: resize 292 + random 256 crop, horizontal and vertical
+               flips, rotations by multiples of 90 degrees; test: resize 292 + centre 256 crop.
+Both: 20 % of each class trains, 80 % tests (--train-ratio), --runs 5 splits (seeds --seed, --seed+1, ...), mean
++- std of top-1, one table row per --weights (GeRSP Table I's shape) in results.md; results.json holds every run's
+accuracy and the confusion matrix of the last run. An interrupted evaluation resumes at the epoch where it stopped.
+--save-backbone PATH writes the fine-tuned backbone (last run) as a backbone.pth that every script accepts as
+--weights: domain-adaptive pre-training (paper 004, Sec. IV-D).
+Choices where the papers are silent: weight decay 0 with Adam (paper 004 names none); the lr is stepped per epoch;
+BatchNorm is synchronised across GPUs under torchrun (the papers fine-tune with one batch of 64 / 100); the last
+incomplete training batch of an epoch is dropped (the data is reshuffled every epoch).
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+import data
+from data import UserError
+
+RECIPES = {
+    "gersp": dict(optimizer="sgd", lr=0.01, wd=1e-4, batch_size=64, epochs=100, img_size=224, milestones=[30, 60, 90],
+                  gamma=0.1, warmup=0),
+    "risojevic": dict(optimizer="adam", lr=3e-4, wd=0.0, batch_size=100, epochs=100, img_size=256,
+                      milestones=[50, 70, 90], gamma=0.2, warmup=5),
+}
+SCRATCH_LR = {"gersp": 0.01, "risojevic": 3e-3}  # paper 004 trains from scratch with a 10x larger lr
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Fine-tuning evaluation (see the module docstring).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", action="append", help="class-per-folder dataset (repeatable); 'synthetic' = built-in. "
+                   "Default: synthetic")
+    p.add_argument("--dataset", action="append", help="name of each --data in the report (eurosat, nwpu, ...); "
+                   "default: the folder name")
+    p.add_argument("--weights", action="append", help="random | imagenet | a backbone.pth / checkpoint.pth of this "
+                   "project | a torchvision state dict; repeat to compare backbones. Default: random")
+    p.add_argument("--arch", help="architecture, when the weights file does not say it (e.g. resnet50)")
+    p.add_argument("--recipe", choices=RECIPES, default="gersp", help="gersp (paper 000) or risojevic (paper 004)")
+    p.add_argument("--epochs", type=int, help="training epochs (recipe: 100)")
+    p.add_argument("--batch-size", type=int, help="TOTAL batch over all processes (recipe: 64 / 100)")
+    p.add_argument("--lr", type=float, help="peak learning rate (recipe: 0.01 / 3e-4, and 3e-3 from scratch)")
+    p.add_argument("--wd", type=float, help="weight decay (recipe: 1e-4 / 0)")
+    p.add_argument("--img-size", type=int, help="training and test image size (recipe: 224 / 256 crops of 292)")
+    p.add_argument("--train-ratio", type=float, default=0.2, help="fraction of each class used for training")
+    p.add_argument("--runs", type=int, default=5, help="repetitions with different splits (mean +- std)")
+    p.add_argument("--save-backbone", help="write the fine-tuned backbone of the last run here (a backbone.pth)")
+    p.add_argument("--workers", type=int, help="data-loading processes per process (default: CPUs / processes)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
+                   "on CUDA, off on CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first split; run r uses seed + r")
+    p.add_argument("--out", default="runs/finetune", help="folder for results, logs and the resumable checkpoint")
+    p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
+    args = p.parse_args(argv)
+    args.data, args.weights = args.data or [data.SYNTHETIC], args.weights or ["random"]
+    for key, value in RECIPES[args.recipe].items():
+        if key != "lr" and getattr(args, key, None) is None:  # the lr depends on the weights: peak_lr()
+            setattr(args, key, value)
+    return args
+
+
+def check_args(args, world_size):
+    for name in ("epochs", "batch_size", "lr", "img_size", "runs", "log_every"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
+    if args.wd < 0:
+        raise UserError(f"--wd must be 0 or more (got {args.wd}).")
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes.")
+    if args.dataset and len(args.dataset) != len(args.data):
+        raise UserError(f"{len(args.dataset)} --dataset names for {len(args.data)} --data folders; give one each.")
+    if args.save_backbone and (len(args.weights) > 1 or len(args.data) > 1):
+        raise UserError("--save-backbone needs a single --weights and a single --data.")
+    if os.path.isfile(args.out):
+        raise UserError(f"--out {args.out} is a file; give a folder.")
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+def setup_distributed():
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them, one process."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    return rank, world, device
+
+
+# ------------------------------------------------------------------------------------------------ recipe pieces
+class RandomRotation90:
+    """Rotation by 0, 90, 180 or 270 degrees (paper 004), drawn from torch's RNG so it is seeded per sample."""
+
+    def __call__(self, img):
+        return img.rotate(90 * int(torch.randint(4, ())))
+
+
+def transforms_for(args):
+    """(train, test) pipelines of the recipe, ending in the ImageNet normalisation every backbone expects."""
+    tail = [T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
+    size = args.img_size
+    if args.recipe == "gersp":
+        return (T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip()] + tail),
+                T.Compose([T.Resize((size, size))] + tail))
+    big = round(size * 292 / 256)
+    return (T.Compose([T.Resize((big, big)), T.RandomCrop(size), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
+                       RandomRotation90()] + tail),
+            T.Compose([T.Resize((big, big)), T.CenterCrop(size)] + tail))
+
+
+def peak_lr(args, weights):
+    """--lr, else the recipe's: paper 004 trains from scratch with 3e-3 and fine-tunes with 3e-4."""
+    if args.lr is not None:
+        return args.lr
+    return SCRATCH_LR[args.recipe] if weights == "random" else RECIPES[args.recipe]["lr"]
+
+
+def lr_at(args, epoch, peak):
+    """Linear warm-up over `warmup` epochs, then x gamma at each milestone (stepped per epoch)."""
+    if epoch < args.warmup:
+        return peak * (epoch + 1) / args.warmup
+    return peak * args.gamma ** sum(epoch >= m for m in args.milestones)
+
+
+def make_optimizer(args, model, peak):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9, weight_decay=args.wd)
+    return torch.optim.Adam(model.parameters(), lr=peak, weight_decay=args.wd)
+
+
+class Classifier(nn.Module):
+    """Backbone (its own global pooling; torchvision keys) + one fully connected layer (Sec. V-A)."""
+
+    def __init__(self, backbone, width, num_classes):
+        super().__init__()
+        self.backbone, self.fc = backbone, nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.backbone(x))
+
+
+def model_config(backbone, image_size):
+    """What data.build_model needs besides the arch: a ViT's image and patch size."""
+    if hasattr(backbone, "patch_size"):
+        return {"image_size": image_size, "patch_size": backbone.patch_size}
+    return {}
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+
+
+@torch.no_grad()
+def test_confusion(model, paths, labels, num_classes, transform, args, ctx):
+    """Confusion matrix [true, predicted] on the test images, each process classifying its share."""
+    rank, world, device, amp_dtype, workers = ctx
+    model.eval()
+    share = data.ImageDataset(paths[rank::world], labels[rank::world], transform)
+    loader = DataLoader(share, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    for images, targets, _ in loader:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            predicted = model(images.to(device, non_blocking=True)).argmax(1)
+        confusion += torch.bincount(targets.to(device) * num_classes + predicted, minlength=num_classes ** 2)
+    if world > 1:
+        dist.all_reduce(confusion)
+    return confusion.view(num_classes, num_classes).cpu()
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate(args):
+    rank, world, device = setup_distributed()
+    check_args(args, world)
+    amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
+                 "fp16": torch.float16, "off": None}[args.amp]
+    workers = args.workers if args.workers is not None else min(
+        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    ctx = (rank, world, device, amp_dtype, workers)
+    datasets = data.labeled_datasets(args.data, args.dataset, args.train_ratio, args.runs, args.seed,
+                                     verbose=rank == 0)
+    torch.manual_seed(args.seed)
+    for weights in args.weights:  # every file is checked before hours of work
+        data.load_backbone(weights, args.arch, args.img_size)
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+    state = {"done": {}, "current": None}
+    if os.path.exists(ckpt_path):
+        state = data.load_weights_only(ckpt_path)
+        if state.get("args") != vars(args):
+            raise UserError(f"{ckpt_path} belongs to an evaluation with other arguments; use the same ones to "
+                            "resume, or another --out.")
+        if rank == 0:
+            print(f"finetune | resuming: {len(state['done'])} run(s) done", flush=True)
+
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum  # SIGTERM / Ctrl-C: finish the epoch, save, exit
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    train_transform, test_transform = transforms_for(args)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        log_file = open(os.path.join(args.out, "log.jsonl"), "a")
+    total_steps = len(args.weights) * args.runs * args.epochs * sum(
+        len(d[4][0][0]) // args.batch_size for d in datasets)
+    progress = {"steps": 0, "start": time.time()}
+
+    def save(extra=None):
+        if rank == 0:
+            data.save_atomic({**state, "args": vars(args), **(extra or {})}, ckpt_path)
+        if world > 1:
+            dist.barrier()
+
+    entries = []
+    for weights in args.weights:
+        entry = {"weights": weights, "method": "", "arch": args.arch}
+        for name, paths, labels, classes, splits in datasets:
+            for run, (train_idx, test_idx) in enumerate(splits):
+                key = f"{weights} | {name} | run {run}"
+                if key in state["done"]:
+                    progress["steps"] += args.epochs * (len(train_idx) // args.batch_size)
+                    continue
+                torch.manual_seed(args.seed + run)
+                backbone, width, arch, method = data.load_backbone(weights, args.arch, args.img_size)
+                entry.update(method=method, arch=arch)
+                model = Classifier(backbone, width, len(classes)).to(device)
+                if world > 1 and device.type == "cuda":
+                    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                peak = peak_lr(args, weights)
+                optimizer = make_optimizer(args, model, peak)
+                scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+                first_epoch = 0
+                if state["current"] is not None and state["current"]["key"] == key:
+                    current = state["current"]
+                    model.load_state_dict(current["model"])
+                    optimizer.load_state_dict(current["optimizer"])
+                    scaler.load_state_dict(current["scaler"])
+                    torch.set_rng_state(current["rng"])
+                    first_epoch = current["epoch"]
+                ddp_model = DDP(model) if world > 1 else model
+                train_set = data.ImageDataset([paths[i] for i in train_idx], [labels[i] for i in train_idx],
+                                              train_transform, seed=args.seed + run)
+                sampler = data.EpochSampler(len(train_set), args.batch_size, rank, world, args.seed + run)
+                loader = DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler,
+                                    num_workers=workers, pin_memory=device.type == "cuda",
+                                    persistent_workers=workers > 0, generator=torch.Generator().manual_seed(run))
+                progress["steps"] += first_epoch * sampler.batches_per_epoch()
+                for epoch in range(first_epoch, args.epochs):
+                    train_epoch(ddp_model, loader, sampler, optimizer, scaler, epoch, peak, key, args, ctx, progress,
+                                total_steps, log_file if rank == 0 else None)
+                    state["current"] = {"key": key, "epoch": epoch + 1, "model": model.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                        "rng": torch.get_rng_state()}
+                    save()
+                    if stop["signal"] is not None:
+                        if rank == 0:
+                            print(f"finetune | stopped by a signal after epoch {epoch + 1} of {key}; "
+                                  f"{ckpt_path} resumes it", flush=True)
+                        return None
+                confusion = test_confusion(model, [paths[i] for i in test_idx], [labels[i] for i in test_idx],
+                                           len(classes), test_transform, args, ctx)
+                accuracy = float(confusion.diag().sum() / confusion.sum() * 100)
+                state["done"][key] = {"accuracy": accuracy, "confusion": confusion.tolist()}
+                state["current"] = None
+                save()
+                if rank == 0:
+                    log_file.write(json.dumps({"weights": weights, "dataset": name, "run": run,
+                                               "test_acc": round(accuracy, 3)}) + "\n")
+                    log_file.flush()
+                    print(f"finetune | {key}: top-1 {accuracy:.2f}", flush=True)
+                if args.save_backbone and rank == 0 and run == args.runs - 1:
+                    os.makedirs(os.path.dirname(os.path.abspath(args.save_backbone)), exist_ok=True)
+                    data.save_atomic({"arch": arch, "method": f"{method}+finetune:{name}",
+                                      "config": model_config(model.backbone, args.img_size),
+                                      "state_dict": model.backbone.state_dict()}, args.save_backbone)
+                    print(f"finetune | fine-tuned backbone saved to {args.save_backbone}", flush=True)
+            accs = [state["done"][f"{weights} | {name} | run {r}"]["accuracy"] for r in range(args.runs)]
+            mean, std = data.mean_std(accs)
+            entry[name] = {"accuracies": accs, "mean": mean, "std": std, "classes": classes,
+                           "confusion_last_run": state["done"][f"{weights} | {name} | run {args.runs - 1}"]["confusion"]}
+        entries.append(entry)
+    if rank == 0:
+        data.write_results(args.out, "finetune", args, entries, [d[0] for d in datasets],
+                           f"Fine-tuning ({args.recipe} recipe), {args.runs} run(s), train ratio {args.train_ratio}")
+        log_file.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return entries
+
+
+def train_epoch(model, loader, sampler, optimizer, scaler, epoch, peak, key, args, ctx, progress, total_steps, log):
+    """One epoch of cross-entropy training; the loss is read back only at log steps and at the epoch's end."""
+    rank, world, device, amp_dtype, _ = ctx
+    model.train()
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(args, epoch, peak)
+    sampler.set_epoch(epoch)
+    sums = torch.zeros(3, device=device)  # loss, correct, seen
+    start = time.time()
+    for i, (images, targets, _) in enumerate(loader, 1):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        sums += torch.stack([loss.detach() * len(targets), (logits.argmax(1) == targets).sum(),
+                             torch.tensor(len(targets), device=device)])
+        progress["steps"] += 1
+        if rank == 0 and (i % args.log_every == 0 or i == len(loader)):
+            loss_now, correct, seen = sums.tolist()
+            elapsed = time.time() - progress["start"]
+            eta = elapsed / progress["steps"] * (total_steps - progress["steps"])
+            print(f"finetune | {key} | ep {epoch + 1}/{args.epochs} | step {i}/{len(loader)} | loss "
+                  f"{loss_now / seen:.4f} | acc {correct / seen * 100:.1f}% | lr {optimizer.param_groups[0]['lr']:.3g} "
+                  f"| {seen * world / (time.time() - start):.0f} img/s | eta {format_eta(eta)}", flush=True)
+    if world > 1:
+        dist.all_reduce(sums)
+    loss_sum, correct, seen = sums.tolist()
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(f"the loss of {key} became {loss_sum} in epoch {epoch + 1}; lower --lr.")
+    if log is not None:
+        log.write(json.dumps({"run": key, "epoch": epoch, "loss": round(loss_sum / max(seen, 1), 5),
+                              "train_acc": round(correct / max(seen, 1) * 100, 2), "lr": optimizer.param_groups[0]["lr"],
+                              "images_per_s": round(seen / (time.time() - start), 1)}) + "\n")
+        log.flush()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # evaluate() replaces them
+    try:
+        evaluate(args)
+    except UserError as err:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"finetune_cls.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as err:
+        print(f"finetune_cls.py: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+if __name__ == "__main__":
+    main()
