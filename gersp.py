@@ -497,8 +497,9 @@ def train(args):
             if stopping or step >= last_step:
                 break
         if world > 1:
+            epoch_skipped = epoch_skipped.to(device)  # NCCL reduces CUDA tensors only
             dist.all_reduce(epoch_skipped)
-        skipped += epoch_skipped
+        skipped += epoch_skipped.cpu()
         if rank == 0 and epoch_skipped > 0:
             log_file.write(json.dumps({"epoch": epoch, "step": step, "skipped_images": int(epoch_skipped)}) + "\n")
             print(f"gersp | epoch {epoch + 1}: skipped {int(epoch_skipped)} unreadable image(s)", flush=True)
