@@ -135,6 +135,12 @@ def transforms_for(args):
             T.Compose([T.Resize((big, big)), T.CenterCrop(size)] + tail))
 
 
+def quiet_worker(worker_id):
+    """Data workers ignore SIGTERM / Ctrl-C sent to the whole process group, so the main process can save first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def peak_lr(args, weights):
     """--lr, else the recipe's: paper 004 trains from scratch with 3e-3 and fine-tunes with 3e-4."""
     if args.lr is not None:
@@ -185,7 +191,8 @@ def test_confusion(model, paths, labels, num_classes, transform, args, ctx):
     rank, world, device, amp_dtype, workers = ctx
     model.eval()
     share = data.ImageDataset(paths[rank::world], labels[rank::world], transform)
-    loader = DataLoader(share, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(share, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=quiet_worker)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     for images, targets, _ in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -275,7 +282,8 @@ def evaluate(args):
                 sampler = data.EpochSampler(len(train_set), args.batch_size, rank, world, args.seed + run)
                 loader = DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler,
                                     num_workers=workers, pin_memory=device.type == "cuda",
-                                    persistent_workers=workers > 0, generator=torch.Generator().manual_seed(run))
+                                    persistent_workers=workers > 0, worker_init_fn=quiet_worker,
+                                    generator=torch.Generator().manual_seed(run))
                 progress["steps"] += first_epoch * sampler.batches_per_epoch()
                 for epoch in range(first_epoch, args.epochs):
                     train_epoch(ddp_model, loader, sampler, optimizer, scaler, epoch, peak, key, args, ctx, progress,

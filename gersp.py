@@ -299,6 +299,13 @@ def natural_batches(loader, sampler, start_step):
         epoch, batch = epoch + 1, 0
 
 
+def quiet_worker(worker_id):
+    """Data workers ignore SIGTERM / Ctrl-C sent to the whole process group (schedulers, a terminal), so the main
+    process can finish its step and save a checkpoint before it shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def save_atomic(obj, path):
     """Write to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
     tmp = f"{path}.tmp"
@@ -336,7 +343,7 @@ def format_eta(seconds):
 def make_loader(dataset, sampler, local_batch, workers, device, seed):
     return DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None,
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker,
                       generator=torch.Generator().manual_seed(seed))  # leaves the global RNG to the model
 
 
@@ -462,7 +469,8 @@ def train(args):
             window_steps += 1
             epoch_skipped += n_skipped.sum()
             end_of_epoch = step % steps_per_epoch == 0
-            if step % args.log_every and not end_of_epoch and step < last_step:
+            signalled = world == 1 and stop["signal"] is not None  # one process stops at once; DDP at a log step
+            if step % args.log_every and not end_of_epoch and step < last_step and not signalled:
                 continue
             # ---- log step: the only host-device sync of the loop
             stats = torch.cat([loss_sums / window_steps,

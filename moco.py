@@ -257,6 +257,13 @@ def lr_at(args, epoch):
     return args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.lr_steps)
 
 
+def quiet_worker(worker_id):
+    """Data workers ignore SIGTERM / Ctrl-C sent to the whole process group (schedulers, a terminal), so the main
+    process can finish its step and save a checkpoint before it shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def save_atomic(obj, path):
     """Write to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
     tmp = f"{path}.tmp"
@@ -338,7 +345,7 @@ def train(args):
         8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None,
+                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker,
                         generator=torch.Generator().manual_seed(args.seed))  # leaves the global RNG to the model
     steps_per_epoch = sampler.batches_per_epoch()
     total_steps = args.epochs * steps_per_epoch
@@ -394,7 +401,8 @@ def train(args):
             loss_sum += loss
             epoch_skipped += n_skipped.sum()
             end_of_epoch = step % steps_per_epoch == 0
-            if step % args.log_every and not end_of_epoch and step < last_step:
+            signalled = world == 1 and stop["signal"] is not None  # one process stops at once; DDP at a log step
+            if step % args.log_every and not end_of_epoch and step < last_step and not signalled:
                 continue
             # ---- log step: the only host-device sync of the loop
             stats = torch.stack([loss_sum / window_steps, (logits.argmax(1) == 0).float().mean() * 100,
