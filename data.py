@@ -280,9 +280,10 @@ def strip_head(model):
     raise UserError(f"{type(model).__name__} has no classifier head named {' / '.join(HEADS)}.")
 
 
-def load_backbone(weights, arch=None, image_size=224):
+def load_backbone(weights, arch=None, image_size=224, patch_size=16):
     """(headless model, feature width, arch, method) from 'random', 'imagenet', one of our backbone.pth /
-    checkpoint.pth files, or a plain torchvision state dict; every backbone tensor must be loaded, or an error."""
+    checkpoint.pth files, or a plain torchvision state dict; every backbone tensor must be loaded, or an error.
+    A file's own arch and ViT patch size win over the arguments."""
     state, method, config = None, weights, {}
     if weights not in ("random", "imagenet"):
         if not os.path.isfile(weights):
@@ -302,7 +303,7 @@ def load_backbone(weights, arch=None, image_size=224):
             raise UserError(f"--weights {weights} does not say its architecture; add --arch.")
     elif arch is None:
         raise UserError(f"--weights {weights} needs --arch.")
-    model = build_model(arch, image_size, config.get("patch_size", 16))
+    model = build_model(arch, image_size, config.get("patch_size", patch_size))
     if weights == "imagenet":  # torchvision's weights from the local torch hub cache (these machines are offline)
         if arch in VIT_SIZES:
             raise UserError(f"torchvision has no ImageNet weights for {arch}.")

@@ -43,6 +43,7 @@ def get_args(argv=None):
     p.add_argument("--weights", action="append", help="random | imagenet | a backbone.pth / checkpoint.pth of this "
                    "project | a torchvision state dict; repeat to compare backbones. Default: random")
     p.add_argument("--arch", help="architecture, when the weights file does not say it (e.g. resnet50)")
+    p.add_argument("--patch-size", type=int, default=16, help="ViT patch size, when the weights file does not say it")
     p.add_argument("--img-size", type=int, default=224, help="images are resized to this square size")
     p.add_argument("--stages", action="store_true", help="also probe each stage of the backbone (GeRSP Fig. 6)")
     p.add_argument("--train-ratio", type=float, default=0.2, help="fraction of each class used for training")
@@ -147,7 +148,8 @@ def evaluate(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     datasets = data.labeled_datasets(args.data, args.dataset, args.train_ratio, args.runs, args.seed)
     torch.manual_seed(args.seed)
-    backbones = [data.load_backbone(w, args.arch, args.img_size) for w in args.weights]  # all checked before work
+    backbones = [data.load_backbone(w, args.arch, args.img_size, args.patch_size)  # all checked before any work
+                 for w in args.weights]
 
     results, log = [], []
     for weights, (model, width, arch, method) in zip(args.weights, backbones):

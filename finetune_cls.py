@@ -62,6 +62,7 @@ def get_args(argv=None):
     p.add_argument("--weights", action="append", help="random | imagenet | a backbone.pth / checkpoint.pth of this "
                    "project | a torchvision state dict; repeat to compare backbones. Default: random")
     p.add_argument("--arch", help="architecture, when the weights file does not say it (e.g. resnet50)")
+    p.add_argument("--patch-size", type=int, default=16, help="ViT patch size, when the weights file does not say it")
     p.add_argument("--recipe", choices=RECIPES, default="gersp", help="gersp (paper 000) or risojevic (paper 004)")
     p.add_argument("--epochs", type=int, help="training epochs (recipe: 100)")
     p.add_argument("--batch-size", type=int, help="TOTAL batch over all processes (recipe: 64 / 100)")
@@ -216,7 +217,7 @@ def evaluate(args):
                                      verbose=rank == 0)
     torch.manual_seed(args.seed)
     for weights in args.weights:  # every file is checked before hours of work
-        data.load_backbone(weights, args.arch, args.img_size)
+        data.load_backbone(weights, args.arch, args.img_size, args.patch_size)
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     state = {"done": {}, "current": None}
     if os.path.exists(ckpt_path):
@@ -260,7 +261,8 @@ def evaluate(args):
                     progress["steps"] += args.epochs * (len(train_idx) // args.batch_size)
                     continue
                 torch.manual_seed(args.seed + run)
-                backbone, width, arch, method = data.load_backbone(weights, args.arch, args.img_size)
+                backbone, width, arch, method = data.load_backbone(weights, args.arch, args.img_size,
+                                                                   args.patch_size)
                 entry.update(method=method, arch=arch)
                 model = Classifier(backbone, width, len(classes)).to(device)
                 if world > 1 and device.type == "cuda":
@@ -314,10 +316,11 @@ def evaluate(args):
                                       "config": model_config(model.backbone, args.img_size),
                                       "state_dict": model.backbone.state_dict()}, args.save_backbone)
                     print(f"finetune | fine-tuned backbone saved to {args.save_backbone}", flush=True)
-            accs = [state["done"][f"{weights} | {name} | run {r}"]["accuracy"] for r in range(args.runs)]
+            done = [state["done"][f"{weights} | {name} | run {r}"] for r in range(args.runs)]
+            accs = [d["accuracy"] for d in done]
             mean, std = data.mean_std(accs)
             entry[name] = {"accuracies": accs, "mean": mean, "std": std, "classes": classes,
-                           "confusion_last_run": state["done"][f"{weights} | {name} | run {args.runs - 1}"]["confusion"]}
+                           "confusion_last_run": done[-1]["confusion"]}
         entries.append(entry)
     if rank == 0:
         data.write_results(args.out, "finetune", args, entries, [d[0] for d in datasets],
@@ -363,7 +366,8 @@ def train_epoch(model, loader, sampler, optimizer, scaler, epoch, peak, key, arg
         raise FloatingPointError(f"the loss of {key} became {loss_sum} in epoch {epoch + 1}; lower --lr.")
     if log is not None:
         log.write(json.dumps({"run": key, "epoch": epoch, "loss": round(loss_sum / max(seen, 1), 5),
-                              "train_acc": round(correct / max(seen, 1) * 100, 2), "lr": optimizer.param_groups[0]["lr"],
+                              "train_acc": round(correct / max(seen, 1) * 100, 2),
+                              "lr": optimizer.param_groups[0]["lr"],
                               "images_per_s": round(seen / (time.time() - start), 1)}) + "\n")
         log.flush()
 

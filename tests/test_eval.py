@@ -176,8 +176,8 @@ def test_bad_datasets_and_missing_imagenet_weights_are_one_sentence(tmp_path, ca
     assert_one_sentence_error(result, "eval_linear.py", "leaves it without training images")
     os.makedirs(tmp_path / "few" / "class7")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
-    for argv, fragments in [(["--data", few], ["class7 holds no images"]),
-                            (["--weights", "imagenet"], ["not in the local cache", "resnet18-", str(tmp_path / "hub")])]:
+    missing_cache = ["not in the local cache", "resnet18-", str(tmp_path / "hub")]
+    for argv, fragments in [(["--data", few], ["class7 holds no images"]), (["--weights", "imagenet"], missing_cache)]:
         with pytest.raises(SystemExit) as exit_info:
             finetune_cls.main(argv + ["--arch", "resnet18", "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip().splitlines()

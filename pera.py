@@ -1,0 +1,732 @@
+"""PerA: Perfectly Aligned sample pairs, a DINOv2-style ViT teacher-student on disjoint patch sets of one crop.
+
+Shen et al., "A Contrastive Learning Foundation Model Based on Perfectly Aligned Sample Pairs for Remote Sensing
+Images" (paper 002 of this project; authors' code SathShen/PerA). Student and teacher see the SAME crop with
+different colours; a random partition of its patches gives the student part s, the learnable part l (mask tokens
+whose pixels the student predicts) and the teacher part t. Both networks run on their short sequences only.
+
+    python pera.py --data synthetic --arch vit_tiny --img-size 32 --patch-size 8 --batch-size 32 --epochs 2 \
+        --local-crops 2 --warmup-epochs 0 --teacher-temp-epochs 1 --vis runs/pera/vis.png
+    python pera.py --data /data/million_aid                                   # one GPU, the paper's recipe (ViT-B/16)
+    torchrun --nproc_per_node=8 pera.py --data /data/million_aid --data /data/tov
+    torchrun --nproc_per_node=2 pera.py --data synthetic --arch vit_tiny --img-size 32 --patch-size 8 --batch-size 32
+    python pera.py ... --dense --max-steps 50 --out runs/pera_dense   # Table 10's full-length baseline (time, memory)
+
+Paper -> code
+    Eq. 1-3  disjoint masks s / l / t, U = s + l + t .............................. disjoint_masks(), mask_counts()
+    Sec. 3.2.2  aligned views: one crop + flips, two colourings ................... AlignedMultiCrop
+    Fig. 2b  sparse student, mask tokens join halfway; sparse teacher ............. encode(), PerA
+    Eq. 4  pixel MSE of the predictor q at l ...................................... train_step(), patchify()
+    Eq. 5-6  [cls] cross-entropy with temperatures ................................ cls_loss(), teacher_targets()
+    Eq. 7  centre c <- n c + (1 - n) batch mean of the teacher .................... update_center()
+    Eq. 8  KoLeo .................................................................. koleo()
+    Eq. 9  L = C1 L_cls + C2 L_MSE + C3 L_KoLeo ................................... train_step()
+    Eq. 10  teacher = EMA of the student .......................................... PerA.ema_update()
+    Sec. 3.2.3  the teacher encoder is the backbone ............................... backbone.pth in train()
+    Sec. 4.1  warm-up + cosine lr, rising wd / momentum, drop path ................ schedules(), block_forward()
+    Fig. 4b  partition and reconstruction pictures (--vis) ........................ save_visualisation()
+
+Stated by the paper and taken: s/l/t 0.3/0.2/0.5, C1-C3 1.0/0.1/0.01, student temperature 0.1, teacher temperature
+warm-up 30 epochs, lr warm-up 20 epochs, drop path 0.3, 200 epochs, total batch 192, AdamW, patch 16, multi-crop.
+Where the paper is silent or contradicts itself, the authors' code (the flag gives the alternative):
+    - Mask tokens (+ position embedding) join the student before block depth // 2 ("halfway"; --dense: block 0).
+    - The code's ratios are 0.2/0.2/0.6 (best of Table 13 with 0.2/0.3/0.5): --mask-ratios 0.2 0.2 0.6.
+    - L_MSE is a mean over all values (Eq. 4); the code sums a patch's p*p*3 values, x 0.01 = --mse-weight 7.68 (p 16).
+    - The code's KoLeo weight is 0.1 (--koleo-weight 0.1); the paper's 0.01 is taken.
+    - Pixel target: the student view's ImageNet-normalised pixels at l, no per-patch normalisation.
+    - [cls] loss index-matched (student crop i vs teacher crop i), averaged over all crops; no cross-crop pairs.
+    - Teacher temperature 0.03 -> 0.05 (--warmup-teacher-temp, --teacher-temp); centre momentum 0.9 (Eq. 7's n).
+    - The centre averages all crops of the global batch; KoLeo (eps 1e-8) on each global crop's head outputs, summed.
+    - Heads g and q: GELU MLP 2048-2048-384 (--head-hidden, --head-bottleneck), L2 norm, weight-normed last layer.
+    - --out-dim: 131,072 is for the paper's ViT-G; default 65,536 (DINOv2's), 8,192 for vit_tiny (CPU, small data).
+    - lr 1e-3 at any batch size, warm-up from 0, cosine to --min-lr 1e-6; all schedules stepped per iteration.
+    - Weight decay cosine 0.04 -> 0.2 on every parameter (biases, norms too); teacher momentum cosine 0.992 -> 1.
+    - AdamW betas (0.9, 0.999), eps 2e-5; gradient clipping at global norm 3.0 (--clip-grad 0 = off).
+    - Drop path uniform over the student's blocks, per sample; none in the teacher.
+    - 2 global crops (scale 0.4-1) and --local-crops 8 of --local-size (96 px at 224), scale 0.05-0.4, all pairs.
+    - Shared horizontal AND vertical flips; student colour p=0.8: grayscale (0.1) or ColorJitter(0.4, 0.4, 0.2, 0.1).
+    - Teacher colour: the same jitter with p=0.1. No blur, no solarisation (Sec. 4.1 lists none either).
+    - Local crops are split into s and t too (their l patches dropped); their position embeddings bicubic-resized.
+    - Default --arch vit_base (the paper's comparisons, Tables 9-13; its ViT-G has no torchvision preset).
+Choices of this implementation:
+    - Masks are drawn on the device each step; the RNG state of every process is saved in the checkpoint.
+    - --dense: full-length sequences in both networks (Table 10's DINOv2 baseline, for time and memory only).
+    - Augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+import data
+from data import UserError
+
+ARCHS = tuple(data.VIT_SIZES)  # vit_tiny / vit_small / vit_base: torchvision VisionTransformer, 12 blocks
+OUT_DIMS = {"vit_tiny": 8192, "vit_small": 65536, "vit_base": 65536}  # --out-dim default per arch
+GLOBAL_CROPS = 2
+RESUME_MUST_MATCH = ("arch", "patch_size", "img_size", "local_size", "local_crops", "out_dim", "head_hidden",
+                     "head_bottleneck", "batch_size", "data", "seed", "dense")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="PerA pre-training (see the module docstring).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
+                   "datasets; 'synthetic' = built-in generated images. Default: synthetic")
+    p.add_argument("--arch", choices=ARCHS, default="vit_base", help="torchvision ViT (vit_tiny for CPU)")
+    p.add_argument("--patch-size", type=int, default=16, help="ViT patch size (8 suits 64 px images)")
+    p.add_argument("--img-size", type=int, default=224, help="size of the global crops (and of the exported ViT)")
+    p.add_argument("--local-size", type=int, help="size of the local crops (default: 3/7 of --img-size rounded to "
+                   "a multiple of --patch-size, 96 at 224)")
+    p.add_argument("--local-crops", type=int, default=8, help="local crop pairs per image (multi-crop; 0 = none)")
+    p.add_argument("--global-scale", type=float, nargs=2, default=[0.4, 1.0], metavar=("MIN", "MAX"),
+                   help="area range of the global crops")
+    p.add_argument("--local-scale", type=float, nargs=2, default=[0.05, 0.4], metavar=("MIN", "MAX"),
+                   help="area range of the local crops")
+    p.add_argument("--mask-ratios", type=float, nargs=3, default=[0.3, 0.2, 0.5], metavar=("S", "L", "T"),
+                   help="disjoint mask ratios of the student, learnable and teacher parts (Eq. 1-3); sum 1")
+    p.add_argument("--dense", action="store_true", help="full-length sequences for both networks (Table 10's "
+                   "DINOv2 baseline for time and memory; not PerA)")
+    p.add_argument("--out-dim", type=int, help="DINO head prototypes (paper: 131072 for ViT-G; default 65536, "
+                   "8192 for vit_tiny)")
+    p.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the head and predictor MLPs")
+    p.add_argument("--head-bottleneck", type=int, default=384, help="bottleneck width before the last layer")
+    p.add_argument("--drop-path", type=float, default=0.3, help="stochastic depth rate of the student's blocks")
+    p.add_argument("--student-temp", type=float, default=0.1, help="student temperature tpt_s (Eq. 5)")
+    p.add_argument("--teacher-temp", type=float, default=0.05, help="teacher temperature tpt_t after its warm-up")
+    p.add_argument("--warmup-teacher-temp", type=float, default=0.03, help="teacher temperature at step 0")
+    p.add_argument("--teacher-temp-epochs", type=int, default=30, help="epochs of the linear teacher temperature "
+                   "warm-up (shorten it for short runs)")
+    p.add_argument("--center-momentum", type=float, default=0.9, help="momentum n of the centre (Eq. 7)")
+    p.add_argument("--teacher-momentum", type=float, default=0.992, help="EMA momentum m at step 0; cosine to 1")
+    p.add_argument("--cls-weight", type=float, default=1.0, help="C1, weight of the [cls] loss (Eq. 9)")
+    p.add_argument("--mse-weight", type=float, default=0.1, help="C2, weight of the pixel MSE (Eq. 9)")
+    p.add_argument("--koleo-weight", type=float, default=0.01, help="C3, weight of KoLeo (Eq. 9)")
+    p.add_argument("--epochs", type=int, default=200, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=192, help="TOTAL batch over all processes")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after the warm-up")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
+    p.add_argument("--warmup-epochs", type=int, default=20, help="epochs of linear lr warm-up from 0 (shorten it "
+                   "for short runs)")
+    p.add_argument("--wd", type=float, default=0.04, help="weight decay at step 0; cosine to --wd-end")
+    p.add_argument("--wd-end", type=float, default=0.2, help="weight decay at the end of training")
+    p.add_argument("--clip-grad", type=float, default=3.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--workers", type=int, help="data-loading processes per GPU/process (default: CPUs / processes)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
+    p.add_argument("--out", default="runs/pera", help="output folder; a checkpoint there is resumed")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, benchmarks)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
+                   "on CUDA, off on CPU")
+    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
+    p.add_argument("--vis", help="at the end, write a PNG of the s / l / t partition and the predicted pixels")
+    args = p.parse_args(argv)
+    args.data = args.data or [data.SYNTHETIC]
+    args.out_dim = args.out_dim or OUT_DIMS[args.arch]
+    if args.local_size is None and args.patch_size > 0:
+        args.local_size = max(2, round(args.img_size * 3 / 7 / args.patch_size)) * args.patch_size
+    return args
+
+
+def mask_counts(n, ratios):
+    """Sizes of the s, l, t parts of n patches, rounded as the authors' code does."""
+    n_s, n_sl = round(n * ratios[0]), round(n * (ratios[0] + ratios[1]))
+    return n_s, n_sl - n_s, n - n_sl
+
+
+def check_args(args, world_size):
+    """Every impossible setting is one sentence before anything runs or is written."""
+    for name in ("epochs", "batch_size", "lr", "patch_size", "img_size", "local_size", "out_dim", "head_hidden",
+                 "head_bottleneck", "student_temp", "teacher_temp", "warmup_teacher_temp", "log_every", "max_steps"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
+    for name in ("local_crops", "warmup_epochs", "teacher_temp_epochs", "min_lr", "wd", "wd_end", "clip_grad",
+                 "cls_weight", "mse_weight", "koleo_weight"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)}).")
+    if min(args.mask_ratios) <= 0 or abs(sum(args.mask_ratios) - 1) > 1e-6:
+        raise UserError(f"--mask-ratios {' '.join(map(str, args.mask_ratios))} must be three positive fractions "
+                        "s l t that sum to 1 (Eq. 3), e.g. 0.3 0.2 0.5.")
+    for name in ("teacher_momentum", "center_momentum"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)}).")
+    if not 0 <= args.drop_path < 1:
+        raise UserError(f"--drop-path must be in [0, 1) (got {args.drop_path}).")
+    for name, (low, high) in (("global_scale", args.global_scale), ("local_scale", args.local_scale)):
+        if not 0 < low <= high <= 1:
+            raise UserError(f"--{name.replace('_', '-')} {low} {high} must satisfy 0 < min <= max <= 1.")
+    sizes = [("img_size", 3)] + [("local_size", 2)] * (args.local_crops > 0)  # global: s, l, t; local: s, t
+    for name, parts in sizes:
+        size, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if size % args.patch_size:
+            raise UserError(f"{flag} {size} is not a multiple of --patch-size {args.patch_size}.")
+        n = (size // args.patch_size) ** 2
+        counts = mask_counts(n, args.mask_ratios)
+        if min(counts[0], counts[2], counts[1] if parts == 3 else 1) < 1:
+            raise UserError(f"{flag} {size} is too small: its {n} patches of {args.patch_size} px leave a part of "
+                            f"--mask-ratios empty ({counts}); use a larger {flag} or a smaller --patch-size.")
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes.")
+    if os.path.isfile(args.out):
+        raise UserError(f"--out {args.out} is a file; give a folder.")
+    if args.vis and os.path.isdir(args.vis):
+        raise UserError(f"--vis {args.vis} is a folder; give a .png file name.")
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+def setup_distributed():
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them, one process."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def init_process_group(world, device):
+    if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+
+
+@torch.no_grad()
+def reduce_mean(x):
+    """Mean of `x` over all processes (each holds the same number of samples); identity on one process."""
+    if not dist.is_initialized():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
+
+
+# ------------------------------------------------------------------------------------------------ views and masks
+class AlignedMultiCrop:
+    """Sec. 3.2.2: every crop is ONE random resized crop + flips shared by the student and the teacher view, which
+    differ only in colour. Returns (student globals, teacher globals, student locals, teacher locals), each
+    crops x 3 x size x size. All randomness is torch's, which data.ImageDataset seeds per (seed, epoch, index)."""
+
+    def __init__(self, size, local_size, local_crops, global_scale, local_scale):
+        self.crops = [(size, global_scale)] * GLOBAL_CROPS + [(local_size, local_scale)] * local_crops
+        self.jitter = T.ColorJitter(0.4, 0.4, 0.2, 0.1)  # Sec. 4.1: brightness ... hue, in a random order
+        self.finish = T.Compose([T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+    def student_colour(self, img):
+        """DINOv2-style colour distortion plus random grayscale (code: p=0.8; grayscale for 0.1 of those)."""
+        if torch.rand(1) < 0.8:
+            return TF.rgb_to_grayscale(img, 3) if torch.rand(1) < 0.1 else self.jitter(img)
+        return img
+
+    def teacher_colour(self, img):
+        """The teacher view is lightly distorted (code: the same jitter with p=0.1)."""
+        return self.jitter(img) if torch.rand(1) < 0.1 else img
+
+    def __call__(self, img):
+        student, teacher = [], []
+        for size, scale in self.crops:
+            top, left, h, w = T.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
+            crop = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+            if torch.rand(1) < 0.5:
+                crop = TF.hflip(crop)
+            if torch.rand(1) < 0.5:  # RS images have no upright: vertical flips too (code)
+                crop = TF.vflip(crop)
+            student.append(self.finish(self.student_colour(crop)))
+            teacher.append(self.finish(self.teacher_colour(crop)))
+        g = GLOBAL_CROPS  # without local crops their parts are empty tensors
+        parts = (student[:g], teacher[:g], student[g:], teacher[g:])
+        return tuple(torch.stack(views) if views else torch.empty(0) for views in parts)
+
+
+def disjoint_masks(batch, n, ratios, device, generator=None):
+    """Eq. 1-3: per image, a random partition of its n patches into s / l / t (index tensors, batch x part size)."""
+    order = torch.rand(batch, n, device=device, generator=generator).argsort(dim=1)
+    n_s, n_l, _ = mask_counts(n, ratios)
+    return order[:, :n_s], order[:, n_s:n_s + n_l], order[:, n_s + n_l:]
+
+
+def take(x, index):
+    """Rows x[b, index[b]] of every image b: B x N x D and B x n -> B x n x D."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def patchify(images, p):
+    """B x 3 x H x W -> B x N x (p*p*3), patches in the row-major order of the patch embedding (Eq. 4's targets)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x, p):
+    g = math.isqrt(x.shape[1])
+    return x.reshape(len(x), g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(len(x), 3, g * p, g * p)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def drop_path(x, rate):
+    """Stochastic depth: the residual branch of a whole sample is dropped with probability `rate`."""
+    if rate == 0:
+        return x
+    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+def block_forward(block, x, rate):
+    """torchvision's EncoderBlock.forward with drop path on both branches (its own submodules: keys unchanged)."""
+    h = block.ln_1(x)
+    h = block.self_attention(h, h, h, need_weights=False)[0]
+    x = x + drop_path(block.dropout(h), rate)
+    return x + drop_path(block.mlp(block.ln_2(x)), rate)
+
+
+def patch_positions(vit, grid):
+    """Position embeddings of a grid x grid crop: the ViT's own, bicubic-resized for local crops (as DINOv2)."""
+    pos = vit.encoder.pos_embedding[:, 1:]
+    side = math.isqrt(pos.shape[1])
+    if grid != side:
+        pos = F.interpolate(pos.reshape(1, side, side, -1).permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic",
+                            align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+    return pos
+
+
+def encode(vit, images, keep=None, masked=None, mask_token=None, join_at=0, rate=0.0):
+    """Fig. 2b: the ViT on the patches `keep` only (+ class token; None = all patches). Before block `join_at` the
+    mask token (+ its position embedding) joins at the positions `masked`. Returns the final-norm tokens in the
+    order [cls, kept patches, mask tokens]. Dropped patches never enter a block."""
+    pos = patch_positions(vit, images.shape[-1] // vit.patch_size)
+    x = vit.conv_proj(images).flatten(2).transpose(1, 2) + pos  # B x N x D
+    if keep is not None:
+        x = take(x, keep)
+    cls = (vit.class_token + vit.encoder.pos_embedding[:, :1]).expand(len(x), -1, -1)
+    x = vit.encoder.dropout(torch.cat([cls, x], dim=1))
+    for i, block in enumerate(vit.encoder.layers):
+        if masked is not None and i == join_at:  # Sec. 3.2.2: mask tokens "participate in encoding halfway"
+            x = torch.cat([x, mask_token + take(pos.expand(len(x), -1, -1), masked)], dim=1)
+        x = block_forward(block, x, rate)
+    return vit.encoder.ln(x)
+
+
+class DINOHead(nn.Module):
+    """Projector g and predictor q (Sec. 3.2.2): 3-layer GELU MLP, L2 normalisation, weight-normalised last layer."""
+
+    def __init__(self, in_dim, out_dim, hidden, bottleneck):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        for layer in self.mlp[::2]:
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
+        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)  # gain 1: unit-norm prototypes
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, eps=1e-6))
+
+
+class PerA(nn.Module):
+    """Student (encoder f^s, head g^s, predictor q, mask token m), teacher (f^t, g^t: an EMA copy without q) and
+    the centre c. forward() is the student (the part DDP wraps); teacher_forward() runs without gradients."""
+
+    def __init__(self, args):
+        super().__init__()
+        vit = data.build_model(args.arch, args.img_size, args.patch_size)
+        vit.heads = nn.Identity()  # the exported keys are torchvision's minus the classifier
+        width = vit.hidden_dim
+        self.student = nn.ModuleDict(dict(encoder=vit, head=DINOHead(width, args.out_dim, args.head_hidden,
+                                                                     args.head_bottleneck)))
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.predictor = DINOHead(width, 3 * args.patch_size ** 2, args.head_hidden, args.head_bottleneck)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.register_buffer("center", torch.zeros(args.out_dim))
+        self.dense, self.rate = args.dense, args.drop_path
+        self.join_at = 0 if args.dense else len(vit.encoder.layers) // 2
+
+    def forward(self, glob, loc, masks, local_masks):
+        """Head outputs of the global then local crops (crop-major rows) and the predicted pixels at l."""
+        s, l, t = masks
+        rate = self.rate if self.training else 0.0
+        keep = torch.cat([s, t], dim=1) if self.dense else s  # dense: DINOv2's full-length masked student
+        x = encode(self.student.encoder, glob, keep, l, self.mask_token, self.join_at, rate)
+        cls, pred = [x[:, 0]], self.predictor(x[:, -l.shape[1]:])
+        if loc is not None:
+            cls.append(encode(self.student.encoder, loc, None if self.dense else local_masks[0], rate=rate)[:, 0])
+        return self.student.head(torch.cat(cls)), pred
+
+    @torch.no_grad()
+    def teacher_forward(self, glob, loc, masks, local_masks):
+        cls = [encode(self.teacher.encoder, glob, None if self.dense else masks[2])[:, 0]]
+        if loc is not None:
+            cls.append(encode(self.teacher.encoder, loc, None if self.dense else local_masks[2])[:, 0])
+        return self.teacher.head(torch.cat(cls))
+
+    @torch.no_grad()
+    def ema_update(self, momentum):
+        """Eq. 10: theta_t <- m theta_t + (1 - m) theta_s over the encoder and head, in one foreach call."""
+        torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), 1 - momentum)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def teacher_targets(teacher_out, center, temperature):
+    """Eq. 5-6, teacher side: H((t - c) / tpt_t), the centred and sharpened teacher distribution."""
+    return F.softmax((teacher_out - center) / temperature, dim=-1)
+
+
+def cls_loss(student_out, targets, temperature):
+    """Eq. 5: -H((t - c) / tpt_t) log H(s / tpt_s), each student crop against the teacher's view of the same crop,
+    averaged over crops and images."""
+    return -(targets * F.log_softmax(student_out / temperature, dim=-1)).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def update_center(center, teacher_out, momentum):
+    """Eq. 7: c <- n c + (1 - n) * the mean teacher output of the global batch (all crops, all processes)."""
+    center.lerp_(reduce_mean(teacher_out.float().mean(dim=0)), 1 - momentum)
+
+
+def koleo(x, eps=1e-8):
+    """Eq. 8: -1/B sum_i log(||x_i - x_i'|| + eps), x_i' the nearest other vector of the batch (after L2 norm)."""
+    x = F.normalize(x, dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = x @ x.T
+        dots.fill_diagonal_(-2.0)  # never one's own neighbour
+        nearest = dots.argmax(dim=1)
+    return -torch.log(F.pairwise_distance(x, x[nearest], eps=eps) + eps).mean()
+
+
+# ------------------------------------------------------------------------------------------------ training
+def crop_major(x):
+    """B x crops x ... -> (crops * B) x ...: rows of crop 0 first, so .chunk(crops) splits by crop."""
+    return x.transpose(0, 1).flatten(0, 1)
+
+
+def train_step(model, student, views, args, sched, optimizer, scaler, amp_dtype):
+    """Fig. 2a: disjoint masks, sparse teacher and student, Eq. 9, AdamW with clipping, then Eq. 7 and Eq. 10.
+    Returns the detached [loss, L_cls, L_MSE, L_KoLeo]."""
+    s_glob, t_glob, s_loc, t_loc = (crop_major(v) for v in views)
+    masks = disjoint_masks(len(s_glob), (args.img_size // args.patch_size) ** 2, args.mask_ratios, s_glob.device)
+    local_masks = None
+    if args.local_crops:
+        local_masks = disjoint_masks(len(s_loc), (args.local_size // args.patch_size) ** 2, args.mask_ratios,
+                                     s_loc.device)
+    else:
+        s_loc = t_loc = None
+    with torch.autocast(s_glob.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        t_out = model.teacher_forward(t_glob, t_loc, masks, local_masks).float()
+        s_out, pred = student(s_glob, s_loc, masks, local_masks)
+        s_out = s_out.float()
+        l_cls = cls_loss(s_out, teacher_targets(t_out, model.center, sched["teacher_temp"]), args.student_temp)
+        l_mse = F.mse_loss(pred.float(), take(patchify(s_glob, args.patch_size), masks[1]))  # Eq. 4
+        l_koleo = sum(koleo(x) for x in s_out[:len(s_glob)].chunk(GLOBAL_CROPS))  # Eq. 8 per global crop
+        loss = args.cls_weight * l_cls + args.mse_weight * l_mse + args.koleo_weight * l_koleo  # Eq. 9
+    update_center(model.center, t_out, args.center_momentum)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if args.clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    model.ema_update(sched["momentum"])
+    return torch.stack([loss, l_cls, l_mse, l_koleo]).detach()
+
+
+def cosine(start, end, progress):
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
+
+
+def schedules(args, step, steps_per_epoch):
+    """Sec. 4.1, per step: lr linear warm-up then cosine; weight decay and teacher momentum rise on a cosine; the
+    teacher temperature rises linearly during its warm-up, then stays."""
+    total = args.epochs * steps_per_epoch
+    warm, warm_t = args.warmup_epochs * steps_per_epoch, args.teacher_temp_epochs * steps_per_epoch
+    lr = args.lr * step / warm if step < warm else cosine(args.lr, args.min_lr, (step - warm) / max(total - warm, 1))
+    temp = args.teacher_temp if step >= warm_t else \
+        args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * step / warm_t
+    return {"lr": lr, "wd": cosine(args.wd, args.wd_end, step / total), "teacher_temp": temp,
+            "momentum": cosine(args.teacher_momentum, 1.0, step / total)}
+
+
+@torch.no_grad()
+def save_visualisation(model, paths, args, device, rows=4):
+    """Fig. 4b: per image (resized whole), columns: the image, its partition (s as is, l red, t blue), the student's
+    input, the teacher's input, the true pixels at l and the predicted ones. A PNG made with PIL."""
+    dataset = data.ImageDataset(paths[:rows], transform=data.eval_transform(args.img_size))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(device)
+    p = args.patch_size
+    masks = disjoint_masks(len(images), (args.img_size // p) ** 2, args.mask_ratios, device,
+                           torch.Generator(device).manual_seed(args.seed))
+    model.eval()
+    _, pred = model(images, None, masks, None)
+    model.train()
+    mean, std = (torch.tensor(v, device=device).repeat(p * p) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    img = (patchify(images, p) * std + mean).clamp(0, 1)
+    gray, red, blue = torch.full_like(img, 0.5), torch.tensor([1.0, 0, 0], device=device).repeat(p * p), \
+        torch.tensor([0, 0, 1.0], device=device).repeat(p * p)
+
+    def paste(base, index, values):
+        return base.scatter(1, index.unsqueeze(-1).expand(-1, -1, base.shape[-1]), values)
+
+    s, l, t = masks
+    parts = paste(paste(img, l, take(0.4 * img + 0.6 * red, l)), t, take(0.4 * img + 0.6 * blue, t))
+    panels = [img, parts, paste(gray, s, take(img, s)), paste(gray, t, take(img, t)), paste(gray, l, take(img, l)),
+              paste(gray, l, (pred.float() * std + mean).clamp(0, 1))]
+    tiles = F.pad(torch.stack([unpatchify(x, p) for x in panels], dim=1), (0, 2, 0, 2), value=1.0)
+    b, c, _, h, w = tiles.shape  # rows x columns x 3 x h x w, with a 2 px white gap
+    grid = (tiles.permute(0, 3, 1, 4, 2).reshape(b * h, c * w, 3) * 255).round().byte().cpu().numpy()
+    scale = max(1, 128 // args.img_size)
+    if os.path.dirname(args.vis):
+        os.makedirs(os.path.dirname(args.vis), exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(grid)).resize((c * w * scale, b * h * scale), Image.NEAREST).save(args.vis)
+
+
+def quiet_worker(worker_id):
+    """Data workers ignore SIGTERM / Ctrl-C sent to the whole process group (schedulers, a terminal), so the main
+    process can finish its step and save a checkpoint before it shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def save_atomic(obj, path):
+    """Write to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.fsync(dir_fd)
+    os.close(dir_fd)
+
+
+def load_checkpoint(path):
+    """weights_only=True: a checkpoint can hold tensors and plain values, never code."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling error means "not a checkpoint of ours"
+        raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); move it away to start "
+                        "afresh.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != "pera":
+        raise UserError(f"{path} is not a pera.py checkpoint; use another --out.")
+    return ckpt
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+
+
+def train(args):
+    rank, world, device = setup_distributed()
+    check_args(args, world)
+    paths = data.list_images(args.data)
+    data.check_readable(paths, seed=args.seed)
+    if len(paths) < args.batch_size:
+        raise UserError(f"the dataset has {len(paths)} images, fewer than one batch of {args.batch_size}.")
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
+    if ckpt is not None:
+        changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
+        if changed:
+            raise UserError(f"{ckpt_path} was written with other --{', --'.join(changed).replace('_', '-')}; "
+                            "use the same values to resume, or another --out.")
+    init_process_group(world, device)
+    amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
+                 "fp16": torch.float16, "off": None}[args.amp]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    local_batch = args.batch_size // world
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    model = PerA(args).to(device)
+    student = DDP(model, broadcast_buffers=False) if world > 1 else model  # the centre is all-reduced instead
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  betas=(0.9, 0.999), eps=2e-5, weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+    torch.manual_seed(args.seed + rank)  # masks and drop path differ between processes
+    if ckpt is not None and len(ckpt["rng"]) == world:  # each process continues its own random stream
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+
+    transform = AlignedMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale,
+                                 args.local_scale)
+    dataset = data.ImageDataset(paths, transform=transform, seed=args.seed)
+    sampler = data.EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
+    workers = args.workers if args.workers is not None else min(
+        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker,
+                        generator=torch.Generator().manual_seed(args.seed))  # leaves the global RNG to the model
+    steps_per_epoch = sampler.batches_per_epoch()
+    total_steps = args.epochs * steps_per_epoch
+    last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+
+    def save(epoch):
+        rng = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        rngs = [rng]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng)
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            config = {"image_size": args.img_size, "patch_size": args.patch_size}
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
+                         "rng": rngs, "arch": args.arch, "method": "pera", "config": config,
+                         "backbone_prefix": "teacher.encoder."}, ckpt_path)
+            save_atomic({"arch": args.arch, "method": "pera", "config": config,  # Sec. 3.2.3: the teacher
+                         "state_dict": model.teacher.encoder.state_dict()}, os.path.join(args.out, "backbone.pth"))
+        if world > 1:
+            dist.barrier()
+
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum  # SIGTERM / Ctrl-C: finish the step, save a checkpoint, exit
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        n = (args.img_size // args.patch_size) ** 2
+        n_s, n_l, n_t = (n, n, n) if args.dense else mask_counts(n, args.mask_ratios)
+        print(f"pera{' (dense baseline)' if args.dense else ''}: {len(paths)} images, {steps_per_epoch} steps/epoch, "
+              f"{world} process(es) on {device.type}; global crop of {n} patches: student {1 + n_s} -> "
+              f"{1 + n_s + (0 if args.dense else n_l)} tokens, teacher {1 + n_t}; "
+              f"{'resuming at step %d' % step if step else 'starting'}", flush=True)
+    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+    model.train()
+    loss_sum, skipped = torch.zeros(4, device=device), torch.zeros((), dtype=torch.long)
+    window_start, window_steps, run_start, run_start_step = time.time(), 0, time.time(), step
+    last_saved, stopping = (step if ckpt is not None else None), False
+    while step < last_step and not stopping:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        epoch_skipped, epoch_start_step = torch.zeros((), dtype=torch.long), step
+        for views, _, n_skipped in loader:
+            sched = schedules(args, step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"], group["weight_decay"] = sched["lr"], sched["wd"]
+            views = [v.to(device, non_blocking=True) for v in views]
+            loss_sum += train_step(model, student, views, args, sched, optimizer, scaler, amp_dtype)
+            step += 1
+            window_steps += 1
+            epoch_skipped += n_skipped.sum()
+            end_of_epoch = step % steps_per_epoch == 0
+            signalled = world == 1 and stop["signal"] is not None  # one process stops at once; DDP at a log step
+            if step % args.log_every and not end_of_epoch and step < last_step and not signalled:
+                continue
+            # ---- log step: the only host-device sync of the loop
+            stats = torch.cat([loss_sum / window_steps, torch.tensor([float(stop["signal"] is not None)],
+                                                                     device=device)])
+            mean_loss, l_cls, l_mse, l_koleo, stop_votes = reduce_mean(stats).tolist()
+            if not math.isfinite(mean_loss):
+                where = f"at step {step}" if window_steps == 1 else f"in steps {step - window_steps + 1}-{step}"
+                raise FloatingPointError(
+                    f"the loss became {mean_loss} {where}; the last good "
+                    f"checkpoint is {ckpt_path + ' (step %d)' % last_saved if last_saved else 'none'}, left as it "
+                    "was. Lower --lr or use --amp off.")
+            now = time.time()
+            images_per_s = window_steps * args.batch_size / (now - window_start)
+            if rank == 0:
+                eta = (now - run_start) / max(step - run_start_step, 1) * (last_step - step)
+                record = {"epoch": epoch, "step": step, "loss": round(mean_loss, 5), "cls": round(l_cls, 5),
+                          "mse": round(l_mse, 5), "koleo": round(l_koleo, 5), "lr": sched["lr"], "wd": sched["wd"],
+                          "teacher_momentum": sched["momentum"], "teacher_temp": sched["teacher_temp"],
+                          "images_per_s": round(images_per_s, 1), "peak_mem_gb": round(peak_memory_gb(device), 3)}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                print(f"pera | ep {epoch + 1}/{args.epochs} | step {step}/{last_step} | loss {mean_loss:.4f} (cls "
+                      f"{l_cls:.4f} mse {l_mse:.4f} koleo {l_koleo:.3f}) | lr {sched['lr']:.3g} | wd "
+                      f"{sched['wd']:.3g} | m {sched['momentum']:.4f} | T_t {sched['teacher_temp']:.3f} | "
+                      f"{images_per_s:.0f} img/s | mem {record['peak_mem_gb']:.2f} GB | eta {format_eta(eta)}",
+                      flush=True)
+            loss_sum.zero_()
+            window_start, window_steps = time.time(), 0
+            stopping = stop_votes > 0
+            if stopping or step >= last_step:
+                break
+        if world > 1:
+            epoch_skipped = epoch_skipped.to(device)  # NCCL reduces CUDA tensors only
+            dist.all_reduce(epoch_skipped)
+        skipped += epoch_skipped.cpu()
+        if rank == 0 and epoch_skipped > 0:
+            log_file.write(json.dumps({"epoch": epoch, "step": step, "skipped_images": int(epoch_skipped)}) + "\n")
+            print(f"pera | epoch {epoch + 1}: skipped {int(epoch_skipped)} unreadable image(s)", flush=True)
+        seen = (step - epoch_start_step) * args.batch_size
+        if epoch_skipped > seen // 2:
+            raise UserError(f"{int(epoch_skipped)} of the {seen} images read in epoch {epoch + 1} could not be "
+                            "opened; check the dataset.")
+        save(epoch)
+        last_saved = step
+        if stopping and rank == 0:
+            print(f"pera | stopped by a signal at step {step}; {ckpt_path} resumes it", flush=True)
+    if rank == 0:
+        if skipped > 0:
+            print(f"pera | {int(skipped)} unreadable image(s) were skipped in this run", flush=True)
+        if args.vis and not stopping:
+            save_visualisation(model, paths, args, device)
+            print(f"pera | partition and reconstruction of {min(4, len(paths))} images in {args.vis}", flush=True)
+        if not stopping:
+            print(f"pera | done at step {step}: teacher backbone in {os.path.join(args.out, 'backbone.pth')}",
+                  flush=True)
+        log_file.close()
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
+    try:
+        train(args)
+    except UserError as err:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"pera.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as err:
+        print(f"pera.py: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+if __name__ == "__main__":
+    main()

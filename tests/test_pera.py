@@ -1,0 +1,230 @@
+"""pera.py: each component against its definition, then real training steps on a tiny ViT."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import data
+import eval_linear
+import pera
+from conftest import assert_one_sentence_error, make_image_folder, run_script, run_torchrun
+
+# vit_tiny (12 blocks, so the export loads anywhere) on 32 px crops of 8 px patches: 16 patches, s/l/t = 5/3/8;
+# 2 local crops of 16 px: 4 patches, s/t = 1/2. Small heads keep the checkpoints small.
+TINY = ["--arch", "vit_tiny", "--img-size", "32", "--patch-size", "8", "--local-size", "16", "--local-crops", "2",
+        "--out-dim", "64", "--head-hidden", "64", "--head-bottleneck", "32", "--batch-size", "4", "--workers", "0",
+        "--log-every", "1", "--warmup-epochs", "0", "--teacher-temp-epochs", "1"]
+
+
+def tiny_views(args, batch=4):
+    """Random crops in the loader's layout: batch x crops x 3 x size x size, student and teacher views."""
+    g, l = [torch.randn(batch, n, 3, s, s) for n, s in ((2, args.img_size), (args.local_crops, args.local_size))]
+    return [g, g + 0.1, l, l + 0.1]
+
+
+def test_masks_partition_the_patches_exactly_and_follow_the_ratios():
+    assert pera.mask_counts(16, (0.3, 0.2, 0.5)) == (5, 3, 8)
+    assert pera.mask_counts(196, (0.3, 0.2, 0.5)) == (59, 39, 98)  # ViT-B/16 at 224
+    for n in (16, 196):
+        s, l, t = pera.disjoint_masks(64, n, (0.3, 0.2, 0.5), torch.device("cpu"))
+        assert (s.shape[1], l.shape[1], t.shape[1]) == pera.mask_counts(n, (0.3, 0.2, 0.5))
+        union = torch.cat([s, l, t], dim=1).sort(dim=1).values
+        assert torch.equal(union, torch.arange(n).expand(64, n))  # Eq. 3: U = s + l + t, no overlap
+        for part, ratio in zip((s, l, t), (0.3, 0.2, 0.5)):
+            assert abs(part.shape[1] / n - ratio) <= 0.5 / n
+        assert len({tuple(row.sort().values.tolist()) for row in s}) > 32  # a new partition per image
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_student_and_teacher_sequences_are_the_short_ones(dense):
+    args = pera.get_args(TINY + ["--dense"] * dense)
+    torch.manual_seed(0)
+    model = pera.PerA(args)
+    lengths = {}
+    for net in ("student", "teacher"):
+        for block in (0, 6):
+            ln = model.get_submodule(f"{net}.encoder.encoder.layers.encoder_layer_{block}.ln_1")
+            ln.register_forward_hook(lambda m, i, o, key=(net, block): lengths.setdefault(key, []).append(o.shape[1]))
+    views = [pera.crop_major(v) for v in tiny_views(args)]
+    masks = pera.disjoint_masks(8, 16, args.mask_ratios, torch.device("cpu"))
+    local_masks = pera.disjoint_masks(8, 4, args.mask_ratios, torch.device("cpu"))
+    s_out, pred = model(views[0], views[2], masks, local_masks)
+    t_out = model.teacher_forward(views[1], views[3], masks, local_masks)
+    assert s_out.shape == t_out.shape == (8 + 8, 64) and pred.shape == (8, 3, 8 * 8 * 3)
+    if dense:  # Table 10's baseline: every patch in both networks from the first block
+        assert lengths == {("student", 0): [17, 5], ("student", 6): [17, 5], ("teacher", 0): [17, 5],
+                           ("teacher", 6): [17, 5]}
+    else:  # cls + s (5), mask tokens (3) from block depth // 2; teacher cls + t (8); local crops cls + 1 / cls + 2
+        assert lengths == {("student", 0): [6, 2], ("student", 6): [9, 2], ("teacher", 0): [9, 3],
+                           ("teacher", 6): [9, 3]}
+
+
+def test_student_and_teacher_crops_are_spatially_identical_and_only_colour_differs():
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    pixels = torch.stack([xx * 4, yy * 4, (xx * 7 + yy * 13) % 256], dim=-1).to(torch.uint8).numpy()
+    img = Image.fromarray(pixels)  # every pixel unique: equal crops mean equal geometry
+    transform = pera.AlignedMultiCrop(32, 16, 3, (0.4, 1.0), (0.05, 0.4))
+    torch.manual_seed(0)
+    s_glob, t_glob, s_loc, t_loc = transform(img)
+    assert s_glob.shape == t_glob.shape == (2, 3, 32, 32) and s_loc.shape == t_loc.shape == (3, 3, 16, 16)
+    transform.student_colour = transform.teacher_colour = lambda crop: crop  # geometry only
+    differs = 0
+    for seed in range(10):
+        torch.manual_seed(seed)
+        s_glob, t_glob, s_loc, t_loc = transform(img)
+        assert torch.equal(s_glob, t_glob) and torch.equal(s_loc, t_loc)
+        differs += not torch.equal(s_glob[0], s_glob[1])
+    assert differs == 10  # the two global pairs are two different crops
+
+
+def test_centering_temperatures_and_schedules_follow_their_formulas():
+    t = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 5.0]])
+    center = torch.tensor([0.5, 0.0, 1.0])
+    expected = torch.softmax((t - center) / 0.04, dim=-1)
+    torch.testing.assert_close(pera.teacher_targets(t, center, 0.04), expected)  # Eq. 5-6
+    pera.update_center(center, t, 0.9)
+    torch.testing.assert_close(center, 0.9 * torch.tensor([0.5, 0.0, 1.0]) + 0.1 * t.mean(0))  # Eq. 7
+    args = pera.get_args(["--epochs", "100"])
+    assert (args.student_temp, args.mask_ratios, args.out_dim) == (0.1, [0.3, 0.2, 0.5], 65536)
+    at = [pera.schedules(args, step * 10, 10) for step in (0, 10, 15, 30, 60, 100)]  # 10 steps per epoch
+    assert [s["teacher_temp"] for s in at] == pytest.approx([0.03, 0.03 + 0.02 / 3, 0.04, 0.05, 0.05, 0.05])
+    assert [s["lr"] for s in at[:2]] == pytest.approx([0.0, 0.0005])  # 20 warm-up epochs
+    assert pera.schedules(args, 200, 10)["lr"] == pytest.approx(1e-3)
+    assert at[-1]["lr"] == pytest.approx(1e-6) and at[4]["lr"] == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
+    assert (at[0]["momentum"], at[0]["wd"]) == pytest.approx((0.992, 0.04))
+    assert (at[-1]["momentum"], at[-1]["wd"]) == pytest.approx((1.0, 0.2))
+    assert at[3]["wd"] == pytest.approx(0.2 + 0.5 * (0.04 - 0.2) * (1 + math.cos(math.pi * 0.3)))
+
+
+def test_koleo_matches_a_hand_computed_value():
+    x = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    # nearest neighbours: 0 <-> 1 (dot 0.8), 2 -> 1 (0.6); distances sqrt(0.4), sqrt(0.4), sqrt(0.8)
+    expected = -(2 * math.log(math.sqrt(0.4)) + math.log(math.sqrt(0.8))) / 3
+    assert pera.koleo(x).item() == pytest.approx(expected, abs=1e-6)
+    assert pera.koleo(3 * x).item() == pytest.approx(expected, abs=1e-6)  # Eq. 8 acts on unit vectors
+
+
+def test_cls_loss_matches_a_hand_computed_value():
+    s = torch.tensor([[0.2, 0.1, -0.3], [0.0, 0.5, 0.1]])
+    targets = torch.tensor([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0]])
+    total = 0.0
+    for row, target in zip(s.tolist(), targets.tolist()):
+        log_z = math.log(sum(math.exp(v / 0.1) for v in row))
+        total -= sum(p * (v / 0.1 - log_z) for p, v in zip(target, row))
+    assert pera.cls_loss(s, targets, 0.1).item() == pytest.approx(total / 2, rel=1e-6)
+
+
+def test_train_step_gives_the_teacher_no_gradient_and_moves_it_by_the_ema():
+    args = pera.get_args(TINY)
+    torch.manual_seed(0)
+    model = pera.PerA(args)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    student_before = [p.clone() for p in model.student.parameters()]
+    sched = {"teacher_temp": 0.04, "momentum": 0.9}
+    terms = pera.train_step(model, model, tiny_views(args), args, sched, optimizer, scaler, None)
+    loss, l_cls, l_mse, l_koleo = terms.tolist()
+    assert math.isfinite(loss) and loss == pytest.approx(l_cls + 0.1 * l_mse + 0.01 * l_koleo, rel=1e-5)
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    assert model.mask_token.grad is not None and model.predictor.mlp[0].weight.grad is not None
+    for t, old_t, s, old_s in zip(model.teacher.parameters(), teacher_before, model.student.parameters(),
+                                  student_before):
+        torch.testing.assert_close(t, 0.9 * old_t + 0.1 * s)  # Eq. 10 towards the updated student
+    assert not torch.equal(student_before[0], next(model.student.parameters()))
+    assert model.center.abs().sum() > 0  # Eq. 7 moved the centre
+
+
+def train_tiny(folder, out, *extra):
+    pera.main(TINY + ["--data", folder, "--out", str(out), *extra])
+    return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+
+
+def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", classes=3, per_class=4)  # 12 images: 3 steps per epoch
+    straight = train_tiny(folder, tmp_path / "a", "--epochs", "2", "--max-steps", "5")
+    train_tiny(folder, tmp_path / "b", "--epochs", "2", "--max-steps", "2")  # stopped mid-epoch
+    resumed = train_tiny(folder, tmp_path / "b", "--epochs", "2", "--max-steps", "5")
+    assert straight["step"] == resumed["step"] == 5
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key  # teacher, student, centre, mask token
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and all(r["images_per_s"] > 0 for r in log)
+    assert {"cls", "mse", "koleo", "lr", "wd", "teacher_momentum", "teacher_temp", "peak_mem_gb"} <= set(log[0])
+
+
+def test_exported_teacher_loads_into_torchvision_and_eval_linear_and_vis_draws_the_parts(tmp_path, image_folder):
+    ckpt = train_tiny(image_folder, tmp_path / "run", "--max-steps", "2", "--vis", str(tmp_path / "vis" / "parts.png"))
+    saved = torch.load(tmp_path / "run" / "backbone.pth", weights_only=True)
+    assert (saved["arch"], saved["method"], saved["config"]) == ("vit_tiny", "pera", {"image_size": 32,
+                                                                                      "patch_size": 8})
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(value, ckpt["model"]["teacher.encoder." + key])  # Sec. 3.2.3: the teacher
+    vit = torchvision.models.VisionTransformer(32, 8, 12, 3, 192, 768)
+    result = vit.load_state_dict(saved["state_dict"], strict=False)
+    assert sorted(result.missing_keys) == ["heads.head.bias", "heads.head.weight"] and not result.unexpected_keys
+    for weights in ("backbone.pth", "checkpoint.pth"):
+        model, width, arch, method = data.load_backbone(str(tmp_path / "run" / weights), image_size=48)
+        assert (width, arch, method) == (192, "vit_tiny", "pera")
+    eval_linear.main(["--data", image_folder, "--weights", str(tmp_path / "run" / "backbone.pth"), "--img-size",
+                      "32", "--runs", "1", "--epochs", "2", "--workers", "0", "--stages", "--out",
+                      str(tmp_path / "eval")])
+    results = json.load(open(tmp_path / "eval" / "results.json"))["backbones"][0]
+    assert results["method"] == "pera" and len(results["images"]["stages"]) == 4
+    png = Image.open(tmp_path / "vis" / "parts.png")  # 4 images x 6 panels of 32 + 2 px, scaled x4
+    assert png.size == (6 * 34 * 4, 4 * 34 * 4) and png.mode == "RGB"
+
+
+def test_two_process_torchrun_on_gloo_trains(tmp_path, image_folder):
+    result = run_torchrun("pera.py", 2, *TINY, "--data", image_folder, "--max-steps", "2", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and "done at step 2" in result.stdout
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--data", "MISSING"], "is not a folder"),
+    (["--mask-ratios", "0.3", "0.3", "0.3"], "sum to 1"),
+    (["--mask-ratios", "0.5", "0.0", "0.5"], "three positive fractions"),
+    (["--img-size", "36"], "not a multiple of --patch-size"),
+    (["--img-size", "8", "--local-crops", "0"], "is too small"),
+    (["--batch-size", "100"], "fewer than one batch"),
+    (["--out", __file__], "is a file"),
+])
+def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys, image_folder, extra, fragment):
+    extra = [str(tmp_path / "missing") if e == "MISSING" else e for e in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        pera.main(TINY + ["--data", image_folder, "--out", str(tmp_path / "out"), "--max-steps", "1", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and fragment in err[0], err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_the_command_line_reports_bad_input_without_a_traceback(tmp_path):
+    result = run_script("pera.py", *TINY, "--batch-size", "9", "--out", tmp_path / "out", env={"WORLD_SIZE": "2"})
+    assert_one_sentence_error(result, "pera.py", "not divisible by the 2 processes")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_corrupt_image_is_skipped_and_a_non_finite_loss_keeps_the_last_checkpoint(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=12)
+    with open(os.path.join(folder, "class1", "2.png"), "wb") as f:
+        f.write(b"not a png at all")
+    train_tiny(folder, tmp_path / "out", "--max-steps", "6")  # one epoch of 24 images
+    out = capsys.readouterr().out
+    assert "skipping unreadable image" in out and "skipped 1 unreadable image(s)" in out
+    assert {"epoch": 0, "step": 6, "skipped_images": 1} in map(json.loads, open(tmp_path / "out" / "log.jsonl"))
+    before = (tmp_path / "out" / "checkpoint.pth").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        train_tiny(folder, tmp_path / "out", "--lr", "1e30", "--clip-grad", "0")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "the loss became nan at step 8" in err and "checkpoint.pth (step 6)" in err
+    assert (tmp_path / "out" / "checkpoint.pth").read_bytes() == before
