@@ -2,6 +2,7 @@
 sampler (unreadable files skipped and counted; augmentations seeded by (seed, epoch, index), so a resumed run sees
 exactly what an uninterrupted one would), and the backbone files all scripts read and write. "synthetic" names a
 built-in generated dataset, so every script runs without a download."""
+import argparse
 import json
 import math
 import os
@@ -24,6 +25,13 @@ SYNTHETIC_IMAGES, SYNTHETIC_CLASSES, SYNTHETIC_SIZE = 1024, 4, 64
 
 class UserError(Exception):
     """A problem with the user's input or files: the scripts print it as one sentence and exit with code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown --arch, a missing value) are one line and exit code 2, like every bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help).\n")
 
 
 # ---------------------------------------------------------------- discovery

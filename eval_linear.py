@@ -34,7 +34,7 @@ from data import UserError
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Linear probe on frozen features (see the module docstring).",
+    p = data.ArgumentParser(description="Linear probe on frozen features (see the module docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", action="append", help="class-per-folder dataset (repeatable); 'synthetic' = built-in. "
                    "Default: synthetic")

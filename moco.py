@@ -62,7 +62,7 @@ RESUME_MUST_MATCH = ("arch", "head", "dim", "queue", "batch_size", "data", "img_
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="MoCo v1/v2 pre-training (see the module docstring).",
+    p = data.ArgumentParser(description="MoCo v1/v2 pre-training (see the module docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")

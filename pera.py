@@ -86,7 +86,7 @@ RESUME_MUST_MATCH = ("arch", "patch_size", "img_size", "local_size", "local_crop
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="PerA pre-training (see the module docstring).",
+    p = data.ArgumentParser(description="PerA pre-training (see the module docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")

@@ -85,7 +85,7 @@ RESUME_MUST_MATCH = ("arch", "batch_size", "data", "img_size", "mask_unit", "mas
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="PReCo pre-training (see the module docstring).",
+    p = data.ArgumentParser(description="PReCo pre-training (see the module docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")
