@@ -11,9 +11,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses share the 2 cores with pytest itself
 
-# A tiny ResNet run that every pre-training smoke test can afford on a CPU.
+# Tiny runs that every pre-training smoke test can afford on a CPU.
 TINY_RESNET = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "8", "--bn-group", "4", "--workers", "0",
                "--log-every", "1"]
+# vit_tiny (12 blocks, so the export loads anywhere) on 32 px crops of 8 px patches: 16 patches, s/l/t = 5/3/8;
+# 2 local crops of 16 px: 4 patches, s/t = 1/2. Small heads keep the checkpoints small.
+TINY_VIT = ["--arch", "vit_tiny", "--img-size", "32", "--patch-size", "8", "--local-size", "16", "--local-crops", "2",
+            "--out-dim", "64", "--head-hidden", "64", "--head-bottleneck", "32", "--batch-size", "4", "--workers", "0",
+            "--log-every", "1", "--warmup-epochs", "0", "--teacher-temp-epochs", "1"]
+# swin_t on 32 px images: 8 x 8 tokens, a 4 x 4 grid of 8-px mask units (10 masked), a 1 x 1 last stage.
+TINY_SWIN = ["--arch", "swin_t", "--img-size", "32", "--mask-unit", "8", "--batch-size", "2", "--warmup-epochs", "0",
+             "--workers", "0", "--log-every", "1"]
 
 
 def make_image_folder(root, classes=3, per_class=8, size=32, ext=".png", seed=0):

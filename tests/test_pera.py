@@ -11,13 +11,9 @@ from PIL import Image
 import data
 import eval_linear
 import pera
-from conftest import assert_one_sentence_error, make_image_folder, run_script, run_torchrun
+from conftest import TINY_VIT, assert_one_sentence_error, make_image_folder, run_script, run_torchrun
 
-# vit_tiny (12 blocks, so the export loads anywhere) on 32 px crops of 8 px patches: 16 patches, s/l/t = 5/3/8;
-# 2 local crops of 16 px: 4 patches, s/t = 1/2. Small heads keep the checkpoints small.
-TINY = ["--arch", "vit_tiny", "--img-size", "32", "--patch-size", "8", "--local-size", "16", "--local-crops", "2",
-        "--out-dim", "64", "--head-hidden", "64", "--head-bottleneck", "32", "--batch-size", "4", "--workers", "0",
-        "--log-every", "1", "--warmup-epochs", "0", "--teacher-temp-epochs", "1"]
+TINY = TINY_VIT
 
 
 def tiny_views(args, batch=4):

@@ -12,11 +12,7 @@ from PIL import Image
 
 import data
 import preco
-from conftest import make_image_folder, run_torchrun
-
-# swin_t on 32 px images: 8 x 8 tokens, a 4 x 4 grid of 8-px mask units (10 masked), a 1 x 1 last stage.
-TINY_SWIN = ["--arch", "swin_t", "--img-size", "32", "--mask-unit", "8", "--batch-size", "2", "--warmup-epochs", "0",
-             "--workers", "0", "--log-every", "1"]
+from conftest import TINY_SWIN, make_image_folder, run_torchrun
 
 
 def tiny_args(*extra):
