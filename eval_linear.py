@@ -34,8 +34,9 @@ from data import UserError
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description="Linear probe on frozen features (see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(prog=os.path.basename(__file__),
+                            description="Linear probe on frozen features (see the module docstring).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", action="append", help="class-per-folder dataset (repeatable); 'synthetic' = built-in. "
                    "Default: synthetic")
     p.add_argument("--dataset", action="append", help="name of each --data in the report (eurosat, nwpu, ...); "

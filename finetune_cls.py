@@ -53,8 +53,9 @@ SCRATCH_LR = {"gersp": 0.01, "risojevic": 3e-3}  # paper 004 trains from scratch
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description="Fine-tuning evaluation (see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(prog=os.path.basename(__file__),
+                            description="Fine-tuning evaluation (see the module docstring).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", action="append", help="class-per-folder dataset (repeatable); 'synthetic' = built-in. "
                    "Default: synthetic")
     p.add_argument("--dataset", action="append", help="name of each --data in the report (eurosat, nwpu, ...); "

@@ -66,8 +66,9 @@ RESUME_MUST_MATCH = ("arch", "dim", "queue", "batch_size", "data", "natural", "i
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description="GeRSP pre-training (see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(prog=os.path.basename(__file__),
+                            description="GeRSP pre-training (see the module docstring).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", action="append", help="folder of unlabeled RS images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")
     p.add_argument("--natural", default=data.SYNTHETIC, help="labeled natural images, one folder per class "

@@ -62,8 +62,9 @@ RESUME_MUST_MATCH = ("arch", "head", "dim", "queue", "batch_size", "data", "img_
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description="MoCo v1/v2 pre-training (see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(prog=os.path.basename(__file__),
+                            description="MoCo v1/v2 pre-training (see the module docstring).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")
     p.add_argument("--version", choices=VERSIONS, default="v2", help="recipe: head, temperature, augmentation, lr")

@@ -86,8 +86,9 @@ RESUME_MUST_MATCH = ("arch", "patch_size", "img_size", "local_size", "local_crop
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description="PerA pre-training (see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(prog=os.path.basename(__file__),
+                            description="PerA pre-training (see the module docstring).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")
     p.add_argument("--arch", choices=ARCHS, default="vit_base", help="torchvision ViT (vit_tiny for CPU)")
