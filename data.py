@@ -28,10 +28,19 @@ class UserError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (an unknown --arch, a missing value) are one line and exit code 2, like every bad input."""
+    """argparse whose errors (an unknown --arch, a missing value) are one line and exit code 2, like every bad input,
+    and whose --help shows each default (those computed at run time are described in the flag's help)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=_ShowDefaults, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help).\n")
+
+
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------- discovery
@@ -108,6 +117,24 @@ def stratified_split(labels, train_ratio, seed):
         train.append(idx[:n_train])
         test.append(idx[n_train:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def evaluation_parser(script, description):
+    """The flags eval_linear.py and finetune_cls.py share: datasets, weights, split, runs and seed."""
+    p = ArgumentParser(prog=os.path.basename(script), description=description)
+    p.add_argument("--data", action="append", help="class-per-folder dataset (repeatable); 'synthetic' = built-in. "
+                   "Default: synthetic")
+    p.add_argument("--dataset", action="append", help="name of each --data in the report (eurosat, nwpu, ...); "
+                   "default: the folder name")
+    p.add_argument("--weights", action="append", help="random | imagenet | a backbone.pth / checkpoint.pth of this "
+                   "project | a torchvision state dict; repeat to compare backbones. Default: random")
+    p.add_argument("--arch", help="architecture, when the weights file does not say it (e.g. resnet50)")
+    p.add_argument("--patch-size", type=int, default=16, help="ViT patch size, when the weights file does not say it")
+    p.add_argument("--train-ratio", type=float, default=0.2, help="fraction of each class used for training")
+    p.add_argument("--runs", type=int, default=5, help="repetitions with different splits (mean +- std)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first split (run r uses seed + r) and of random "
+                   "weights")
+    return p
 
 
 def labeled_datasets(roots, names, train_ratio, runs, seed, verbose=True):

@@ -17,7 +17,6 @@ each quarter of a ViT's blocks), one accuracy per stage.
 Choices where the papers are silent: images are resized to --img-size x --img-size (224, GeRSP's fine-tuning size;
 paper 004 resizes to 292 and centre-crops 256); features are not normalised; the std is the sample std (ddof=1).
 """
-import argparse
 import json
 import os
 import sys
@@ -34,21 +33,9 @@ from data import UserError
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(prog=os.path.basename(__file__),
-                            description="Linear probe on frozen features (see the module docstring).",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", action="append", help="class-per-folder dataset (repeatable); 'synthetic' = built-in. "
-                   "Default: synthetic")
-    p.add_argument("--dataset", action="append", help="name of each --data in the report (eurosat, nwpu, ...); "
-                   "default: the folder name")
-    p.add_argument("--weights", action="append", help="random | imagenet | a backbone.pth / checkpoint.pth of this "
-                   "project | a torchvision state dict; repeat to compare backbones. Default: random")
-    p.add_argument("--arch", help="architecture, when the weights file does not say it (e.g. resnet50)")
-    p.add_argument("--patch-size", type=int, default=16, help="ViT patch size, when the weights file does not say it")
+    p = data.evaluation_parser(__file__, "Linear probe on frozen features (see the module docstring).")
     p.add_argument("--img-size", type=int, default=224, help="images are resized to this square size")
     p.add_argument("--stages", action="store_true", help="also probe each stage of the backbone (GeRSP Fig. 6)")
-    p.add_argument("--train-ratio", type=float, default=0.2, help="fraction of each class used for training")
-    p.add_argument("--runs", type=int, default=5, help="repetitions with different splits (mean +- std)")
     p.add_argument("--epochs", type=int, default=100, help="classifier epochs")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the classifier")
     p.add_argument("--batch-size", type=int, default=100, help="classifier batch size")
@@ -56,7 +43,6 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="autocast of the extraction: "
                    "auto = bf16 on CUDA, off on CPU")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first split and of random weights")
     p.add_argument("--out", default="runs/eval_linear", help="folder for results.json, results.md, log.jsonl")
     args = p.parse_args(argv)
     args.data, args.weights = args.data or [data.SYNTHETIC], args.weights or ["random"]

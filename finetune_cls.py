@@ -23,7 +23,6 @@ Choices where the papers are silent: weight decay 0 with Adam (paper 004 names n
 BatchNorm is synchronised across GPUs under torchrun (the papers fine-tune with one batch of 64 / 100); the last
 incomplete training batch of an epoch is dropped (the data is reshuffled every epoch).
 """
-import argparse
 import json
 import math
 import os
@@ -53,30 +52,17 @@ SCRATCH_LR = {"gersp": 0.01, "risojevic": 3e-3}  # paper 004 trains from scratch
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(prog=os.path.basename(__file__),
-                            description="Fine-tuning evaluation (see the module docstring).",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", action="append", help="class-per-folder dataset (repeatable); 'synthetic' = built-in. "
-                   "Default: synthetic")
-    p.add_argument("--dataset", action="append", help="name of each --data in the report (eurosat, nwpu, ...); "
-                   "default: the folder name")
-    p.add_argument("--weights", action="append", help="random | imagenet | a backbone.pth / checkpoint.pth of this "
-                   "project | a torchvision state dict; repeat to compare backbones. Default: random")
-    p.add_argument("--arch", help="architecture, when the weights file does not say it (e.g. resnet50)")
-    p.add_argument("--patch-size", type=int, default=16, help="ViT patch size, when the weights file does not say it")
+    p = data.evaluation_parser(__file__, "Fine-tuning evaluation (see the module docstring).")
     p.add_argument("--recipe", choices=RECIPES, default="gersp", help="gersp (paper 000) or risojevic (paper 004)")
     p.add_argument("--epochs", type=int, help="training epochs (recipe: 100)")
     p.add_argument("--batch-size", type=int, help="TOTAL batch over all processes (recipe: 64 / 100)")
     p.add_argument("--lr", type=float, help="peak learning rate (recipe: 0.01 / 3e-4, and 3e-3 from scratch)")
     p.add_argument("--wd", type=float, help="weight decay (recipe: 1e-4 / 0)")
     p.add_argument("--img-size", type=int, help="training and test image size (recipe: 224 / 256 crops of 292)")
-    p.add_argument("--train-ratio", type=float, default=0.2, help="fraction of each class used for training")
-    p.add_argument("--runs", type=int, default=5, help="repetitions with different splits (mean +- std)")
     p.add_argument("--save-backbone", help="write the fine-tuned backbone of the last run here (a backbone.pth)")
     p.add_argument("--workers", type=int, help="data-loading processes per process (default: CPUs / processes)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
                    "on CUDA, off on CPU")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first split; run r uses seed + r")
     p.add_argument("--out", default="runs/finetune", help="folder for results, logs and the resumable checkpoint")
     p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
     args = p.parse_args(argv)

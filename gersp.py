@@ -37,7 +37,6 @@ natural images) whatever the number of processes, as in moco.py; the epoch is on
 natural data is cycled (each natural image once per pass over it, reshuffled every pass); with --alpha 0 the natural
 branch is not computed at all, so the step is exactly MoCo's on RS images with this augmentation.
 """
-import argparse
 import copy
 import json
 import math
@@ -67,8 +66,7 @@ RESUME_MUST_MATCH = ("arch", "dim", "queue", "batch_size", "data", "natural", "i
 
 def get_args(argv=None):
     p = data.ArgumentParser(prog=os.path.basename(__file__),
-                            description="GeRSP pre-training (see the module docstring).",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            description="GeRSP pre-training (see the module docstring).")
     p.add_argument("--data", action="append", help="folder of unlabeled RS images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")
     p.add_argument("--natural", default=data.SYNTHETIC, help="labeled natural images, one folder per class "

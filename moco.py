@@ -29,7 +29,6 @@ jitter p=0.8 + blur, cosine lr. Choices where the papers are silent:
       the key encoder sees exactly the same weights, and the queue needs no clone for autograd.
     - Augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit.
 """
-import argparse
 import copy
 import json
 import math
@@ -63,8 +62,7 @@ RESUME_MUST_MATCH = ("arch", "head", "dim", "queue", "batch_size", "data", "img_
 
 def get_args(argv=None):
     p = data.ArgumentParser(prog=os.path.basename(__file__),
-                            description="MoCo v1/v2 pre-training (see the module docstring).",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            description="MoCo v1/v2 pre-training (see the module docstring).")
     p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")
     p.add_argument("--version", choices=VERSIONS, default="v2", help="recipe: head, temperature, augmentation, lr")

@@ -53,7 +53,6 @@ Choices of this implementation:
     - --dense: full-length sequences in both networks (Table 10's DINOv2 baseline, for time and memory only).
     - Augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit.
 """
-import argparse
 import copy
 import json
 import math
@@ -87,8 +86,7 @@ RESUME_MUST_MATCH = ("arch", "patch_size", "img_size", "local_size", "local_crop
 
 def get_args(argv=None):
     p = data.ArgumentParser(prog=os.path.basename(__file__),
-                            description="PerA pre-training (see the module docstring).",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            description="PerA pre-training (see the module docstring).")
     p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")
     p.add_argument("--arch", choices=ARCHS, default="vit_base", help="torchvision ViT (vit_tiny for CPU)")

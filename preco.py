@@ -86,8 +86,7 @@ RESUME_MUST_MATCH = ("arch", "batch_size", "data", "img_size", "mask_unit", "mas
 
 def get_args(argv=None):
     p = data.ArgumentParser(prog=os.path.basename(__file__),
-                            description="PReCo pre-training (see the module docstring).",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            description="PReCo pre-training (see the module docstring).")
     p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")
     p.add_argument("--arch", choices=ARCHS, default="swin_b", help="torchvision Swin encoder (swin_t for CPU)")
