@@ -1,7 +1,11 @@
-"""The one module every script imports: image discovery, labeled folders and splits, augmentations, the dataset and
-sampler (unreadable files skipped and counted; augmentations seeded by (seed, epoch, index), so a resumed run sees
-exactly what an uninterrupted one would), and the backbone files all scripts read and write. "synthetic" names a
-built-in generated dataset, so every script runs without a download."""
+"""The one module every script imports.
+
+First half, data: image discovery, labeled folders and splits, augmentations, the dataset and sampler (unreadable
+files skipped and counted; augmentations seeded by (seed, epoch, index), so a resumed run sees exactly what an
+uninterrupted one would). "synthetic" names a built-in generated dataset, so every script runs without a download.
+Second half, what the two evaluation programs share (so neither copies the other): their common flags, datasets with
+their splits, loading any backbone file, and the results table.
+"""
 import argparse
 import json
 import math
@@ -117,38 +121,6 @@ def stratified_split(labels, train_ratio, seed):
         train.append(idx[:n_train])
         test.append(idx[n_train:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
-def evaluation_parser(script, description):
-    """The flags eval_linear.py and finetune_cls.py share: datasets, weights, split, runs and seed."""
-    p = ArgumentParser(prog=os.path.basename(script), description=description)
-    p.add_argument("--data", action="append", help="class-per-folder dataset (repeatable); 'synthetic' = built-in. "
-                   "Default: synthetic")
-    p.add_argument("--dataset", action="append", help="name of each --data in the report (eurosat, nwpu, ...); "
-                   "default: the folder name")
-    p.add_argument("--weights", action="append", help="random | imagenet | a backbone.pth / checkpoint.pth of this "
-                   "project | a torchvision state dict; repeat to compare backbones. Default: random")
-    p.add_argument("--arch", help="architecture, when the weights file does not say it (e.g. resnet50)")
-    p.add_argument("--patch-size", type=int, default=16, help="ViT patch size, when the weights file does not say it")
-    p.add_argument("--train-ratio", type=float, default=0.2, help="fraction of each class used for training")
-    p.add_argument("--runs", type=int, default=5, help="repetitions with different splits (mean +- std)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first split (run r uses seed + r) and of random "
-                   "weights")
-    return p
-
-
-def labeled_datasets(roots, names, train_ratio, runs, seed, verbose=True):
-    """The evaluation datasets: [(name, paths, labels, classes, [(train, test) split of each run])]."""
-    datasets = []
-    for i, root in enumerate(roots):
-        paths, labels, classes = labeled_images(root)
-        name = names[i] if names else os.path.basename(os.path.normpath(root))
-        splits = [stratified_split(labels, train_ratio, seed + r) for r in range(runs)]
-        datasets.append((name, paths, labels, classes, splits))
-        if verbose:
-            print(f"{name}: {len(classes)} classes, {len(paths)} images, {len(splits[0][0])} train / "
-                  f"{len(splits[0][1])} test per run", flush=True)
-    return datasets
 
 
 # ---------------------------------------------------------------- images
@@ -290,7 +262,40 @@ class EpochSampler(Sampler):
         return (self.batches_per_epoch() - self.start_batch) * (self.global_batch // self.world)
 
 
-# ---------------------------------------------------------------- backbones and weights files
+# ---------------------------------------------------------------- shared by eval_linear.py and finetune_cls.py
+# (and the backbone files every script writes): flags, datasets, weights files, the results table.
+def evaluation_parser(script, description):
+    """The flags eval_linear.py and finetune_cls.py share: datasets, weights, split, runs and seed."""
+    p = ArgumentParser(prog=os.path.basename(script), description=description)
+    p.add_argument("--data", action="append", help="class-per-folder dataset (repeatable); 'synthetic' = built-in. "
+                   "Default: synthetic")
+    p.add_argument("--dataset", action="append", help="name of each --data in the report (eurosat, nwpu, ...); "
+                   "default: the folder name")
+    p.add_argument("--weights", action="append", help="random | imagenet | a backbone.pth / checkpoint.pth of this "
+                   "project | a torchvision state dict; repeat to compare backbones. Default: random")
+    p.add_argument("--arch", help="architecture, when the weights file does not say it (e.g. resnet50)")
+    p.add_argument("--patch-size", type=int, default=16, help="ViT patch size, when the weights file does not say it")
+    p.add_argument("--train-ratio", type=float, default=0.2, help="fraction of each class used for training")
+    p.add_argument("--runs", type=int, default=5, help="repetitions with different splits (mean +- std)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first split (run r uses seed + r) and of random "
+                   "weights")
+    return p
+
+
+def labeled_datasets(roots, names, train_ratio, runs, seed, verbose=True):
+    """The evaluation datasets: [(name, paths, labels, classes, [(train, test) split of each run])]."""
+    datasets = []
+    for i, root in enumerate(roots):
+        paths, labels, classes = labeled_images(root)
+        name = names[i] if names else os.path.basename(os.path.normpath(root))
+        splits = [stratified_split(labels, train_ratio, seed + r) for r in range(runs)]
+        datasets.append((name, paths, labels, classes, splits))
+        if verbose:
+            print(f"{name}: {len(classes)} classes, {len(paths)} images, {len(splits[0][0])} train / "
+                  f"{len(splits[0][1])} test per run", flush=True)
+    return datasets
+
+
 VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads; 12 blocks
 HEADS = ("fc", "heads", "head")  # the classifier of torchvision's ResNet, ViT and Swin
 
