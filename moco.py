@@ -30,6 +30,7 @@ jitter p=0.8 + blur, cosine lr. Choices where the papers are silent:
     - Augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit.
 """
 import copy
+import itertools
 import json
 import math
 import os
@@ -85,7 +86,9 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, help="data-loading processes per GPU/process (default: CPUs / processes)")
     p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
     p.add_argument("--out", default="runs/moco", help="output folder; a checkpoint there is resumed")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, benchmarks)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs)")
+    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
+                   "and N steps with the real loader; print one JSON line and exit (nothing is written)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
                    "on CUDA, off on CPU")
     p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
@@ -99,7 +102,8 @@ def get_args(argv=None):
 
 def check_args(args, world_size):
     """Every impossible setting is one sentence before anything runs or is written."""
-    for name in ("epochs", "batch_size", "lr", "queue", "dim", "temperature", "bn_group", "log_every", "max_steps"):
+    for name in ("epochs", "batch_size", "lr", "queue", "dim", "temperature", "bn_group", "log_every", "max_steps",
+                 "benchmark"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
     if not 0 <= args.moco_m < 1:
@@ -285,6 +289,62 @@ def load_checkpoint(path):
                         "afresh.") from None
 
 
+def timed(fn, steps, device):
+    """Seconds per call of fn: 3 warm-up calls, then `steps` timed calls between two synchronisations."""
+    def synchronise():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if dist.is_initialized():
+            dist.barrier()
+
+    for _ in range(3):
+        fn()
+    synchronise()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronise()
+    return (time.perf_counter() - start) / steps
+
+
+def benchmark(args, model, query_encoder, optimizer, scaler, amp_dtype, loader, device, world):
+    """--benchmark N: the training step on synthetic tensors already on the device, against its compute floor (the
+    query encoder's forward + backward and the key encoder's forward on the same batch, nothing else), then the
+    step fed by the real loader. Prints one JSON line (rank 0)."""
+    local = args.batch_size // world
+    im_q, im_k = (torch.randn(local, 3, args.img_size, args.img_size, device=device) for _ in range(2))
+    autocast = partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+    def floor():
+        with autocast():
+            model.encoder_q(im_q).float().sum().backward()
+            with torch.no_grad():
+                model.encoder_k(im_k)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = timed(lambda: train_step(model, query_encoder, im_q, im_k, optimizer, scaler, amp_dtype),
+                   args.benchmark, device)
+    peak = peak_memory_gb(device)
+    floor_s = timed(floor, args.benchmark, device)
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # as many epochs as the timing needs
+
+    def loader_step():
+        (q, k), _, _ = next(batches)
+        train_step(model, query_encoder, q.to(device, non_blocking=True), k.to(device, non_blocking=True), optimizer,
+                   scaler, amp_dtype)
+
+    loader_s = timed(loader_step, args.benchmark, device)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({"method": f"moco {args.version}", "arch": args.arch, "img_size": args.img_size,
+                          "batch_size": args.batch_size, "processes": world, "device": device.type,
+                          "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+                          "images_per_s": round(args.batch_size / step_s, 1), "step_s": round(step_s, 4),
+                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
+                          "peak_mem_gb": round(peak, 3), "workers": loader.num_workers,
+                          "loader_images_per_s": round(args.batch_size / loader_s, 1)}), flush=True)
+
+
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -305,7 +365,7 @@ def train(args):
     if len(paths) < args.batch_size:
         raise UserError(f"the dataset has {len(paths)} images, fewer than one batch of {args.batch_size}.")
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
+    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) and not args.benchmark else None
     if ckpt is not None:
         changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
         if changed:
@@ -349,6 +409,8 @@ def train(args):
     steps_per_epoch = sampler.batches_per_epoch()
     total_steps = args.epochs * steps_per_epoch
     last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    if args.benchmark:
+        return benchmark(args, model, query_encoder, optimizer, scaler, amp_dtype, loader, device, world)
 
     def save(epoch):
         if rank == 0:

@@ -10,7 +10,7 @@ whose pixels the student predicts) and the teacher part t. Both networks run on 
     python pera.py --data /data/million_aid                                   # one GPU, the paper's recipe (ViT-B/16)
     torchrun --nproc_per_node=8 pera.py --data /data/million_aid --data /data/tov
     torchrun --nproc_per_node=2 pera.py --data synthetic --arch vit_tiny --img-size 32 --patch-size 8 --batch-size 32
-    python pera.py ... --dense --max-steps 50 --out runs/pera_dense   # Table 10's full-length baseline (time, memory)
+    python pera.py ... --benchmark 20 [--dense]   # step time and memory, sparse or Table 10's full-length baseline
 
 Paper -> code
     Eq. 1-3  disjoint masks s / l / t, U = s + l + t .............................. disjoint_masks(), mask_counts()
@@ -48,12 +48,12 @@ Where the paper is silent or contradicts itself, the authors' code (the flag giv
     - Teacher colour: the same jitter with p=0.1. No blur, no solarisation (Sec. 4.1 lists none either).
     - Local crops are split into s and t too (their l patches dropped); their position embeddings bicubic-resized.
     - Default --arch vit_base (the paper's comparisons, Tables 9-13; its ViT-G has no torchvision preset).
-Choices of this implementation:
-    - Masks are drawn on the device each step; the RNG state of every process is saved in the checkpoint.
-    - --dense: full-length sequences in both networks (Table 10's DINOv2 baseline, for time and memory only).
-    - Augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit.
+Choices of this file: masks are drawn on the device each step and every process's RNG state is checkpointed;
+augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit; --dense runs both
+networks on full-length sequences (Table 10's DINOv2 baseline, for time and memory only).
 """
 import copy
+import itertools
 import json
 import math
 import os
@@ -130,7 +130,9 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, help="data-loading processes per GPU/process (default: CPUs / processes)")
     p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
     p.add_argument("--out", default="runs/pera", help="output folder; a checkpoint there is resumed")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, benchmarks)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs)")
+    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
+                   "and N steps with the real loader; print one JSON line and exit (nothing is written)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
                    "on CUDA, off on CPU")
     p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
@@ -152,7 +154,8 @@ def mask_counts(n, ratios):
 def check_args(args, world_size):
     """Every impossible setting is one sentence before anything runs or is written."""
     for name in ("epochs", "batch_size", "lr", "patch_size", "img_size", "local_size", "out_dim", "head_hidden",
-                 "head_bottleneck", "student_temp", "teacher_temp", "warmup_teacher_temp", "log_every", "max_steps"):
+                 "head_bottleneck", "student_temp", "teacher_temp", "warmup_teacher_temp", "log_every", "max_steps",
+                 "benchmark"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
     for name in ("local_crops", "warmup_epochs", "teacher_temp_epochs", "min_lr", "wd", "wd_end", "clip_grad",
@@ -270,11 +273,6 @@ def patchify(images, p):
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def unpatchify(x, p):
-    g = math.isqrt(x.shape[1])
-    return x.reshape(len(x), g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(len(x), 3, g * p, g * p)
-
-
 # ------------------------------------------------------------------------------------------------ model
 def drop_path(x, rate):
     """Stochastic depth: the residual branch of a whole sample is dropped with probability `rate`."""
@@ -354,23 +352,31 @@ class PerA(nn.Module):
         self.dense, self.rate = args.dense, args.drop_path
         self.join_at = 0 if args.dense else len(vit.encoder.layers) // 2
 
-    def forward(self, glob, loc, masks, local_masks):
-        """Head outputs of the global then local crops (crop-major rows) and the predicted pixels at l."""
+    def student_encode(self, glob, loc, masks, local_masks):
+        """The student encoder alone: the class tokens of every crop (global then local) and the tokens at l."""
         s, l, t = masks
         rate = self.rate if self.training else 0.0
         keep = torch.cat([s, t], dim=1) if self.dense else s  # dense: DINOv2's full-length masked student
         x = encode(self.student.encoder, glob, keep, l, self.mask_token, self.join_at, rate)
-        cls, pred = [x[:, 0]], self.predictor(x[:, -l.shape[1]:])
+        cls = [x[:, 0]]
         if loc is not None:
             cls.append(encode(self.student.encoder, loc, None if self.dense else local_masks[0], rate=rate)[:, 0])
-        return self.student.head(torch.cat(cls)), pred
+        return torch.cat(cls), x[:, -l.shape[1]:]
 
-    @torch.no_grad()
-    def teacher_forward(self, glob, loc, masks, local_masks):
+    def forward(self, glob, loc, masks, local_masks):
+        """Head outputs of the global then local crops (crop-major rows) and the predicted pixels at l."""
+        cls, at_l = self.student_encode(glob, loc, masks, local_masks)
+        return self.student.head(cls), self.predictor(at_l)
+
+    def teacher_encode(self, glob, loc, masks, local_masks):
         cls = [encode(self.teacher.encoder, glob, None if self.dense else masks[2])[:, 0]]
         if loc is not None:
             cls.append(encode(self.teacher.encoder, loc, None if self.dense else local_masks[2])[:, 0])
-        return self.teacher.head(torch.cat(cls))
+        return torch.cat(cls)
+
+    @torch.no_grad()
+    def teacher_forward(self, glob, loc, masks, local_masks):
+        return self.teacher.head(self.teacher_encode(glob, loc, masks, local_masks))
 
     @torch.no_grad()
     def ema_update(self, momentum):
@@ -483,8 +489,10 @@ def save_visualisation(model, paths, args, device, rows=4):
     parts = paste(paste(img, l, take(0.4 * img + 0.6 * red, l)), t, take(0.4 * img + 0.6 * blue, t))
     panels = [img, parts, paste(gray, s, take(img, s)), paste(gray, t, take(img, t)), paste(gray, l, take(img, l)),
               paste(gray, l, (pred.float() * std + mean).clamp(0, 1))]
-    tiles = F.pad(torch.stack([unpatchify(x, p) for x in panels], dim=1), (0, 2, 0, 2), value=1.0)
-    b, c, _, h, w = tiles.shape  # rows x columns x 3 x h x w, with a 2 px white gap
+    b, c, g = len(img), len(panels), args.img_size // p  # rows, columns, patches per side
+    tiles = torch.stack(panels, dim=1).reshape(b, c, g, g, p, p, 3).permute(0, 1, 6, 2, 4, 3, 5)  # patchify's inverse
+    tiles = F.pad(tiles.reshape(b, c, 3, g * p, g * p), (0, 2, 0, 2), value=1.0)  # a 2 px white gap
+    h, w = tiles.shape[-2:]
     grid = (tiles.permute(0, 3, 1, 4, 2).reshape(b * h, c * w, 3) * 255).round().byte().cpu().numpy()
     scale = max(1, 128 // args.img_size)
     if os.path.dirname(args.vis):
@@ -524,6 +532,67 @@ def load_checkpoint(path):
     return ckpt
 
 
+def timed(fn, steps, device):
+    """Seconds per call of fn: 3 warm-up calls, then `steps` timed calls between two synchronisations."""
+    def synchronise():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if dist.is_initialized():
+            dist.barrier()
+
+    for _ in range(3):
+        fn()
+    synchronise()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronise()
+    return (time.perf_counter() - start) / steps
+
+
+def benchmark(args, model, student, optimizer, scaler, amp_dtype, loader, steps_per_epoch, device, world):
+    """--benchmark N: the training step on synthetic crops already on the device, against its compute floor (the
+    student encoder's forward + backward and the teacher encoder's forward on the same sparse sequences, without
+    heads, predictor, losses or updates), then the step fed by the real loader. Prints one JSON line (rank 0).
+    With --dense, the same for full-length sequences: Table 10's comparison."""
+    local, size, small = args.batch_size // world, args.img_size, args.local_size
+    views = [torch.randn(local, n, 3, side, side, device=device)  # the loader's layout: image x crop x 3 x h x w
+             for n, side in [(GLOBAL_CROPS, size)] * 2 + [(args.local_crops, small)] * 2]
+    sched = schedules(args, 0, steps_per_epoch)
+    s_glob, t_glob, s_loc, t_loc = (crop_major(v) if v.numel() else None for v in views)
+    masks = disjoint_masks(len(s_glob), (size // args.patch_size) ** 2, args.mask_ratios, device)
+    local_masks = disjoint_masks(local * args.local_crops, (small // args.patch_size) ** 2, args.mask_ratios, device)
+
+    def floor():
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            cls, at_l = model.student_encode(s_glob, s_loc, masks, local_masks)
+            (cls.float().sum() + at_l.float().sum()).backward()
+            with torch.no_grad():
+                model.teacher_encode(t_glob, t_loc, masks, local_masks)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = timed(lambda: train_step(model, student, views, args, sched, optimizer, scaler, amp_dtype),
+                   args.benchmark, device)
+    peak = peak_memory_gb(device)
+    floor_s = timed(floor, args.benchmark, device)
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # as many epochs as the timing needs
+
+    def loader_step():
+        batch = [v.to(device, non_blocking=True) for v in next(batches)[0]]
+        train_step(model, student, batch, args, sched, optimizer, scaler, amp_dtype)
+
+    loader_s = timed(loader_step, args.benchmark, device)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({"method": "pera (dense baseline)" if args.dense else "pera", "arch": args.arch,
+                          "img_size": args.img_size, "batch_size": args.batch_size, "processes": world,
+                          "device": device.type, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+                          "images_per_s": round(args.batch_size / step_s, 1), "step_s": round(step_s, 4),
+                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
+                          "peak_mem_gb": round(peak, 3), "workers": loader.num_workers,
+                          "loader_images_per_s": round(args.batch_size / loader_s, 1)}), flush=True)
+
+
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -544,7 +613,7 @@ def train(args):
     if len(paths) < args.batch_size:
         raise UserError(f"the dataset has {len(paths)} images, fewer than one batch of {args.batch_size}.")
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
+    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) and not args.benchmark else None
     if ckpt is not None:
         changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
         if changed:
@@ -588,14 +657,15 @@ def train(args):
     steps_per_epoch = sampler.batches_per_epoch()
     total_steps = args.epochs * steps_per_epoch
     last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    if args.benchmark:
+        return benchmark(args, model, student, optimizer, scaler, amp_dtype, loader, steps_per_epoch, device, world)
 
     def save(epoch):
         rng = {"cpu": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
-        rngs = [rng]
+        rngs = [rng] * world  # every process draws its own masks: keep every stream
         if world > 1:
-            rngs = [None] * world
             dist.all_gather_object(rngs, rng)
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
@@ -624,11 +694,10 @@ def train(args):
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
         n = (args.img_size // args.patch_size) ** 2
-        n_s, n_l, n_t = (n, n, n) if args.dense else mask_counts(n, args.mask_ratios)
-        print(f"pera{' (dense baseline)' if args.dense else ''}: {len(paths)} images, {steps_per_epoch} steps/epoch, "
-              f"{world} process(es) on {device.type}; global crop of {n} patches: student {1 + n_s} -> "
-              f"{1 + n_s + (0 if args.dense else n_l)} tokens, teacher {1 + n_t}; "
-              f"{'resuming at step %d' % step if step else 'starting'}", flush=True)
+        n_s, n_l, n_t = (n, 0, n) if args.dense else mask_counts(n, args.mask_ratios)
+        print(f"pera{' (dense baseline)' * args.dense}: {len(paths)} images, {steps_per_epoch} steps/epoch, {world} "
+              f"process(es) on {device.type}; {n} patches per global crop: student {1 + n_s} -> {1 + n_s + n_l} "
+              f"tokens, teacher {1 + n_t}; {'resuming at step %d' % step if step else 'starting'}", flush=True)
     log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
     model.train()
     loss_sum, skipped = torch.zeros(4, device=device), torch.zeros((), dtype=torch.long)

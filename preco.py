@@ -54,6 +54,7 @@ batch 112 per GPU on 8 GPUs (--batch-size 896 in total); export the encoder. Whe
     - Crops and masks are seeded by (seed, epoch, index), drop path by (seed, step, rank): resume is bit-for-bit.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -114,7 +115,9 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, help="data-loading processes per GPU/process (default: CPUs / processes)")
     p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
     p.add_argument("--out", default="runs/preco", help="output folder; a checkpoint there is resumed")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, benchmarks)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs)")
+    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
+                   "and N steps with the real loader; print one JSON line and exit (nothing is written)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
                    "on CUDA, off on CPU")
     p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
@@ -129,7 +132,7 @@ def get_args(argv=None):
 def check_args(args, world_size):
     """Every impossible setting is one sentence before anything runs or is written."""
     for name in ("epochs", "batch_size", "lr", "lambda_re", "temperature", "mask_unit", "img_size", "log_every",
-                 "max_steps"):
+                 "max_steps", "benchmark"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
     for name in ("lambda_pr", "lambda_sc", "lambda_con", "min_lr", "warmup_epochs", "wd", "clip_grad"):
@@ -375,6 +378,61 @@ def load_checkpoint(path):
                         "afresh.") from None
 
 
+def timed(fn, steps, device):
+    """Seconds per call of fn: 3 warm-up calls, then `steps` timed calls between two synchronisations."""
+    def synchronise():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if dist.is_initialized():
+            dist.barrier()
+
+    for _ in range(3):
+        fn()
+    synchronise()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronise()
+    return (time.perf_counter() - start) / steps
+
+
+def benchmark(args, model, ddp_model, optimizer, scaler, amp_dtype, loader, device, world):
+    """--benchmark N: the training step on synthetic images and masks already on the device, against its compute
+    floor (the Swin encoder's forward + backward on the masked and the unmasked batch, without decoder, losses or
+    updates), then the step fed by the real loader. Prints one JSON line (rank 0)."""
+    local, grid = args.batch_size // world, args.img_size // args.mask_unit
+    images = torch.randn(local, 3, args.img_size, args.img_size, device=device)
+    mask = torch.stack([random_mask(grid, args.mask_ratio) for _ in range(local)]).to(device)
+    both = torch.cat([images, images]) if args.prompt else images  # --no-prompt: the masked branch only
+
+    def floor():
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            model.encoder(both).float().sum().backward()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = timed(lambda: train_step(ddp_model, images, mask, optimizer, scaler, amp_dtype, args), args.benchmark,
+                   device)
+    peak = peak_memory_gb(device)
+    floor_s = timed(floor, args.benchmark, device)
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # as many epochs as the timing needs
+
+    def loader_step():
+        (x, m), _, _ = next(batches)
+        train_step(ddp_model, x.to(device, non_blocking=True), m.to(device, non_blocking=True), optimizer, scaler,
+                   amp_dtype, args)
+
+    loader_s = timed(loader_step, args.benchmark, device)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({"method": "preco" if args.prompt else "preco - P-E", "arch": args.arch,
+                          "img_size": args.img_size, "batch_size": args.batch_size, "processes": world,
+                          "device": device.type, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+                          "images_per_s": round(args.batch_size / step_s, 1), "step_s": round(step_s, 4),
+                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
+                          "peak_mem_gb": round(peak, 3), "workers": loader.num_workers,
+                          "loader_images_per_s": round(args.batch_size / loader_s, 1)}), flush=True)
+
+
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -395,7 +453,7 @@ def train(args):
     if len(paths) < args.batch_size:
         raise UserError(f"the dataset has {len(paths)} images, fewer than one batch of {args.batch_size}.")
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
+    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) and not args.benchmark else None
     if ckpt is not None:
         changed = [k for k in RESUME_MUST_MATCH if ckpt.get("args", {}).get(k) != vars(args)[k]]
         if changed:
@@ -432,6 +490,8 @@ def train(args):
     steps_per_epoch = sampler.batches_per_epoch()
     total_steps = args.epochs * steps_per_epoch
     last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    if args.benchmark:
+        return benchmark(args, model, ddp_model, optimizer, scaler, amp_dtype, loader, device, world)
     terms = TERMS if args.prompt else TERMS[:1]
 
     def save(epoch):
