@@ -144,9 +144,10 @@ def lr_at(args, epoch, peak):
 
 
 def make_optimizer(args, model, peak):
+    fused = next(model.parameters()).is_cuda  # one kernel for the whole update on a GPU
     if args.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9, weight_decay=args.wd)
-    return torch.optim.Adam(model.parameters(), lr=peak, weight_decay=args.wd)
+        return torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9, weight_decay=args.wd, fused=fused)
+    return torch.optim.Adam(model.parameters(), lr=peak, weight_decay=args.wd, fused=fused)
 
 
 class Classifier(nn.Module):

@@ -447,7 +447,7 @@ def train(args):
     model = GeRSP(student, args.queue, args.dim, args.teacher_m, args.temperature).to(device)
     ddp_student = DDP(model.student) if world > 1 else model.student
     optimizer = torch.optim.SGD([p for p in model.student.parameters() if p.requires_grad], lr=args.lr,
-                                momentum=args.momentum, weight_decay=args.wd)
+                                momentum=args.momentum, weight_decay=args.wd, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step = 0
     if ckpt is not None:

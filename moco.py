@@ -383,7 +383,7 @@ def train(args):
                  args.queue, args.dim, args.moco_m, args.temperature).to(device)
     query_encoder = DDP(model.encoder_q) if world > 1 else model.encoder_q
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.wd)
+                                weight_decay=args.wd, fused=device.type == "cuda")  # one kernel for the update
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step = 0
     if ckpt is not None:

@@ -630,7 +630,7 @@ def train(args):
     model = PerA(args).to(device)
     student = DDP(model, broadcast_buffers=False) if world > 1 else model  # the centre is all-reduced instead
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  betas=(0.9, 0.999), eps=2e-5, weight_decay=args.wd)
+                                  betas=(0.9, 0.999), eps=2e-5, weight_decay=args.wd, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step = 0
     if ckpt is not None:

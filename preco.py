@@ -315,8 +315,9 @@ def build_optimizer(model, args):
     for name, param in model.named_parameters():
         skip = param.ndim == 1 or name.endswith(".bias") or name == "mask_token" or "relative_position_bias" in name
         (no_decay if skip else decay).append(param)
+    fused = next(model.parameters()).is_cuda  # one kernel for the whole update on a GPU
     return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
-                             betas=(0.9, 0.999), eps=1e-8, weight_decay=args.wd)
+                             betas=(0.9, 0.999), eps=1e-8, weight_decay=args.wd, fused=fused)
 
 
 def lr_at(args, step, steps_per_epoch):
