@@ -58,6 +58,8 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, help="TOTAL batch over all processes (recipe: 64 / 100)")
     p.add_argument("--lr", type=float, help="peak learning rate (recipe: 0.01 / 3e-4, and 3e-3 from scratch)")
     p.add_argument("--wd", type=float, help="weight decay (recipe: 1e-4 / 0)")
+    p.add_argument("--milestones", type=int, nargs="+", help="epochs where the lr is multiplied by the recipe's "
+                   "gamma (recipe: 30 60 90 / 50 70 90)")
     p.add_argument("--img-size", type=int, help="training and test image size (recipe: 224 / 256 crops of 292)")
     p.add_argument("--save-backbone", help="write the fine-tuned backbone of the last run here (a backbone.pth)")
     p.add_argument("--workers", type=int, help="data-loading processes per process (default: CPUs / processes)")
