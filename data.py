@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -367,13 +368,16 @@ def load_backbone(weights, arch=None, image_size=224, patch_size=16):
     return model, width, arch, method
 
 
-def load_weights_only(path):
-    """torch.load with weights_only=True: tensors and plain values load, a pickle that would run code is refused."""
+def load_weights_only(path, fix="give a backbone.pth, a checkpoint.pth or a torchvision state dict"):
+    """torch.load with weights_only=True: tensors and plain values load, a pickle that would run code is refused in
+    one sentence (torch's warning about a foreign file's pickle protocol is silenced: the refusal says it all)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling error means "not a weights file"
         raise UserError(f"{path} is not a weights or checkpoint file that loads with weights_only=True "
-                        f"({type(err).__name__}).") from None
+                        f"({type(err).__name__}); {fix}.") from None
 
 
 def save_atomic(obj, path):

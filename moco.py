@@ -281,12 +281,8 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path):
-    """weights_only=True: a checkpoint can hold tensors and plain values, never code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling error means "not a checkpoint of ours"
-        raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); move it away to start "
-                        "afresh.") from None
+    """weights_only=True (data.load_weights_only): a checkpoint can hold tensors and plain values, never code."""
+    return data.load_weights_only(path, fix="move it away to start afresh")
 
 
 def timed(fn, steps, device):

@@ -153,7 +153,6 @@ def write_bad_weights(tmp_path, kind):
     return path
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("kind, fragment", [
     ("other_arch", "matches only"), ("other_keys", "matches only 0 of"), ("pickle", "weights_only=True"),
     ("text", "weights_only=True")])
