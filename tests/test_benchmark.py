@@ -29,6 +29,7 @@ def test_benchmark_prints_one_json_line_and_writes_nothing(name, tmp_path, capsy
     for key in ("images_per_s", "step_s", "floor_s", "step_over_floor", "peak_mem_gb", "loader_images_per_s"):
         assert report[key] > 0, key
     images = report["batch_size"] * (2 if name == "gersp" else 1)  # GeRSP: as many natural images as RS ones
-    assert report["images_per_s"] == pytest.approx(images / report["step_s"], rel=0.01)
+    # the report rounds images/s to 0.1: a tiny batch on a loaded machine gives about 1 image/s
+    assert report["images_per_s"] == pytest.approx(images / report["step_s"], rel=0.01, abs=0.051)
     assert report["step_over_floor"] == pytest.approx(report["step_s"] / report["floor_s"], rel=0.01)
     assert not (tmp_path / "out").exists()
