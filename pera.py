@@ -48,6 +48,8 @@ Where the paper is silent or contradicts itself, the authors' code (the flag giv
     - Teacher colour: the same jitter with p=0.1. No blur, no solarisation (Sec. 4.1 lists none either).
     - Local crops are split into s and t too (their l patches dropped); their position embeddings bicubic-resized.
     - Default --arch vit_base (the paper's comparisons, Tables 9-13; its ViT-G has no torchvision preset).
+    - Short CPU runs of vit_tiny (README, Results) need --drop-path 0 and the code's loss weights (--mse-weight 1.92
+      at p 8, --koleo-weight 0.1): with the paper's 0.3 / 0.1 / 0.01 the teacher probes below random init.
 Choices of this file: masks are drawn on the device each step and every process's RNG state is checkpointed;
 augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit; --dense runs both
 networks on full-length sequences (Table 10's DINOv2 baseline, for time and memory only).
@@ -624,7 +626,7 @@ def train(args):
     local_batch = args.batch_size // world
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model = PerA(args).to(device)
-    student = DDP(model, broadcast_buffers=False) if world > 1 else model  # the centre is all-reduced instead
+    student = DDP(model, forward_sync_buffers=False) if world > 1 else model  # the centre is all-reduced instead
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   betas=(0.9, 0.999), eps=2e-5, weight_decay=args.wd, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

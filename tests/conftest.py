@@ -42,6 +42,12 @@ def run_script(script, *args, env=None, timeout=300):
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def assert_ran_cleanly(result):
+    """Exit 0 and no Python warning on stderr: a user's multi-process run shows only torchrun's own banner."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
+
+
 def run_torchrun(script, nproc, *args, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.join(REPO, script), *map(str, args)]

@@ -13,7 +13,8 @@ import data
 import eval_linear
 import finetune_cls
 import moco
-from conftest import TINY_RESNET, assert_one_sentence_error, make_image_folder, run_script, run_torchrun
+from conftest import (TINY_RESNET, assert_one_sentence_error, assert_ran_cleanly, make_image_folder, run_script,
+                      run_torchrun)
 
 FAST_PROBE = ["--img-size", "32", "--epochs", "3", "--workers", "0", "--extract-batch-size", "16"]
 FAST_FINETUNE = ["--img-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
@@ -128,7 +129,7 @@ def test_two_process_finetuning_completes(trained, tmp_path):
     folder, run = trained
     result = run_torchrun("finetune_cls.py", 2, *FAST_FINETUNE, "--data", folder, "--weights", run / "backbone.pth",
                           "--runs", "1", "--train-ratio", "0.5", "--out", tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ran_cleanly(result)
     accuracy = json.loads((tmp_path / "results.json").read_text())["backbones"][0]["scenes"]["accuracies"]
     assert len(accuracy) == 1 and 0 <= accuracy[0] <= 100
 

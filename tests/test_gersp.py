@@ -12,7 +12,7 @@ import data
 import eval_linear
 import gersp
 import moco
-from conftest import TINY_RESNET, make_image_folder, run_torchrun
+from conftest import TINY_RESNET, assert_ran_cleanly, make_image_folder, run_torchrun
 
 
 def per_sample_gersp(num_classes=3, dim=4, queue=8):
@@ -147,6 +147,6 @@ def test_two_process_torchrun_completes(tmp_path, folders):
     rs, natural = folders
     result = run_torchrun("gersp.py", 2, *TINY_RESNET, "--data", rs, "--natural", natural, "--queue", "16",
                           "--max-steps", "2", "--out", tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ran_cleanly(result)
     assert "2 process(es)" in result.stdout and "done at step 2" in result.stdout
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]["_extra_state"]["queue_ptr"] == 0

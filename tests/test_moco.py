@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import torchvision
 
 import moco
-from conftest import TINY_RESNET, assert_one_sentence_error, make_image_folder, run_script, run_torchrun
+from conftest import (TINY_RESNET, assert_one_sentence_error, assert_ran_cleanly, make_image_folder, run_script,
+                      run_torchrun)
 
 
 def tiny_moco(queue=6, dim=4, momentum=0.9, temperature=0.5, encoder=None):
@@ -167,7 +168,7 @@ def test_backbone_loads_into_torchvision_with_only_fc_missing(tmp_path, image_fo
 def test_two_process_torchrun_on_gloo_trains_and_fills_the_queue_from_both(tmp_path, image_folder):
     result = run_torchrun("moco.py", 2, *TINY_RESNET, "--data", image_folder, "--queue", "32", "--max-steps", "3",
                           "--out", tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ran_cleanly(result)
     assert "2 process(es)" in result.stdout and "done at step 3" in result.stdout
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["model"]["_extra_state"]["queue_ptr"] == 3 * 8 % 32  # 8 keys a step: 4 from each process

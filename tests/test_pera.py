@@ -11,7 +11,7 @@ from PIL import Image
 import data
 import eval_linear
 import pera
-from conftest import TINY_VIT, make_image_folder, run_torchrun
+from conftest import TINY_VIT, assert_ran_cleanly, make_image_folder, run_torchrun
 
 TINY = TINY_VIT
 
@@ -179,7 +179,7 @@ def test_exported_teacher_loads_into_torchvision_and_eval_linear_and_vis_draws_t
 
 def test_two_process_torchrun_on_gloo_trains(tmp_path, image_folder):
     result = run_torchrun("pera.py", 2, *TINY, "--data", image_folder, "--max-steps", "2", "--out", tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ran_cleanly(result)
     assert "2 process(es)" in result.stdout and "done at step 2" in result.stdout
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])

@@ -12,7 +12,7 @@ from PIL import Image
 
 import data
 import preco
-from conftest import TINY_SWIN, make_image_folder, run_torchrun
+from conftest import TINY_SWIN, assert_ran_cleanly, make_image_folder, run_torchrun
 
 
 def tiny_args(*extra):
@@ -233,7 +233,7 @@ def test_two_processes_log_the_same_first_step_as_one_process_with_the_whole_bat
     folder, root, _ = trained
     result = run_torchrun("preco.py", 2, *TINY_SWIN, "--data", folder, "--epochs", "3", "--max-steps", "1",
                           "--out", tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ran_cleanly(result)
     assert "2 process(es)" in result.stdout and "done at step 1" in result.stdout
     one = json.loads(open(root / "run" / "log.jsonl").readline())
     two = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
