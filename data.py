@@ -380,15 +380,6 @@ def load_weights_only(path, fix="give a backbone.pth, a checkpoint.pth or a torc
                         f"({type(err).__name__}); {fix}.") from None
 
 
-def save_atomic(obj, path):
-    """Write to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
-    with open(f"{path}.tmp", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
-
-
 def mean_std(values):
     """Mean and sample standard deviation (ddof=1; 0 for one run): the papers' mu +- sigma over runs."""
     values = np.asarray(values, dtype=np.float64)

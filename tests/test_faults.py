@@ -15,7 +15,6 @@ import torch
 import torchvision
 from PIL import Image
 
-import data
 import eval_linear
 import finetune_cls
 import gersp
@@ -101,7 +100,7 @@ def test_a_process_group_sigterm_with_data_workers_saves_before_exiting(folders,
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] >= 2
 
 
-@pytest.mark.parametrize("module", [moco, gersp, pera, preco, data], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [moco, gersp, pera, preco, finetune_cls], ids=lambda m: m.__name__)
 def test_a_crash_in_the_middle_of_a_checkpoint_write_leaves_the_previous_checkpoint(module, tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
     module.save_atomic({"step": 1, "weights": torch.ones(3)}, str(path))
