@@ -4,21 +4,25 @@ First half, data: image discovery, labeled folders and splits, augmentations, th
 files skipped and counted; augmentations seeded by (seed, epoch, index), so a resumed run sees exactly what an
 uninterrupted one would). "synthetic" names a built-in generated dataset, so every script runs without a download.
 Second half, what the two evaluation programs share (so neither copies the other): their common flags, datasets with
-their splits, loading any backbone file, and the results table.
+their splits (unreadable images dropped before splitting), loading any backbone file exactly, the source-dataset
+check of domain-adapted backbones, the weighted kNN classifier, and the results table.
 """
 import argparse
 import json
 import math
 import os
 import random
+import re
+import textwrap
 import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageFilter
-from torch.utils.data import Dataset, Sampler
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.models.vision_transformer import interpolate_embeddings
 
@@ -48,15 +52,35 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def check_out_dir(path, flag="--out"):
+    """An output folder must be a folder or creatable: one sentence when it, or a folder above it, is a file."""
+    target = probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == target else f"is below the file {probe}"
+        raise UserError(f"{flag} {path} {where}; give a folder.")
+
+
 # ---------------------------------------------------------------- discovery
 def _scan(root):
-    """All image files below `root` (any nesting), via os.scandir: a million files take seconds."""
-    found, stack = [], [root]
-    while stack:
-        with os.scandir(stack.pop()) as entries:
+    """All image files below `root` (any nesting), via os.scandir: a million files take seconds. Directory links are
+    followed, but each directory (its st_dev, st_ino) is read once, real folders before links: a link loop (a mirror's
+    `up -> ..`) or a second link to a folder adds nothing, and an image keeps its real path when it has one."""
+    found, stack, links, seen = [], [root], [], set()
+    while stack or links:
+        if not stack:  # every real folder is read; now the links, in name order so every machine lists the same paths
+            links.sort(reverse=True)
+            stack.append(links.pop())
+        folder = stack.pop()
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append(entry.path)
+                    (links if entry.is_symlink() else stack).append(entry.path)
                 elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
                     found.append(entry.path)
     return found
@@ -79,7 +103,9 @@ def list_images(roots):
 
 
 def labeled_images(root):
-    """(paths, labels, class_names) of a class-per-folder dataset; descends through single wrapper folders."""
+    """(paths, labels, class_names) of a class-per-folder dataset; descends through single wrapper folders. macOS's
+    __MACOSX/ (zip metadata) is never a class; a class folder holding image folders (a root of train/ and test/
+    copies, each with its own class folders) is refused rather than read as one class each."""
     if root == SYNTHETIC:  # the class of synthetic image i is i mod SYNTHETIC_CLASSES
         paths = list_images([SYNTHETIC])
         return paths, [i % SYNTHETIC_CLASSES for i in range(len(paths))], [f"texture{c}" for c in range(4)]
@@ -87,7 +113,8 @@ def labeled_images(root):
         raise UserError(f"--data {root} is not a folder (give a folder with one sub-folder per class).")
     while True:  # EuroSAT unpacks to 2750/<Class>/, NWPU to NWPU-RESISC45/<class>/
         entries = list(os.scandir(root))
-        subdirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        subdirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith(".") and
+                         e.name != "__MACOSX")
         direct = any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
         if len(subdirs) == 1 and not direct:
             root = os.path.join(root, subdirs[0])
@@ -98,9 +125,16 @@ def labeled_images(root):
                         "and at least two classes.")
     paths, labels = [], []
     for label, name in enumerate(subdirs):
-        files = sorted(_scan(os.path.join(root, name)))
+        folder = os.path.join(root, name)
+        files = sorted(_scan(folder))
         if not files:
-            raise UserError(f"class folder {os.path.join(root, name)} holds no images; remove it or add images.")
+            raise UserError(f"class folder {folder} holds no images; remove it or add images.")
+        nested = next((os.path.dirname(f) for f in files if os.path.dirname(f) != folder), None)
+        if nested:
+            found = ", ".join(subdirs[:8]) + (", ..." if len(subdirs) > 8 else "")
+            raise UserError(f"class folder {folder} holds image folders (e.g. {os.path.relpath(nested, root)}), so "
+                            f"{root} is not one folder per class (found {len(subdirs)}: {found}); give --data the "
+                            "folder whose sub-folders are the classes.")
         paths += files
         labels += [label] * len(files)
     return paths, labels, subdirs
@@ -193,6 +227,13 @@ def eval_transform(size):
     return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def center_crop_transform(size):
+    """Paper 004's test pipeline (Sec. III): resize to 292 x 292 and crop the centre 256 x 256 (for another `size`,
+    the same 292 / 256 ratio), normalise."""
+    big = round(size * 292 / 256)
+    return T.Compose([T.Resize((big, big)), T.CenterCrop(size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 class TwoViews:
     """Two independent augmentations of one image: the query and key of a positive pair."""
 
@@ -272,7 +313,8 @@ def evaluation_parser(script, description):
                    "Default: synthetic")
     p.add_argument("--dataset", action="append", help="name of each --data in the report (eurosat, nwpu, ...); "
                    "default: the folder name")
-    p.add_argument("--weights", action="append", help="random | imagenet | a backbone.pth / checkpoint.pth of this "
+    p.add_argument("--weights", action="append", help="random | imagenet (torchvision's IMAGENET1K_V1, the papers' "
+                   "baseline) | imagenet:V2 (a newer torchvision recipe) | a backbone.pth / checkpoint.pth of this "
                    "project | a torchvision state dict; repeat to compare backbones. Default: random")
     p.add_argument("--arch", help="architecture, when the weights file does not say it (e.g. resnet50)")
     p.add_argument("--patch-size", type=int, default=16, help="ViT patch size, when the weights file does not say it")
@@ -283,18 +325,51 @@ def evaluation_parser(script, description):
     return p
 
 
-def labeled_datasets(roots, names, train_ratio, runs, seed, verbose=True):
-    """The evaluation datasets: [(name, paths, labels, classes, [(train, test) split of each run])]."""
+def labeled_datasets(roots, names, train_ratio, runs, seed, verbose=True, workers=0):
+    """The evaluation datasets: [(name, paths, labels, classes, [(train, test) split of each run])]. The images that
+    do not decode are dropped BEFORE splitting (readable_images), so the splits, drawn over the readable ones, are the
+    same for every backbone and both scripts, and no image stands in for another with the wrong label."""
     datasets = []
     for i, root in enumerate(roots):
         paths, labels, classes = labeled_images(root)
         name = names[i] if names else os.path.basename(os.path.normpath(root))
+        if verbose:
+            print(f"{name}: {len(classes)} classes: {', '.join(classes)}", flush=True)
+        paths, labels, unreadable = readable_images(paths, labels, classes, workers)
         splits = [stratified_split(labels, train_ratio, seed + r) for r in range(runs)]
         datasets.append((name, paths, labels, classes, splits))
         if verbose:
-            print(f"{name}: {len(classes)} classes, {len(paths)} images, {len(splits[0][0])} train / "
-                  f"{len(splits[0][1])} test per run", flush=True)
+            dropped = (f" ({len(unreadable)} unreadable image(s) dropped before splitting, e.g. {unreadable[0]})"
+                       if unreadable else "")
+            print(f"{name}: {len(paths)} images{dropped}, {len(splits[0][0])} train / {len(splits[0][1])} test per "
+                  "run", flush=True)
     return datasets
+
+
+def _decodes(paths):
+    """Which of `paths` decode: the collate_fn of readable_images' DataLoader, so that its workers do the work."""
+    ok = []
+    for path in paths:
+        try:
+            open_rgb(path)
+            ok.append(True)
+        except Exception:  # noqa: BLE001 - any decoder error means "unreadable"
+            ok.append(False)
+    return ok
+
+
+def readable_images(paths, labels, classes, workers=0):
+    """(paths, labels, unreadable paths): one decoding pass over every image (in `workers` processes; cheaper than
+    the extraction or one epoch) drops the files that fail. A class left without a readable image is an error."""
+    if all(p.startswith(SYNTHETIC) for p in paths):  # generated, always readable
+        return paths, labels, []
+    loader = DataLoader(paths, batch_size=64, num_workers=workers, collate_fn=_decodes)
+    ok = [flag for batch in loader for flag in batch]
+    empty = sorted(set(range(len(classes))) - {label for label, good in zip(labels, ok) if good})
+    if empty:
+        raise UserError(f"no image of class {classes[empty[0]]} could be read; check the files of that folder.")
+    keep = [i for i, good in enumerate(ok) if good]
+    return [paths[i] for i in keep], [labels[i] for i in keep], [p for p, good in zip(paths, ok) if not good]
 
 
 VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads; 12 blocks
@@ -322,11 +397,12 @@ def strip_head(model):
 
 
 def load_backbone(weights, arch=None, image_size=224, patch_size=16):
-    """(headless model, feature width, arch, method) from 'random', 'imagenet', one of our backbone.pth /
-    checkpoint.pth files, or a plain torchvision state dict; every backbone tensor must be loaded, or an error.
+    """(headless model, feature width, arch, method) from 'random', 'imagenet[:V2]', one of our backbone.pth /
+    checkpoint.pth files, or a plain torchvision state dict, which must fit the model exactly (load_exactly).
     A file's own arch and ViT patch size win over the arguments."""
     state, method, config = None, weights, {}
-    if weights not in ("random", "imagenet"):
+    imagenet = weights == "imagenet" or weights.startswith("imagenet:")
+    if weights != "random" and not imagenet:
         if not os.path.isfile(weights):
             raise UserError(f"--weights {weights} is not a file (nor 'random' / 'imagenet').")
         obj = load_weights_only(weights)
@@ -345,27 +421,52 @@ def load_backbone(weights, arch=None, image_size=224, patch_size=16):
     elif arch is None:
         raise UserError(f"--weights {weights} needs --arch.")
     model = build_model(arch, image_size, config.get("patch_size", patch_size))
-    if weights == "imagenet":  # torchvision's weights from the local torch hub cache (these machines are offline)
-        if arch in VIT_SIZES:
-            raise UserError(f"torchvision has no ImageNet weights for {arch}.")
-        url = torchvision.models.get_model_weights(arch).DEFAULT.url
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-        if not os.path.isfile(path):
-            raise UserError(f"ImageNet weights for {arch} are not in the local cache: download {url} on a machine "
-                            f"with internet access and copy it to {path}.")
-        state = load_weights_only(path)
+    if imagenet:
+        state, method = imagenet_state(weights, arch)
     width = strip_head(model)
     if state is not None:
-        if "encoder.pos_embedding" in state and state["encoder.pos_embedding"].shape[1] != model.seq_length:
-            state = interpolate_embeddings(image_size, model.patch_size, state)  # ViT at another image size
-        own = model.state_dict()
-        loaded = [k for k in own if k in state and state[k].shape == own[k].shape]
-        if len(loaded) < len(own):
-            missing = next(k for k in own if k not in loaded)
-            raise UserError(f"--weights {weights} matches only {len(loaded)} of the {len(own)} tensors of {arch} "
-                            f"(e.g. {missing}); it holds another architecture or other key names.")
-        model.load_state_dict({k: state[k] for k in own})
+        load_exactly(model, state, weights, arch, image_size)
     return model, width, arch, method
+
+
+def imagenet_state(weights, arch):
+    """(state dict, method) of torchvision's ImageNet weights, read from the local torch hub cache (these machines
+    are offline). 'imagenet' is IMAGENET1K_V1, the classic weights of GeRSP's IMP row and paper 004's baseline
+    (torchvision's DEFAULT for resnet50 is V2, a 2021 recipe); 'imagenet:V2' asks for IMAGENET1K_V2."""
+    if arch in VIT_SIZES:
+        raise UserError(f"torchvision has no ImageNet weights for {arch}.")
+    tag = "IMAGENET1K_" + (weights.partition(":")[2].removeprefix("IMAGENET1K_") or "V1")
+    enum = torchvision.models.get_model_weights(arch)
+    if tag not in enum.__members__:
+        raise UserError(f"torchvision has no {tag} weights for {arch} (it has: {', '.join(w.name for w in enum)}); "
+                        "use --weights imagenet (IMAGENET1K_V1) or imagenet:<the part after IMAGENET1K_>.")
+    url = enum[tag].url
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.isfile(path):
+        raise UserError(f"ImageNet weights for {arch} are not in the local cache: download {url} on a machine "
+                        f"with internet access and copy it to {path}.")
+    return load_weights_only(path), f"torchvision {tag}"
+
+
+def load_exactly(model, state, weights, arch, image_size):
+    """Load `state` into the headless `model`: every tensor of the model must be in the file with its shape, and
+    every tensor of the file must be used (a classifier head aside), or one sentence: a ResNet-101 file holds all
+    of ResNet-50's tensors and 306 more, and must not load as a ResNet-50 with two thirds of layer3 dropped."""
+    if isinstance(model, torchvision.models.VisionTransformer) and "encoder.pos_embedding" in state and \
+            state["encoder.pos_embedding"].shape[1] != model.seq_length:
+        state = interpolate_embeddings(image_size, model.patch_size, state)  # ViT at another image size
+    own = model.state_dict()
+    loaded = [k for k in own if k in state and state[k].shape == own[k].shape]
+    if len(loaded) < len(own):
+        missing = next(k for k in own if k not in loaded)
+        raise UserError(f"--weights {weights} matches only {len(loaded)} of the {len(own)} tensors of {arch} "
+                        f"(e.g. {missing} is missing or of another shape; the file's first tensor is "
+                        f"{next(iter(state), 'none')}): it holds another architecture or other key names.")
+    unused = [k for k in state if k not in own and k.split(".")[0] not in HEADS]
+    if unused:
+        raise UserError(f"--weights {weights} holds {len(unused)} tensor(s) that {arch} does not use (e.g. "
+                        f"{unused[0]}): it is a deeper or another architecture; give its --arch.")
+    model.load_state_dict({k: state[k] for k in own})
 
 
 def load_weights_only(path, fix="give a backbone.pth, a checkpoint.pth or a torchvision state dict"):
@@ -380,24 +481,118 @@ def load_weights_only(path, fix="give a backbone.pth, a checkpoint.pth or a torc
                         f"({type(err).__name__}); {fix}.") from None
 
 
+@torch.no_grad()
+def knn_predict(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07, chunk=1024):
+    """Weighted kNN (InstDisc, DINO): cosine similarity to every training feature; the k nearest vote for their
+    class with weight exp(similarity / temperature). Returns the predicted class of every test feature."""
+    train = F.normalize(train_features.float(), dim=1)
+    labels = torch.as_tensor(train_labels, device=train.device)
+    predictions = []
+    for part in F.normalize(test_features.float(), dim=1).split(chunk):
+        similarity, nearest = (part @ train.T).topk(min(k, len(train)), dim=1)
+        votes = torch.zeros(len(part), num_classes, device=part.device)
+        predictions.append(votes.scatter_add_(1, labels[nearest], (similarity / temperature).exp()).argmax(1))
+    return torch.cat(predictions)
+
+
 def mean_std(values):
     """Mean and sample standard deviation (ddof=1; 0 for one run): the papers' mu +- sigma over runs."""
     values = np.asarray(values, dtype=np.float64)
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def write_results(out, protocol, args, entries, datasets, title):
-    """results.json (every run) and results.md: GeRSP Table I's shape, one row per backbone, mean +- std per dataset.
-    entries: [{"weights", "method", "arch", <dataset>: {"mean", "std", ...}}]; the table is printed too."""
-    table = ["| weights | method | arch | " + " | ".join(f"{d} top-1" for d in datasets) + " |",
-             "|---|---|---|" + "---|" * len(datasets)]
+def run_summary(accuracies, **extra):
+    """One protocol's result on one dataset, as results.json keeps it: every run's top-1, their mean and std."""
+    mean, std = mean_std(accuracies)
+    return {"accuracies": accuracies, "mean": mean, "std": std, **extra}
+
+
+def check_not_source(weights, method, dataset):
+    """Paper 004 never uses one dataset as both source and target: a backbone fine-tuned on `dataset`
+    (finetune_cls.py --save-backbone records '<method>+finetune:<dataset>') has seen images of its test split. The
+    names are compared case-insensitively: give both scripts the same --dataset (default: the folder name)."""
+    if re.search(rf"\+finetune:{re.escape(dataset)}(\+|$)", str(method), re.IGNORECASE):
+        raise UserError(f"--weights {weights} was fine-tuned on {dataset} ({method}), so the test images of --data "
+                        f"{dataset} include its training images; evaluate it on another dataset.")
+
+
+def write_results(out, protocol, args, entries, datasets, title, extra=""):
+    """results.json (every run) and results.md: GeRSP Table I's shape, a row per backbone and protocol (`protocol`,
+    and 'knn' where eval_linear.py --knn stored a dataset's kNN result under "knn"), mean +- std per dataset, then
+    `extra` (more markdown: the stage-wise table). entries: [{"weights", "method", "arch", <dataset>: {"mean", "std",
+    ..., "knn": {"mean", "std", ...}}}]; the tables are printed too."""
+    table = ["| weights | method | arch | protocol | " + " | ".join(f"{d} top-1" for d in datasets) + " |",
+             "|---|---|---|---|" + "---|" * len(datasets)]
     for e in entries:
-        cells = [f"{e[d]['mean']:.2f} +- {e[d]['std']:.2f}" if d in e else "" for d in datasets]
-        table.append(f"| {e['weights']} | {e['method']} | {e['arch']} | " + " | ".join(cells) + " |")
-    text = f"{title}\n\n" + "\n".join(table) + "\n"
+        for row in (protocol, "knn"):
+            cells = [e.get(d) if row == protocol else e.get(d, {}).get("knn") for d in datasets]
+            if any(cells):
+                table.append(f"| {e['weights']} | {e['method']} | {e['arch']} | {row} | " + " | ".join(
+                    f"{c['mean']:.2f} +- {c['std']:.2f}" if c else "" for c in cells) + " |")
+    text = f"{title}\n\n" + "\n".join(table) + "\n" + (f"\n{extra}" if extra else "")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"protocol": protocol, "args": vars(args), "backbones": entries}, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     print("\n" + text, flush=True)
+
+
+# ---------------------------------------------------------------- the pre-training scripts' kNN monitor (--monitor)
+class KnnMonitor:
+    """At most `per_class` images of each class of a labeled folder (a fixed random choice), half of each class the
+    kNN's memory and half its test, resized and cached once as uint8 tensors. top1() is the weighted kNN accuracy
+    (knn_predict) of a backbone's features, in eval mode, without gradients and without a random draw: measuring
+    never changes the training."""
+
+    def __init__(self, root, size, seed=0, per_class=200):
+        paths, labels, classes = labeled_images(root)
+        labels, rng = np.asarray(labels), np.random.default_rng(seed)
+        chosen = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class]
+                                         for c in range(len(classes))]))
+        resize, images, kept = T.Resize((size, size)), [], []
+        for i in chosen:
+            try:
+                images.append(T.functional.pil_to_tensor(resize(open_rgb(paths[i]))))
+                kept.append(i)
+            except Exception:  # noqa: BLE001 - an unreadable file is left out
+                continue
+        self.images, self.labels, self.classes = torch.stack(images), torch.from_numpy(labels[kept]), len(classes)
+        self.train, self.test = (torch.from_numpy(i) for i in stratified_split(labels[kept], 0.5, seed))
+        self.description = f"{len(self.test)} test images of {len(classes)} classes"
+
+    @torch.no_grad()
+    def top1(self, backbone, device, amp_dtype=None, batch=256):
+        was_training = backbone.training
+        backbone.eval()  # BatchNorm reads its running statistics and leaves them as they are
+        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
+        features = []
+        for chunk in self.images.split(batch):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                features.append(backbone((chunk.to(device).float() - mean) / std).float())
+        backbone.train(was_training)
+        features, labels = torch.cat(features), self.labels.to(device)
+        predicted = knn_predict(features[self.train], labels[self.train], features[self.test], self.classes)
+        return float((predicted == labels[self.test]).float().mean() * 100)
+
+
+# ---------------------------------------------------------------- --vis pictures of the pre-training scripts
+def save_image_grid(columns, captions, path, gap=2, min_tile=128):
+    """A PNG of images in a grid, one row per image and one column per view, under a caption row naming each column.
+    columns: one N x H x W x 3 uint8 array per column. Small tiles are enlarged to at least `min_tile` pixels."""
+    n, h, w, _ = columns[0].shape
+    zoom = max(1, math.ceil(min_tile / max(h, w)))
+    h, w = h * zoom, w * zoom
+    font = ImageFont.load_default(size=max(10, min(16, w // 10)))
+    lines = [textwrap.wrap(text, max(6, w // (font.size * 3 // 5))) for text in captions]
+    top = gap + (font.size + 3) * max(map(len, lines)) + gap
+    grid = Image.new("RGB", (len(columns) * (w + gap) + gap, top + n * (h + gap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (column, caption) in enumerate(zip(columns, lines)):
+        x = gap + c * (w + gap)
+        for i, line in enumerate(caption):
+            draw.text((x + w // 2, gap + i * (font.size + 3)), line, fill="black", font=font, anchor="ma")
+        for r, tile in enumerate(column):
+            grid.paste(Image.fromarray(tile).resize((w, h), Image.NEAREST), (x, top + r * (h + gap)))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)

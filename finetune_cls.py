@@ -14,13 +14,25 @@ Recipes (--recipe; every value can be overridden by its flag)
     risojevic  Adam, lr warmed up linearly over 5 epochs to 3e-4 (pre-trained) or 3e-3 (--weights random), x0.2 at
                epochs 50, 70, 90; batch 100, 100 epochs; train: resize 292 + random 256 crop, horizontal and vertical
                flips, rotations by multiples of 90 degrees; test: resize 292 + centre 256 crop.
+--epochs other than the recipe's 100 without --milestones scales the recipe's milestones and warm-up to it: each
+moves to epoch ceil(m x epochs / 100), the first epoch that starts at or after the same fraction of training
+(30 / 60 / 90 of 100 -> 2 / 3 / 4 of 4), so a short run still lowers its lr as the recipe does.
 Both: 20 % of each class trains, 80 % tests (--train-ratio), --runs 5 splits (seeds --seed, --seed+1, ...), mean
-+- std of top-1, one table row per --weights (GeRSP Table I's shape) in results.md; results.json holds every run's
-accuracy and the confusion matrix of the last run. An interrupted evaluation resumes at the epoch where it stopped.
++- std of top-1 (GeRSP's protocol; paper 004 reports a single accuracy: --runs 1), one table row per --weights
+(GeRSP Table I's shape) in results.md; results.json holds every run's accuracy and the confusion matrix of the last
+run. `imagenet` is torchvision's IMAGENET1K_V1 (the papers' baseline), `imagenet:V2` the newer recipe; the method
+column says which. An interrupted evaluation resumes at the epoch where it stopped.
+Images that do not decode are dropped before splitting, by one decoding pass at start-up (data.labeled_datasets);
+a file that fails later, at test time, is left out of the count rather than replaced by its neighbour.
+Refused before any work: a training split smaller than one batch (its epochs would train nothing), and a backbone
+fine-tuned on the evaluated dataset (its training images would be in the test split; paper 004 never uses one
+dataset as source and target).
 --save-backbone PATH writes the fine-tuned backbone (last run) as a backbone.pth that every script accepts as
---weights: domain-adaptive pre-training (paper 004, Sec. IV-D).
+--weights: domain-adaptive pre-training (paper 004, Sec. IV-D). It is written after that run's test and before the
+run is recorded as done, so a job killed in between writes it when resumed.
 Choices where the papers are silent: weight decay 0 with Adam (paper 004 names none); the lr is stepped per epoch;
-BatchNorm is synchronised across GPUs under torchrun (the papers fine-tune with one batch of 64 / 100); the last
+BatchNorm is synchronised across GPUs under torchrun (the papers fine-tune with one batch of 64 / 100); on several CPU
+processes it is not (gloo has no SyncBatchNorm), so every process tests with rank 0's running statistics; the last
 incomplete training batch of an epoch is dropped (the data is reshuffled every epoch).
 """
 import json
@@ -69,7 +81,12 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
     args = p.parse_args(argv)
     args.data, args.weights = args.data or [data.SYNTHETIC], args.weights or ["random"]
-    for key, value in RECIPES[args.recipe].items():
+    recipe = RECIPES[args.recipe]
+    if args.epochs and args.epochs != recipe["epochs"]:  # the recipe's schedule at the same fractions of training
+        scaled = [math.ceil(m * args.epochs / recipe["epochs"]) for m in recipe["milestones"]]
+        args.milestones = args.milestones or scaled
+        args.warmup = math.ceil(recipe["warmup"] * args.epochs / recipe["epochs"])
+    for key, value in recipe.items():
         if key != "lr" and getattr(args, key, None) is None:  # the lr depends on the weights: peak_lr()
             setattr(args, key, value)
     return args
@@ -85,10 +102,13 @@ def check_args(args, world_size):
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes.")
     if args.dataset and len(args.dataset) != len(args.data):
         raise UserError(f"{len(args.dataset)} --dataset names for {len(args.data)} --data folders; give one each.")
-    if args.save_backbone and (len(args.weights) > 1 or len(args.data) > 1):
-        raise UserError("--save-backbone needs a single --weights and a single --data.")
-    if os.path.isfile(args.out):
-        raise UserError(f"--out {args.out} is a file; give a folder.")
+    data.check_out_dir(args.out)
+    if args.save_backbone:
+        if len(args.weights) > 1 or len(args.data) > 1:
+            raise UserError("--save-backbone needs a single --weights and a single --data.")
+        if os.path.isdir(args.save_backbone):
+            raise UserError(f"--save-backbone {args.save_backbone} is a folder; give a file name (backbone.pth).")
+        data.check_out_dir(os.path.dirname(os.path.abspath(args.save_backbone)), "--save-backbone's folder")
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -117,12 +137,10 @@ def transforms_for(args):
     tail = [T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
     size = args.img_size
     if args.recipe == "gersp":
-        return (T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip()] + tail),
-                T.Compose([T.Resize((size, size))] + tail))
+        return T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip()] + tail), data.eval_transform(size)
     big = round(size * 292 / 256)
     return (T.Compose([T.Resize((big, big)), T.RandomCrop(size), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
-                       RandomRotation90()] + tail),
-            T.Compose([T.Resize((big, big)), T.CenterCrop(size)] + tail))
+                       RandomRotation90()] + tail), data.center_crop_transform(size))
 
 
 def quiet_worker(worker_id):
@@ -187,147 +205,181 @@ def format_eta(seconds):
 
 @torch.no_grad()
 def test_confusion(model, paths, labels, num_classes, transform, args, ctx):
-    """Confusion matrix [true, predicted] on the test images, each process classifying its share."""
+    """Confusion matrix [true, predicted] on the test images, each process classifying its share with rank 0's
+    BatchNorm statistics; a file that no longer decodes is left out, not replaced by its neighbour."""
     rank, world, device, amp_dtype, workers = ctx
     model.eval()
+    if world > 1:  # SyncBatchNorm is CUDA-only: on CPU processes each rank's running statistics are its own
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     share = data.ImageDataset(paths[rank::world], labels[rank::world], transform)
     loader = DataLoader(share, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         worker_init_fn=quiet_worker)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
-    for images, targets, _ in loader:
+    for images, targets, skipped in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             predicted = model(images.to(device, non_blocking=True)).argmax(1)
-        confusion += torch.bincount(targets.to(device) * num_classes + predicted, minlength=num_classes ** 2)
+        cells = (targets.to(device) * num_classes + predicted)[skipped.to(device) == 0]
+        confusion += torch.bincount(cells, minlength=num_classes ** 2)
     if world > 1:
         dist.all_reduce(confusion)
     return confusion.view(num_classes, num_classes).cpu()
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def evaluate(args):
-    rank, world, device = setup_distributed()
+def prepare(args, rank, world, workers):
+    """Every check before any work and any file: the flags, every weights file (-> its arch and method), the datasets
+    (unreadable images dropped, splits drawn), a backbone fine-tuned on the evaluated dataset, a split under a batch."""
     check_args(args, world)
-    amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
-                 "fp16": torch.float16, "off": None}[args.amp]
-    workers = args.workers if args.workers is not None else min(
-        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    ctx = (rank, world, device, amp_dtype, workers)
+    checked = {w: data.load_backbone(w, args.arch, args.img_size, args.patch_size)[2:] for w in args.weights}
     datasets = data.labeled_datasets(args.data, args.dataset, args.train_ratio, args.runs, args.seed,
-                                     verbose=rank == 0)
-    torch.manual_seed(args.seed)
-    for weights in args.weights:  # every file is checked before hours of work
-        data.load_backbone(weights, args.arch, args.img_size, args.patch_size)
-    ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    state = {"done": {}, "current": None}
-    if os.path.exists(ckpt_path):
-        state = data.load_weights_only(ckpt_path)
-        if state.get("args") != vars(args):
-            raise UserError(f"{ckpt_path} belongs to an evaluation with other arguments; use the same ones to "
-                            "resume, or another --out.")
-        if rank == 0:
-            print(f"finetune | resuming: {len(state['done'])} run(s) done", flush=True)
+                                     verbose=rank == 0, workers=workers)
+    for name, _, _, _, splits in datasets:
+        for weights, (_, method) in checked.items():
+            data.check_not_source(weights, method, name)
+        if len(splits[0][0]) < args.batch_size:  # the sampler drops the incomplete batch: epochs of 0 steps
+            raise UserError(f"the training split of {name} has {len(splits[0][0])} images, fewer than one batch of "
+                            f"{args.batch_size}, so no step would train; lower --batch-size or raise --train-ratio.")
+    return checked, datasets
 
+
+def resume_state(args, ckpt_path, rank):
+    """The runs done and the run in progress, from --out's checkpoint when there is one (same arguments only)."""
+    if not os.path.exists(ckpt_path):
+        return {"done": {}, "current": None}
+    state = data.load_weights_only(ckpt_path)
+    if state.get("args") != vars(args):
+        raise UserError(f"{ckpt_path} belongs to an evaluation with other arguments; use the same ones to resume, "
+                        "or another --out.")
+    if rank == 0:
+        print(f"finetune | resuming: {len(state['done'])} run(s) done", flush=True)
+    return state
+
+
+def stop_on_signals():
+    """SIGTERM / Ctrl-C set stop['signal']: the epoch finishes, is saved, and the evaluation exits; a second one
+    interrupts at once."""
     stop = {"signal": None}
 
     def request_stop(signum, frame):
         if stop["signal"] is not None:
             raise KeyboardInterrupt
-        stop["signal"] = signum  # SIGTERM / Ctrl-C: finish the epoch, save, exit
+        stop["signal"] = signum
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    train_transform, test_transform = transforms_for(args)
+    return stop
+
+
+def evaluate(args):
+    rank, world, device = setup_distributed()
+    amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
+                 "fp16": torch.float16, "off": None}[args.amp]
+    workers = args.workers if args.workers is not None else min(
+        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    ctx = (rank, world, device, amp_dtype, workers)
+    torch.manual_seed(args.seed)
+    checked, datasets = prepare(args, rank, world, workers)
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+    state = resume_state(args, ckpt_path, rank)
+    stop = stop_on_signals()
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        log_file = open(os.path.join(args.out, "log.jsonl"), "a")
-    total_steps = len(args.weights) * args.runs * args.epochs * sum(
-        len(d[4][0][0]) // args.batch_size for d in datasets)
-    progress = {"steps": 0, "start": time.time()}
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
 
-    def save(extra=None):
+    def save():
         if rank == 0:
-            save_atomic({**state, "args": vars(args), **(extra or {})}, ckpt_path)
+            save_atomic({**state, "args": vars(args)}, ckpt_path)
         if world > 1:
             dist.barrier()
 
+    total = len(args.weights) * args.runs * args.epochs * sum(len(d[4][0][0]) // args.batch_size for d in datasets)
+    job = {"ctx": ctx, "state": state, "save": save, "stop": stop, "log": log, "transforms": transforms_for(args),
+           "progress": {"steps": 0, "start": time.time(), "total": total}}
     entries = []
     for weights in args.weights:
-        entry = {"weights": weights, "method": "", "arch": args.arch}
+        arch, method = checked[weights]  # from the check, so a row whose runs all finished before a resume has them
+        entry = {"weights": weights, "method": method, "arch": arch}
         for name, paths, labels, classes, splits in datasets:
             for run, (train_idx, test_idx) in enumerate(splits):
                 key = f"{weights} | {name} | run {run}"
                 if key in state["done"]:
-                    progress["steps"] += args.epochs * (len(train_idx) // args.batch_size)
+                    job["progress"]["steps"] += args.epochs * (len(train_idx) // args.batch_size)
                     continue
-                torch.manual_seed(args.seed + run)
-                backbone, width, arch, method = data.load_backbone(weights, args.arch, args.img_size,
-                                                                   args.patch_size)
-                entry.update(method=method, arch=arch)
-                model = Classifier(backbone, width, len(classes)).to(device)
-                if world > 1 and device.type == "cuda":
-                    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-                peak = peak_lr(args, weights)
-                optimizer = make_optimizer(args, model, peak)
-                scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-                first_epoch = 0
-                if state["current"] is not None and state["current"]["key"] == key:
-                    current = state["current"]
-                    model.load_state_dict(current["model"])
-                    optimizer.load_state_dict(current["optimizer"])
-                    scaler.load_state_dict(current["scaler"])
-                    torch.set_rng_state(current["rng"])
-                    first_epoch = current["epoch"]
-                ddp_model = DDP(model) if world > 1 else model
-                train_set = data.ImageDataset([paths[i] for i in train_idx], [labels[i] for i in train_idx],
-                                              train_transform, seed=args.seed + run)
-                sampler = data.EpochSampler(len(train_set), args.batch_size, rank, world, args.seed + run)
-                loader = DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler,
-                                    num_workers=workers, pin_memory=device.type == "cuda",
-                                    persistent_workers=workers > 0, worker_init_fn=quiet_worker,
-                                    generator=torch.Generator().manual_seed(run))
-                progress["steps"] += first_epoch * sampler.batches_per_epoch()
-                for epoch in range(first_epoch, args.epochs):
-                    train_epoch(ddp_model, loader, sampler, optimizer, scaler, epoch, peak, key, args, ctx, progress,
-                                total_steps, log_file if rank == 0 else None)
-                    state["current"] = {"key": key, "epoch": epoch + 1, "model": model.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                        "rng": torch.get_rng_state()}
-                    save()
-                    if stop["signal"] is not None:
-                        if rank == 0:
-                            print(f"finetune | stopped by a signal after epoch {epoch + 1} of {key}; "
-                                  f"{ckpt_path} resumes it", flush=True)
-                        return None
+                model = train_run(args, job, key, weights, run, len(classes), [paths[i] for i in train_idx],
+                                  [labels[i] for i in train_idx])
+                if model is None:
+                    if rank == 0:
+                        print(f"finetune | stopped by a signal after epoch {state['current']['epoch']} of {key}; "
+                              f"{ckpt_path} resumes it", flush=True)
+                    return None
                 confusion = test_confusion(model, [paths[i] for i in test_idx], [labels[i] for i in test_idx],
-                                           len(classes), test_transform, args, ctx)
-                accuracy = float(confusion.diag().sum() / confusion.sum() * 100)
-                state["done"][key] = {"accuracy": accuracy, "confusion": confusion.tolist()}
-                state["current"] = None
-                save()
-                if rank == 0:
-                    log_file.write(json.dumps({"weights": weights, "dataset": name, "run": run,
-                                               "test_acc": round(accuracy, 3)}) + "\n")
-                    log_file.flush()
-                    print(f"finetune | {key}: top-1 {accuracy:.2f}", flush=True)
-                if args.save_backbone and rank == 0 and run == args.runs - 1:
+                                           len(classes), job["transforms"][1], args, ctx)
+                if args.save_backbone and rank == 0 and run == args.runs - 1:  # before the run counts as done
                     os.makedirs(os.path.dirname(os.path.abspath(args.save_backbone)), exist_ok=True)
                     save_atomic({"arch": arch, "method": f"{method}+finetune:{name}",
-                                      "config": model_config(model.backbone, args.img_size),
-                                      "state_dict": model.backbone.state_dict()}, args.save_backbone)
+                                 "config": model_config(model.backbone, args.img_size),
+                                 "state_dict": model.backbone.state_dict()}, args.save_backbone)
                     print(f"finetune | fine-tuned backbone saved to {args.save_backbone}", flush=True)
+                accuracy = float(confusion.diag().sum() / confusion.sum() * 100)
+                state["done"][key], state["current"] = {"accuracy": accuracy, "confusion": confusion.tolist()}, None
+                save()
+                if rank == 0:
+                    log.write(json.dumps({"weights": weights, "dataset": name, "run": run,
+                                          "test_acc": round(accuracy, 3)}) + "\n")
+                    log.flush()
+                    print(f"finetune | {key}: top-1 {accuracy:.2f}", flush=True)
             done = [state["done"][f"{weights} | {name} | run {r}"] for r in range(args.runs)]
-            accs = [d["accuracy"] for d in done]
-            mean, std = data.mean_std(accs)
-            entry[name] = {"accuracies": accs, "mean": mean, "std": std, "classes": classes,
-                           "confusion_last_run": done[-1]["confusion"]}
+            entry[name] = data.run_summary([d["accuracy"] for d in done], classes=classes,
+                                           confusion_last_run=done[-1]["confusion"])
         entries.append(entry)
     if rank == 0:
         data.write_results(args.out, "finetune", args, entries, [d[0] for d in datasets],
                            f"Fine-tuning ({args.recipe} recipe), {args.runs} run(s), train ratio {args.train_ratio}")
-        log_file.close()
+        log.close()
     if world > 1:
         dist.destroy_process_group()
     return entries
+
+
+def train_run(args, job, key, weights, run, num_classes, paths, labels):
+    """Fine-tune one run from its weights (or from where a checkpoint stopped it), saving after every epoch; returns
+    the trained Classifier, or None when a signal stopped it (the checkpoint then holds its last epoch)."""
+    rank, world, device, amp_dtype, workers = job["ctx"]
+    state = job["state"]
+    torch.manual_seed(args.seed + run)
+    backbone, width, _, _ = data.load_backbone(weights, args.arch, args.img_size, args.patch_size)
+    model = Classifier(backbone, width, num_classes).to(device)
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    peak = peak_lr(args, weights)
+    optimizer = make_optimizer(args, model, peak)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    first_epoch = 0
+    if state["current"] is not None and state["current"]["key"] == key:
+        current = state["current"]
+        model.load_state_dict(current["model"])
+        optimizer.load_state_dict(current["optimizer"])
+        scaler.load_state_dict(current["scaler"])
+        torch.set_rng_state(current["rng"])
+        first_epoch = current["epoch"]
+    ddp_model = DDP(model) if world > 1 else model
+    train_set = data.ImageDataset(paths, labels, job["transforms"][0], seed=args.seed + run)
+    sampler = data.EpochSampler(len(train_set), args.batch_size, rank, world, args.seed + run)
+    loader = DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0, worker_init_fn=quiet_worker,
+                        generator=torch.Generator().manual_seed(run))
+    job["progress"]["steps"] += first_epoch * sampler.batches_per_epoch()
+    for epoch in range(first_epoch, args.epochs):
+        train_epoch(ddp_model, loader, sampler, optimizer, scaler, epoch, peak, key, args, job["ctx"],
+                    job["progress"], job["progress"]["total"], job["log"])
+        state["current"] = {"key": key, "epoch": epoch + 1, "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                            "rng": torch.get_rng_state()}
+        job["save"]()
+        if job["stop"]["signal"] is not None:
+            return None
+    return model
 
 
 def train_epoch(model, loader, sampler, optimizer, scaler, epoch, peak, key, args, ctx, progress, total_steps, log):

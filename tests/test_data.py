@@ -126,3 +126,57 @@ def test_epoch_sampler_splits_global_batches_between_ranks_and_resumes_mid_epoch
     assert list(sampler) == per_rank[1][16:] and len(sampler) == 8
     sampler.set_epoch(1)
     assert [i for _, i in sampler] != [i for _, i in per_rank[1]] and all(e == 1 for e, _ in sampler)
+
+
+def test_list_images_reads_each_folder_once_through_a_link_loop_and_a_second_link(tmp_path):
+    make_image_folder(tmp_path / "root" / "real", classes=2, per_class=2)
+    os.symlink("..", tmp_path / "root" / "real" / "class0" / "up")  # a mirror's loop: root/real/class0/up -> root/real
+    os.symlink("real", tmp_path / "root" / "mirror")  # a second way to the same folder
+    found = data.list_images([str(tmp_path / "root")])
+    assert found == sorted(str(tmp_path / "root" / "real" / f"class{c}" / f"{j}.png") for c in (0, 1) for j in (0, 1))
+
+
+def test_labeled_images_refuses_class_folders_that_hold_image_folders_and_ignores_macosx(tmp_path):
+    make_image_folder(tmp_path / "nwpu" / "train", classes=2, per_class=2)  # a copy split into train/ and test/
+    make_image_folder(tmp_path / "nwpu" / "test", classes=2, per_class=2)
+    with pytest.raises(data.UserError, match=r"class folder .*test holds image folders \(e\.g\. test.class0\).*found "
+                                             r"2: test, train"):
+        data.labeled_images(str(tmp_path / "nwpu"))
+    make_image_folder(tmp_path / "zip" / "NWPU-RESISC45", classes=3, per_class=2)
+    make_image_folder(tmp_path / "zip" / "__MACOSX" / "NWPU-RESISC45", classes=3, per_class=2)
+    assert data.labeled_images(str(tmp_path / "zip"))[2] == ["class0", "class1", "class2"]
+
+
+def test_labeled_datasets_names_the_classes_and_drops_unreadable_images_before_splitting(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "scenes", classes=3, per_class=10)
+    for bad in ("class0/9.png", "class1/3.png"):  # the last image of class 0 would stand in for class 1's first
+        (tmp_path / "scenes" / bad).write_bytes(b"\x89PNG truncated")
+    [(name, paths, labels, classes, splits)] = data.labeled_datasets([folder], None, 0.2, 2, seed=0)
+    out = capsys.readouterr().out
+    assert "scenes: 3 classes: class0, class1, class2" in out
+    assert "28 images (2 unreadable image(s) dropped before splitting, e.g." in out
+    assert len(paths) == len(labels) == 28 and not any(p.endswith(("class0/9.png", "class1/3.png")) for p in paths)
+    assert labels == [0] * 9 + [1] * 9 + [2] * 10
+    for train, test in splits:  # drawn over the readable images: 2 + 2 + 2 train, 7 + 7 + 8 test
+        assert len(train) == 6 and len(test) == 22
+    (tmp_path / "scenes" / "class2").mkdir(exist_ok=True)
+    for path in (tmp_path / "scenes" / "class2").iterdir():
+        path.write_bytes(b"not an image")
+    with pytest.raises(data.UserError, match="no image of class class2 could be read"):
+        data.labeled_datasets([folder], None, 0.2, 1, seed=0, workers=1)  # the decoding pass in a worker
+
+
+def test_knn_predict_weights_the_k_nearest_by_exp_cosine_over_temperature():
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.1]])
+    # cosines of the query to the three: 0.995, 0.0995, 0.774. k=2: class 0 gets e^0.995 = 2.70, class 1 e^0.774 = 2.17
+    assert data.knn_predict(train, labels, query, 2, k=2, temperature=1.0).tolist() == [0]
+    # k=3: class 1 adds e^0.0995 = 1.10, 3.27 > 2.70
+    assert data.knn_predict(train, labels, query, 2, k=3, temperature=1.0).tolist() == [1]
+    # T=0.07 sharpens: e^(0.995/0.07) = e^14.2 outweighs e^11.1 + e^1.4
+    assert data.knn_predict(train, labels, query, 2, k=3, temperature=0.07).tolist() == [0]
+    # cosine, not dot product: a short vector at 0.995 is nearer than a long one at 0.961 (dot products 0.1 and 5.2)
+    assert data.knn_predict(torch.tensor([[0.1, 0.0], [5.0, 2.0]]), torch.tensor([0, 1]), query, 2, k=1,
+                            temperature=1.0).tolist() == [0]
+    assert data.knn_predict(train, labels, torch.tensor([[0.0, 1.0], [1.0, 0.0]]), 2, k=20).tolist() == [1, 0]

@@ -4,10 +4,16 @@ import json
 import os
 import pickle
 import signal
+from contextlib import nullcontext
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torchvision
+from PIL import Image
 
 import data
 import eval_linear
@@ -73,8 +79,88 @@ def test_linear_evaluation_of_several_backbones_writes_one_table(trained, tmp_pa
         assert sum(map(sum, scenes["confusion_last_run"])) == 15 and set(scenes["stages"]) == {
             "stage1", "stage2", "stage3", "stage4"}
     table = (tmp_path / "results.md").read_text().splitlines()
-    assert table[2].startswith("| weights | method | arch | scenes top-1 |") and len(table) == 6
+    assert table[2] == "| weights | method | arch | protocol | scenes top-1 |" and table[4].startswith(
+        f"| {run / 'backbone.pth'} | moco | resnet18 | linear | ")
     assert json.loads((tmp_path / "results.json").read_text())["protocol"] == "linear"
+    stages = table[table.index("Stage-wise linear probe (GeRSP Fig. 6), top-1 mean +- std") + 2:]
+    assert stages[0] == "| weights | method | arch | dataset | stage1 | stage2 | stage3 | stage4 |" and len(stages) == 4
+    for row, r in zip(stages[2:], results):  # results.md carries the numbers of results.json
+        assert row == f"| {r['weights']} | {r['method']} | resnet18 | scenes | " + " | ".join(
+            "%.2f +- %.2f" % (r["scenes"]["stages"][k]["mean"], r["scenes"]["stages"][k]["std"])
+            for k in ("stage1", "stage2", "stage3", "stage4")) + " |"
+
+
+def test_knn_protocol_uses_the_same_features_and_splits_and_has_its_own_rows(trained, tmp_path):
+    folder, run = trained
+    argv = FAST_PROBE + ["--data", folder, "--weights", str(run / "backbone.pth"), "--runs", "2", "--train-ratio",
+                         "0.5", "--knn", "--knn-k", "5", "--out", str(tmp_path)]
+    [result] = eval_linear.evaluate(eval_linear.get_args(argv))
+    [(_, paths, labels, classes, splits)] = data.labeled_datasets([folder], None, 0.5, 2, seed=0)
+    features = eval_linear.extract_features(data.load_backbone(str(run / "backbone.pth"))[0], paths,
+                                            eval_linear.get_args(argv), torch.device("cpu"))["final"]
+    labels = torch.tensor(labels)
+    expected = [float((data.knn_predict(features[tr], labels[tr], features[te], 3, k=5, temperature=0.07)
+                       == labels[te]).float().mean() * 100) for tr, te in splits]
+    knn = result["scenes"]["knn"]
+    assert knn["accuracies"] == pytest.approx(expected) and (knn["k"], knn["temperature"]) == (5, 0.07)
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert "weighted kNN (k 5, temperature 0.07)" in table[0]
+    assert [row.split(" | ")[3] for row in table[4:6]] == ["linear", "knn"]
+    assert table[5].endswith(" | %.2f +- %.2f |" % (knn["mean"], knn["std"]))
+
+
+def test_imagenet_means_the_classic_v1_weights_and_v2_is_asked_for(image_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    cache = tmp_path / "hub" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), cache / "resnet18-f37072fd.pth")  # IMAGENET1K_V1's file
+    argv = FAST_PROBE + ["--data", image_folder, "--arch", "resnet18", "--runs", "1", "--train-ratio", "0.5"]
+    [result] = eval_linear.evaluate(eval_linear.get_args(argv + ["--weights", "imagenet", "--out", str(tmp_path)]))
+    assert result["method"] == "torchvision IMAGENET1K_V1"
+    assert "| imagenet | torchvision IMAGENET1K_V1 | resnet18 | linear |" in (tmp_path / "results.md").read_text()
+    for weights, arch, fragment in [("imagenet:V2", "resnet18", "no IMAGENET1K_V2 weights for resnet18"),
+                                    ("imagenet", "resnet50", "resnet50-0676ba61.pth"),  # V1; V2 is resnet50-11ad3fa6
+                                    ("imagenet:V2", "resnet50", "resnet50-11ad3fa6.pth")]:
+        with pytest.raises(SystemExit):
+            eval_linear.main(argv + ["--weights", weights, "--arch", arch, "--out", str(tmp_path / "no")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "no").exists()
+
+
+def test_paper004_preprocessing_resizes_to_292_and_crops_the_centre_256_and_extraction_is_float32(tmp_path,
+                                                                                                    monkeypatch):
+    pixels = np.zeros((292, 292, 3), dtype=np.uint8)
+    pixels[..., 0] = 255  # a red border of 18 px on each side of a 292-px image, blue inside
+    pixels[18:274, 18:274] = (0, 0, 255)
+    image = Image.fromarray(pixels)
+    args = eval_linear.get_args(["--preprocess", "paper004"])
+    x = eval_linear.preprocess(args)(image)
+    assert args.img_size == 256 and x.shape == (3, 256, 256)
+    torch.testing.assert_close(x[0], torch.full_like(x[0], (0 - 0.485) / 0.229))  # the crop holds no red
+    args = eval_linear.get_args([])
+    assert args.img_size == 224 and eval_linear.preprocess(args)(image)[0].max() > 2  # resize keeps the border
+    assert args.amp == "off"  # float32 features by default, as in the papers (bf16 only when asked for)
+    calls = []
+    monkeypatch.setattr(torch, "autocast", lambda device, dtype, enabled: calls.append(enabled) or nullcontext())
+    model = data.load_backbone("random", "resnet18")[0]
+    for amp in ("off", "bf16"):
+        eval_linear.extract_features(model, ["synthetic://0"], eval_linear.get_args(FAST_PROBE + ["--amp", amp]),
+                                     torch.device("cpu"))
+    assert calls == [False, True]
+
+
+def test_unreadable_images_are_dropped_before_the_split_in_both_scripts(tmp_path):
+    folder = make_image_folder(tmp_path / "scenes", classes=3, per_class=10)
+    (tmp_path / "scenes" / "class0" / "9.png").write_bytes(b"\x89PNG truncated")  # sorted last in class 0
+    argv = ["--data", folder, "--weights", "random", "--arch", "resnet18", "--runs", "1"]
+    [linear] = eval_linear.evaluate(eval_linear.get_args(FAST_PROBE + argv + ["--out", str(tmp_path / "a")]))
+    [finetuned] = finetune_cls.evaluate(finetune_cls.get_args(FAST_FINETUNE + argv + [
+        "--batch-size", "2", "--out", str(tmp_path / "b")]))
+    for result in (linear, finetuned):  # 2 + 2 + 2 train, 7 + 8 + 8 test: 29 readable images, 1 dropped
+        confusion = result["scenes"]["confusion_last_run"]
+        assert sum(map(sum, confusion)) == 23 and sum(confusion[0]) == 7
 
 
 def test_finetuning_resumes_after_a_signal_and_matches_an_uninterrupted_evaluation(trained, tmp_path, monkeypatch):
@@ -98,11 +184,11 @@ def test_finetuning_resumes_after_a_signal_and_matches_an_uninterrupted_evaluati
     assert sum(map(sum, straight[0]["scenes"]["confusion_last_run"])) == 15
 
 
-def test_domain_adaptive_chain_saved_backbone_reloads_everywhere(trained, tmp_path):
+def test_domain_adaptive_chain_saved_backbone_reloads_everywhere_but_on_its_source(trained, tmp_path, capsys):
     folder, run = trained
     saved = tmp_path / "dapt" / "backbone.pth"
     finetune_cls.main(FAST_FINETUNE + ["--data", folder, "--weights", str(run / "checkpoint.pth"), "--runs", "1",
-                                       "--recipe", "risojevic", "--save-backbone", str(saved),
+                                       "--recipe", "risojevic", "--train-ratio", "0.5", "--save-backbone", str(saved),
                                        "--out", str(tmp_path / "ft")])
     obj = torch.load(saved, weights_only=True)
     assert obj["arch"] == "resnet18" and obj["method"] == "moco+finetune:scenes"
@@ -110,6 +196,54 @@ def test_domain_adaptive_chain_saved_backbone_reloads_everywhere(trained, tmp_pa
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
     model, _, _, method = data.load_backbone(str(saved))
     torch.testing.assert_close(model.conv1.weight, obj["state_dict"]["conv1.weight"])
+    for module in (eval_linear, finetune_cls):  # its source's test split holds its training images (paper 004)
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--data", folder, "--dataset", "Scenes", "--weights", str(saved), "--workers", "0",
+                         "--out", str(tmp_path / "again")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and "was fine-tuned on Scenes" in err[0], err
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_resumed_job_keeps_the_method_of_weights_whose_runs_had_finished(trained, tmp_path, monkeypatch):
+    folder, run = trained
+    argv = FAST_FINETUNE + ["--data", folder, "--weights", str(run / "backbone.pth"), "--weights", "random",
+                            "--arch", "resnet18", "--runs", "1", "--train-ratio", "0.5", "--out", str(tmp_path)]
+    real_train_epoch = finetune_cls.train_epoch
+
+    def sigterm_in_the_random_run(*args, **kwargs):
+        real_train_epoch(*args, **kwargs)
+        if args[7].startswith("random"):  # key: the moco backbone's run is done and recorded
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(finetune_cls, "train_epoch", sigterm_in_the_random_run)
+    assert finetune_cls.evaluate(finetune_cls.get_args(argv)) is None
+    monkeypatch.setattr(finetune_cls, "train_epoch", real_train_epoch)
+    entries = finetune_cls.evaluate(finetune_cls.get_args(argv))
+    assert [(e["method"], e["arch"]) for e in entries] == [("moco", "resnet18"), ("random", "resnet18")]
+    assert f"| {run / 'backbone.pth'} | moco | resnet18 | finetune |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_job_killed_before_its_backbone_was_saved_saves_it_on_resume(trained, tmp_path, monkeypatch):
+    folder, run = trained
+    saved = tmp_path / "dapt" / "backbone.pth"
+    argv = FAST_FINETUNE + ["--data", folder, "--weights", str(run / "backbone.pth"), "--runs", "1",
+                            "--train-ratio", "0.5", "--save-backbone", str(saved), "--out", str(tmp_path / "ft")]
+    real_save = finetune_cls.save_atomic
+
+    def killed_at_the_backbone(obj, path):
+        if path == str(saved):
+            raise KeyboardInterrupt  # stands for a SIGKILL between the last test and the backbone file
+        real_save(obj, path)
+
+    monkeypatch.setattr(finetune_cls, "save_atomic", killed_at_the_backbone)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_cls.evaluate(finetune_cls.get_args(argv))
+    assert not saved.exists()
+    monkeypatch.setattr(finetune_cls, "save_atomic", real_save)
+    [entry] = finetune_cls.evaluate(finetune_cls.get_args(argv))
+    assert torch.load(saved, weights_only=True)["method"] == "moco+finetune:scenes"
+    assert len(entry["scenes"]["accuracies"]) == 1
 
 
 def test_risojevic_recipe_schedule_and_transforms():
@@ -123,6 +257,42 @@ def test_risojevic_recipe_schedule_and_transforms():
     args = finetune_cls.get_args([])
     assert (args.batch_size, finetune_cls.peak_lr(args, "x.pth"), args.img_size) == (64, 0.01, 224)
     assert [finetune_cls.lr_at(args, e, 0.01) for e in (29, 30, 60, 90)] == pytest.approx([0.01, 1e-3, 1e-4, 1e-5])
+
+
+def test_a_shorter_run_scales_the_recipe_schedule_unless_milestones_are_given():
+    args = finetune_cls.get_args(["--epochs", "4"])  # 30 / 60 / 90 of 100 -> the epochs starting at 30 / 60 / 90 %
+    assert args.milestones == [2, 3, 4] and args.warmup == 0
+    assert [finetune_cls.lr_at(args, e, 0.01) for e in range(4)] == pytest.approx([0.01, 0.01, 1e-3, 1e-4])
+    assert finetune_cls.get_args(["--epochs", "4", "--milestones", "1"]).milestones == [1]
+    args = finetune_cls.get_args(["--recipe", "risojevic", "--epochs", "10"])
+    assert (args.milestones, args.warmup) == ([5, 7, 9], 1)
+    args = finetune_cls.get_args(["--recipe", "risojevic", "--epochs", "100"])
+    assert (args.milestones, args.warmup) == ([50, 70, 90], 5)
+
+
+def _test_with_own_batchnorm_statistics(rank, folder, init, out):
+    """One of two CPU processes: a model whose BN statistics are its own, tested on the shared test set."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3, bias=False))
+    nn.init.eye_(model[3].weight)  # the class is the strongest normalised colour channel
+    model[0].running_mean[1] = 5.0 * rank  # rank 1's own statistics (as after training on its share): never green
+    paths, labels, _ = data.labeled_images(folder)
+    args, cpu, transform = SimpleNamespace(batch_size=4), torch.device("cpu"), data.eval_transform(16)
+    shared = finetune_cls.test_confusion(model, paths, labels, 3, transform, args, (rank, 2, cpu, None, 0))
+    if rank == 0:
+        alone = finetune_cls.test_confusion(model, paths, labels, 3, transform, args, (0, 1, cpu, None, 0))
+        with open(out, "w") as f:
+            json.dump([shared.tolist(), alone.tolist()], f)
+    dist.destroy_process_group()
+
+
+def test_processes_without_synchronised_batchnorm_all_test_with_rank_0_statistics(trained, tmp_path):
+    folder, _ = trained
+    out = tmp_path / "confusions.json"
+    torch.multiprocessing.start_processes(_test_with_own_batchnorm_statistics, nprocs=2, start_method="fork",
+                                          args=(folder, f"file://{tmp_path / 'rendezvous'}", str(out)))
+    shared, alone = json.loads(out.read_text())
+    assert shared == alone and sum(map(sum, shared)) == 30
 
 
 def test_two_process_finetuning_completes(trained, tmp_path):
