@@ -6,28 +6,36 @@ of the three remote-sensing papers of this project (GeRSP Table I: MoCo-MAID, Mo
 
     python moco.py --data synthetic --arch resnet18 --img-size 64 --batch-size 64 --queue 4096 --epochs 2
     python moco.py --data /data/million_aid                                    # one GPU, MoCo v2 recipe
-    torchrun --nproc_per_node=8 moco.py --data /data/million_aid --data /data/imagenet/train    # MoCo-IN-MAID
-    torchrun --nproc_per_node=2 moco.py --data synthetic --arch resnet18 --img-size 64 --batch-size 64 --queue 4096
+    torchrun --nproc_per_node=8 moco.py --data /data/million_aid               # MoCo v2 on 8 GPUs
+    torchrun --nproc_per_node=8 moco.py --data /data/million_aid --version v1 --epochs 100 --batch-size 128 \
+        --lr-steps 30 60 90 --out runs/moco_maid     # GeRSP's MoCo-MAID (with --data /data/imagenet/train: -IN-MAID)
 
 Paper -> code
-    Eq. 1  InfoNCE, the positive key at index 0, temperature T ........ info_nce()
+    Eq. 1  InfoNCE, the positive key at index 0, temperature T ........ info_nce() (float32, outside autocast)
     Eq. 2  momentum update  theta_k <- m theta_k + (1 - m) theta_q ..... MoCo.momentum_update() (projector included)
     Sec. 3.2  the dictionary as a queue: newest keys in, oldest out .... MoCo.enqueue() (keys of all processes)
     Sec. 3.3  shuffling BN .............................................. MoCo.keys() across processes, and
               SplitBatchNorm2d within one (one GPU or CPU process normalises like --bn-group-sized GPUs)
     Algorithm 1  one training step ...................................... train_step()
-    v2: MLP projector, blur augmentation, cosine lr ..................... build_encoder(), data.augmentation(), lr_at()
+    v2: MLP projector, blur augmentation, cosine lr ..................... Encoder, data.augmentation(), lr_at()
 
 Defaults are those of the official code (facebookresearch/moco): ResNet-50, 200 epochs, total batch 256, SGD lr 0.03
 momentum 0.9 weight decay 1e-4, K = 65,536, m = 0.999, feature dim 128; v1: linear head, T = 0.07, jitter
 (0.4, 0.4, 0.4, 0.4) every time, lr x0.1 at epochs 120 and 160; v2 (default): 2048-2048-128 MLP head, T = 0.2,
-jitter p=0.8 + blur, cosine lr. Choices where the papers are silent:
+jitter p=0.8 + blur, cosine lr. GeRSP's MoCo baselines (its Table I) are v1 for 100 epochs at a total batch of 128
+with lr x0.1 every 30 epochs: the command above (GeRSP states lr 0.05 for all its runs, a value its code contradicts
+for GeRSP itself; add --lr 0.05 to follow it). Choices of this file, where the papers are silent:
     - The lr is stepped once per epoch, as in the official code; it is not rescaled when --batch-size changes.
-    - BatchNorm statistics come from groups of --bn-group = 32 samples (the official 256 / 8 GPUs) whatever the
-      number of processes: the key batch is shuffled over all processes and then split into those groups.
+    - BatchNorm statistics come from groups of --bn-group samples whatever the number of processes (32: the official
+      256 / 8 GPUs): the key batch is shuffled over all processes, then split into those groups, so a query's and
+      its key's statistics come from different random subsets (MoCo Sec. 3.3). One process keeps at least two
+      groups: with one, keys would be normalised over exactly their queries' samples.
     - The momentum update runs after the optimiser step instead of before the key forward of the next step:
       the key encoder sees exactly the same weights, and the queue needs no clone for autograd.
+    - Keys are constants (no gradient), so gathering them from other processes loses nothing.
     - Augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit.
+Everything below the PLUMBING banner (flags every script shares, processes, the loop, checkpoints, --benchmark,
+--monitor) is the same text in moco.py, gersp.py, pera.py and preco.py.
 """
 import copy
 import itertools
@@ -38,9 +46,10 @@ import resource
 import signal
 import sys
 import time
-from collections import OrderedDict
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,8 +71,7 @@ RESUME_MUST_MATCH = ("arch", "head", "dim", "queue", "batch_size", "data", "img_
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(prog=os.path.basename(__file__),
-                            description="MoCo v1/v2 pre-training (see the module docstring).")
+    p = data.ArgumentParser(prog=SCRIPT, description="MoCo v1/v2 pre-training (see the module docstring).")
     p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")
     p.add_argument("--version", choices=VERSIONS, default="v2", help="recipe: head, temperature, augmentation, lr")
@@ -71,84 +79,58 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, help="InfoNCE temperature T (default: 0.07 v1, 0.2 v2)")
     p.add_argument("--aug", choices=("moco_v1", "moco_v2", "gersp"), help="augmentation (default: from --version)")
     p.add_argument("--schedule", choices=("step", "cosine"), help="lr schedule (default: from --version)")
-    p.add_argument("--lr-steps", type=int, nargs="+", default=[120, 160], help="epochs of lr x0.1 (step schedule)")
+    p.add_argument("--lr-steps", type=int, nargs="+", help="epochs of lr x0.1 under the step schedule (default: "
+                   "120 160)")
     p.add_argument("--arch", choices=ARCHS, default="resnet50", help="torchvision backbone (resnet18 for CPU)")
     p.add_argument("--dim", type=int, default=128, help="feature dimension of the projector output")
     p.add_argument("--queue", type=int, default=65536, help="K, keys in the queue (a multiple of --batch-size)")
     p.add_argument("--moco-m", type=float, default=0.999, help="momentum m of the key encoder (Eq. 2)")
-    p.add_argument("--bn-group", type=int, default=32, help="samples per BatchNorm group (shuffle-BN, Sec. 3.3)")
+    p.add_argument("--bn-group", type=int, default=32, help="samples per BatchNorm group (shuffle-BN, Sec. 3.3); "
+                   "one process keeps at least 2 groups, so keys never share their queries' statistics")
     p.add_argument("--epochs", type=int, default=200, help="training epochs")
     p.add_argument("--batch-size", type=int, default=256, help="TOTAL batch over all processes")
     p.add_argument("--lr", type=float, default=0.03, help="base learning rate (SGD)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay")
     p.add_argument("--img-size", type=int, default=224, help="crop size of the augmented views")
-    p.add_argument("--workers", type=int, help="data-loading processes per GPU/process (default: CPUs / processes)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
-    p.add_argument("--out", default="runs/moco", help="output folder; a checkpoint there is resumed")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs)")
-    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
-                   "and N steps with the real loader; print one JSON line and exit (nothing is written)")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
-                   "on CUDA, off on CPU")
-    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
+    add_run_flags(p)
     args = p.parse_args(argv)
     args.data = args.data or [data.SYNTHETIC]
     for key, value in VERSIONS[args.version].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.lr_steps is not None and args.schedule != "step":
+        p.error("--lr-steps applies to the step schedule only; add --schedule step or drop --lr-steps")
+    args.lr_steps = args.lr_steps or [120, 160]
     return args
 
 
-def check_args(args, world_size):
-    """Every impossible setting is one sentence before anything runs or is written."""
-    for name in ("epochs", "batch_size", "lr", "queue", "dim", "temperature", "bn_group", "log_every", "max_steps",
-                 "benchmark"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
+def check_args(args, world):
+    """Every impossible setting of the method is one sentence before anything runs or is written."""
+    for name in ("queue", "dim", "temperature", "bn_group"):
+        if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
     if not 0 <= args.moco_m < 1:
         raise UserError(f"--moco-m must be in [0, 1) (got {args.moco_m}).")
     if args.img_size < 32:
         raise UserError(f"--img-size {args.img_size} is too small: a ResNet downsamples by 32.")
-    if args.batch_size % world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes.")
     if args.queue % args.batch_size:
         raise UserError(f"--queue {args.queue} is not a multiple of --batch-size {args.batch_size} (the queue "
                         "takes whole batches).")
-    local = args.batch_size // world_size
+    local = args.batch_size // world
     if local > args.bn_group and local % args.bn_group:
         raise UserError(f"the per-process batch {local} is not a multiple of --bn-group {args.bn_group}.")
-    if os.path.isfile(args.out):
-        raise UserError(f"--out {args.out} is a file; give a folder.")
-
-
-# ------------------------------------------------------------------------------------------------ distributed
-def setup_distributed():
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them, one process."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def init_process_group(world, device):
-    if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
-
-
-@torch.no_grad()
-def gather(x):
-    """Concatenate `x` from all processes along dim 0 (rank order); identity on one process."""
-    if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    if world == 1 and local % 2:
+        raise UserError(f"--batch-size {local} is odd: one process splits it into at least 2 BatchNorm groups.")
 
 
 # ------------------------------------------------------------------------------------------------ model
+def bn_groups(local_batch, bn_group, world):
+    """Sec. 3.3: BatchNorm groups per process. With several processes the key batch is shuffled across them, so one
+    group is enough; one process needs at least two, or keys are normalised over exactly their queries' samples."""
+    return max(local_batch // bn_group, 1 if world > 1 else 2)
+
+
 class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics come from `splits` interleaved sub-batches (samples i, i+s, i+2s...),
     so one process normalises like `splits` GPUs of the official code. Same parameters and state-dict keys."""
@@ -171,16 +153,20 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         return y.view(n, c, h, w)
 
 
-def build_encoder(arch, head, dim, bn_splits):
+class Encoder(nn.Module):
     """torchvision ResNet (fc removed: its keys stay torchvision's) + projector: linear (v1) or 2-layer MLP (v2)."""
-    backbone = torchvision.models.get_model(arch, norm_layer=partial(SplitBatchNorm2d, splits=bn_splits))
-    width = backbone.fc.in_features
-    backbone.fc = nn.Identity()
-    if head == "mlp":
-        projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
-    else:
-        projector = nn.Linear(width, dim)
-    return nn.Sequential(OrderedDict(backbone=backbone, projector=projector))
+
+    def __init__(self, arch, dim, bn_splits, head="mlp"):
+        super().__init__()
+        self.backbone = torchvision.models.get_model(arch, norm_layer=partial(SplitBatchNorm2d, splits=bn_splits))
+        width = self.backbone.fc.in_features
+        self.backbone.fc = nn.Identity()
+        self.projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
+        if head == "linear":
+            self.projector = nn.Linear(width, dim)
+
+    def forward(self, images):
+        return self.projector(self.backbone(images))
 
 
 class MoCo(nn.Module):
@@ -213,15 +199,15 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def keys(self, im_k):
-        """Sec. 3.3 shuffling BN: the key encoder normalises a random subset of the global batch, so the BN
-        statistics of a key never come from the same samples as its query's. Returns (local keys, all keys)."""
+        """Sec. 3.3 shuffling BN: the key encoder normalises a random subset of the global batch, so the BN statistics
+        of a query and of its key come from different subsets. Returns (local keys, all keys in global order)."""
         rank = dist.get_rank() if dist.is_initialized() else 0
         all_images = gather(im_k)
         perm = torch.randperm(len(all_images), device=im_k.device)
         if dist.is_initialized():
             dist.broadcast(perm, 0)
         b = len(im_k)
-        k = F.normalize(self.encoder_k(all_images[perm[rank * b:(rank + 1) * b]]), dim=1)
+        k = F.normalize(self.encoder_k(all_images[perm[rank * b:(rank + 1) * b]]).float(), dim=1)
         shuffled = gather(k)
         all_keys = torch.empty_like(shuffled)
         all_keys[perm] = shuffled  # un-shuffle: all_keys[i] is the key of global sample i
@@ -229,28 +215,29 @@ class MoCo(nn.Module):
 
 
 def info_nce(q, k, queue, temperature):
-    """Eq. 1: L = -log exp(q.k+/T) / (exp(q.k+/T) + sum_i exp(q.k_i/T)); the positive is class 0 of N x (1+K)."""
-    l_pos = (q * k).sum(dim=1, keepdim=True)
-    l_neg = q @ queue.T
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-    labels = torch.zeros(len(q), dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits, labels), logits
+    """Eq. 1: L = -log exp(q.k+/T) / (exp(q.k+/T) + sum_i exp(q.k_i/T)); the positive is class 0 of N x (1+K).
+    In float32 even under autocast: at 1/T = 14 bf16 rounding would show in the logits."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = q.float(), k.float()
+        logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.float().T], dim=1) / temperature
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device)), logits
 
 
 # ------------------------------------------------------------------------------------------------ training
 def train_step(model, query_encoder, im_q, im_k, optimizer, scaler, amp_dtype):
-    """Algorithm 1 of the paper: queries with gradient, keys without, InfoNCE, SGD, momentum update, enqueue."""
-    with torch.autocast(im_q.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        q = F.normalize(query_encoder(im_q), dim=1)
+    """Algorithm 1 of the paper: queries with gradient, keys without, InfoNCE, SGD, momentum update, enqueue.
+    Returns (loss, top-1 of the positive key among the queue's in %)."""
+    with autocast(im_q.device, amp_dtype):
+        q = F.normalize(query_encoder(im_q).float(), dim=1)
         k, all_keys = model.keys(im_k)
-        loss, logits = info_nce(q.float(), k.float(), model.queue, model.temperature)
+    loss, logits = info_nce(q, k, model.queue, model.temperature)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     model.momentum_update()
     model.enqueue(all_keys)
-    return loss.detach(), logits.detach()
+    return torch.stack([loss, (logits.argmax(1) == 0).float().mean() * 100]).detach()
 
 
 def lr_at(args, epoch):
@@ -260,6 +247,175 @@ def lr_at(args, epoch):
     return args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.lr_steps)
 
 
+def wire(args, ctx):
+    """MoCo on the loop below: the model, SGD, the two-view loader; a step logs the loss and the top-1 of the
+    positive among the queue; the query encoder's backbone is exported; the floor is the two encoders' passes."""
+    paths = data.list_images(args.data)
+    data.check_readable(paths, seed=args.seed)
+    local_batch = args.batch_size // ctx.world
+    encoder = Encoder(args.arch, args.dim, bn_groups(local_batch, args.bn_group, ctx.world), args.head)
+    model = MoCo(encoder, args.queue, args.dim, args.moco_m, args.temperature).to(ctx.device)
+    query_encoder = ddp(model.encoder_q)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.wd, fused=ctx.device.type == "cuda")  # one kernel for the update
+    dataset = data.ImageDataset(paths, transform=data.TwoViews(data.augmentation(args.aug, args.img_size)),
+                                seed=args.seed)
+    loader = make_loader(dataset, args, ctx, args.seed)
+
+    def schedule(step):
+        return {"lr": lr_at(args, step // loader.sampler.batches_per_epoch())}
+
+    def step(inputs, step):
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step)["lr"]
+        return train_step(model, query_encoder, *inputs, optimizer, ctx.scaler, ctx.amp_dtype)
+
+    def synthetic():
+        return [torch.randn(local_batch, 3, args.img_size, args.img_size, device=ctx.device) for _ in range(2)]
+
+    def floor(inputs):
+        with autocast(ctx.device, ctx.amp_dtype):
+            model.encoder_q(inputs[0]).float().sum().backward()
+            with torch.no_grad():
+                model.encoder_k(inputs[1])
+
+    return Wiring(name=f"moco {args.version}", summary=f"{len(paths)} images", model=model, optimizer=optimizer,
+                  loader=loader, step=step, logged=("loss", "acc"), schedule=schedule,
+                  backbone=model.encoder_q.backbone, images_per_step=args.batch_size, synthetic=synthetic, floor=floor)
+
+
+# =================================================================================================================
+# PLUMBING: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
+# equal: a fix lands in all four). The method above meets it in wire(); below are the shared flags, processes, the
+# loop (log, ETA, NaN, unreadable images, kNN monitor), checkpoints and exact resume, signals, --benchmark, main.
+# =================================================================================================================
+SCRIPT = os.path.basename(__file__)
+METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
+
+
+@dataclass
+class Wiring:
+    """What a method's wire() hands to the loop."""
+    name: str  # the run's name in the progress line and the benchmark report
+    summary: str  # what it trains on, for the start line
+    model: nn.Module  # its state_dict is the checkpoint's "model": every network, queue, centre
+    optimizer: torch.optim.Optimizer
+    loader: Iterable  # (inputs, labels, unreadable files skipped) batches; loader.sampler is a data.EpochSampler
+    step: Callable  # step(inputs, step) -> 1-D tensor of the `logged` values, loss first; no host-device sync
+    logged: tuple  # the names of those values in log.jsonl
+    schedule: Callable  # schedule(step) -> {name: value}, logged beside them
+    backbone: nn.Module  # exported as backbone.pth (torchvision's keys) and probed by --monitor
+    images_per_step: int  # for images/s
+    synthetic: Callable  # --benchmark: synthetic() -> the inputs of one step, made on the device
+    floor: Callable  # --benchmark: floor(inputs) runs the backbone passes of a step and nothing else
+    config: dict = field(default_factory=dict)  # what data.build_model needs besides the arch (a ViT's sizes)
+    finish: Optional[Callable] = None  # rank 0, after the last step (--vis); returns a line to print
+
+
+class Context(NamedTuple):
+    """This process: its rank among `world` processes, its device, the autocast dtype (None: off) and the scaler."""
+    rank: int
+    world: int
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    scaler: torch.amp.GradScaler
+
+
+def add_run_flags(p):
+    """The flags every pre-training script shares (../shared/CONVENTIONS.md), after the method's own."""
+    p.add_argument("--workers", type=int, help="data-loading processes per process (default: CPUs / processes, "
+                   "at most 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
+    p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
+    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
+                   "on CUDA, off on CPU")
+    p.add_argument("--monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): rank 0 "
+                   "logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
+    p.add_argument("--monitor-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
+                   "and the end)")
+    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
+                   "and N steps with the real loader; print one JSON line and exit (nothing is written)")
+
+
+def check_run_args(args, world):
+    """The shared flags, one sentence each, before anything runs; check_args() above checks the method's."""
+    for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "benchmark", "monitor_every"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
+    data.check_out_dir(args.out)
+    if args.monitor:
+        data.labeled_images(args.monitor)  # on every process: a bad folder stops them all
+
+
+# ------------------------------------------------------------------------------------------------ processes
+def setup(args):
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them). Every check and the
+    checkpoint to resume come before the process group (NCCL on CUDA, gloo on CPU) and before any file is written."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    check_run_args(args, world)
+    check_args(args, world)
+    ckpt = None if args.benchmark else load_checkpoint(args)
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16,
+                 "off": None}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return Context(rank, world, device, amp_dtype, scaler), ckpt
+
+
+def autocast(device, amp_dtype):
+    """bf16 / fp16 autocast on `device`, or none (amp_dtype None)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def ddp(module, **kwargs):
+    """`module` wrapped for data parallelism when several processes run, else itself."""
+    return DDP(module, **kwargs) if dist.is_initialized() else module
+
+
+class Gather(torch.autograd.Function):
+    """all_gather; backward: each process gets the sum over processes of its slice's gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every process's loss sends gradient to every process's features
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(x):
+    """`x` of every process along dim 0 in rank order; differentiable, so DDP's average of the gradients equals one
+    process's gradient on the whole batch. Identity on one process."""
+    return Gather.apply(x) if dist.is_initialized() else x
+
+
+def make_loader(dataset, args, ctx, seed, sampler=None):
+    """Batches of this process's share of each global batch (by default data.EpochSampler's: a permutation per
+    epoch, the last incomplete batch dropped)."""
+    sampler = sampler or data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, seed)
+    workers = args.workers if args.workers is not None else min(
+        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return DataLoader(dataset, batch_size=args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker,
+                      generator=torch.Generator().manual_seed(seed))  # leaves the global RNG to the model
+
+
 def quiet_worker(worker_id):
     """Data workers ignore SIGTERM / Ctrl-C sent to the whole process group (schedulers, a terminal), so the main
     process can finish its step and save a checkpoint before it shuts them down."""
@@ -267,22 +423,250 @@ def quiet_worker(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def to_device(batch, device):
+    """A tensor, or lists and tuples of them, on `device` (copied asynchronously from pinned memory)."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(x, device) for x in batch)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def load_checkpoint(args):
+    """The checkpoint under --out, or None. weights_only=True: it can hold tensors and plain values, never code."""
+    path = os.path.join(args.out, "checkpoint.pth")
+    if not os.path.exists(path):
+        return None
+    ckpt = data.load_weights_only(path, fix="move it away to start afresh")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        raise UserError(f"{path} is not a {SCRIPT} checkpoint; use another --out.")
+    changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
+    if changed:
+        raise UserError(f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
+                        "values to resume, or another --out.")
+    return ckpt
+
+
+def restore(run, ckpt, ctx):
+    """The checkpoint's state in the wired run; each process continues its own random stream (same world size)."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    ctx.scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == ctx.world:
+        torch.set_rng_state(ckpt["rng"][ctx.rank]["cpu"])
+        if "cuda" in ckpt["rng"][ctx.rank] and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][ctx.rank]["cuda"], ctx.device)
+    return ckpt["step"]
+
+
+def save(run, args, ctx, step, epoch):
+    """checkpoint.pth (the whole state, every process's RNG included) and backbone.pth (torchvision's keys: the file
+    users share), written atomically by rank 0."""
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(ctx.device)} if
+                                             ctx.device.type == "cuda" else {})}
+    rngs = [rng] * ctx.world
+    if ctx.world > 1:
+        dist.all_gather_object(rngs, rng)
+    if ctx.rank == 0:
+        prefix = next(name for name, module in run.model.named_modules() if module is run.backbone) + "."
+        save_atomic({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                     "scaler": ctx.scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
+                     "rng": rngs, "arch": args.arch, "method": METHOD, "config": run.config,
+                     "backbone_prefix": prefix}, os.path.join(args.out, "checkpoint.pth"))
+        save_atomic({"arch": args.arch, "method": METHOD, "config": run.config,
+                     "state_dict": run.backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
+    if ctx.world > 1:
+        dist.barrier()
+
+
 def save_atomic(obj, path):
     """Write to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    with open(f"{path}.tmp", "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(f"{path}.tmp", path)
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     os.fsync(dir_fd)
     os.close(dir_fd)
 
 
-def load_checkpoint(path):
-    """weights_only=True (data.load_weights_only): a checkpoint can hold tensors and plain values, never code."""
-    return data.load_weights_only(path, fix="move it away to start afresh")
+# ------------------------------------------------------------------------------------------------ the loop
+def train(args):
+    """Wire the method, resume it, run it to the last step; SIGTERM / Ctrl-C stop it cleanly at a step."""
+    ctx, ckpt = setup(args)
+    torch.manual_seed(args.seed)  # the same initial weights (and queue) on every process
+    run = wire(args, ctx)
+    sampler, steps_per_epoch = run.loader.sampler, run.loader.sampler.batches_per_epoch()
+    if steps_per_epoch == 0:
+        raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
+    torch.manual_seed(args.seed + ctx.rank)  # masks, shuffles, drop path: each process its own
+    step = restore(run, ckpt, ctx) if ckpt else 0
+    if args.benchmark:
+        return benchmark(run, args, ctx)
+    run.model.train()
+    monitor = data.KnnMonitor(args.monitor, args.img_size, args.seed) if args.monitor and ctx.rank == 0 else None
+    stop_signal, progress = catch_stop_signals(), Progress(run, args, ctx, step, resumed=ckpt is not None)
+    if monitor and step == 0:
+        progress.knn(monitor, 0, 0)  # random init: where the curve starts
+    stopping = False
+    while step < progress.last_step and not stopping:
+        epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
+        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        for inputs, _, n_skipped in run.loader:
+            progress.add(run.step(to_device(inputs, ctx.device), step))
+            step, skipped = step + 1, skipped + n_skipped.sum()
+            signalled = ctx.world == 1 and stop_signal  # one process stops at once; DDP at a log step
+            if step % args.log_every and step % steps_per_epoch and step < progress.last_step and not signalled:
+                continue
+            stopping = progress.report(step, epoch, bool(stop_signal))
+            if stopping or step >= progress.last_step:
+                break
+        progress.count_skipped(skipped, step, epoch, first_step)
+        if monitor and not stopping and (step >= progress.last_step or (epoch + 1) % args.monitor_every == 0):
+            progress.knn(monitor, step, epoch)
+        save(run, args, ctx, step, epoch)
+        progress.last_saved = step
+    progress.finish(step, stopping)
+    if ctx.world > 1:
+        dist.destroy_process_group()
+
+
+def catch_stop_signals():
+    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and exits; a second one: at once.
+    Returns the list the signals are appended to."""
+    received = []
+
+    def request_stop(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return received
+
+
+class Progress:
+    """args.json, log.jsonl and the progress line, by rank 0: window means of the step's values (read back at log
+    steps only: the loop's one host-device sync) checked for NaN, images/s, peak memory, ETA; kNN; unreadable files."""
+
+    def __init__(self, run, args, ctx, step, resumed):
+        self.run, self.args, self.ctx, self.last_saved = run, args, ctx, step if resumed else None
+        total = args.epochs * run.loader.sampler.batches_per_epoch()
+        self.last_step = total if args.max_steps is None else min(total, args.max_steps)
+        self.sums, self.steps, self.skipped, self.start_step = 0, 0, 0, step
+        self.start = self.window_start = time.time()
+        if ctx.rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+            self.log = open(os.path.join(args.out, "log.jsonl"), "a")
+        self.say(f"{run.summary}, {run.loader.sampler.batches_per_epoch()} steps/epoch, {ctx.world} process(es) on "
+                 f"{ctx.device.type}, {'resuming at step %d' % step if step else 'starting'}", sep=": ")
+
+    def say(self, text, sep=" | "):
+        if self.ctx.rank == 0:
+            print(f"{self.run.name}{sep}{text}", flush=True)
+
+    def record(self, **fields):
+        if self.ctx.rank == 0:
+            self.log.write(json.dumps(fields) + "\n")
+            self.log.flush()
+
+    def add(self, values):
+        self.sums, self.steps = self.sums + values.detach().float(), self.steps + 1
+
+    def report(self, step, epoch, stop_requested):
+        """Log the window's means; True when any process was asked to stop."""
+        stats = torch.cat([self.sums / self.steps, torch.tensor([float(stop_requested)], device=self.ctx.device)])
+        if self.ctx.world > 1:
+            dist.all_reduce(stats)
+            stats /= self.ctx.world
+        *values, stop_votes = stats.tolist()
+        if not math.isfinite(values[0]):
+            where = f"at step {step}" if self.steps == 1 else f"in steps {step - self.steps + 1}-{step}"
+            saved = os.path.join(self.args.out, "checkpoint.pth") + f" (step {self.last_saved})"
+            raise FloatingPointError(f"the loss became {values[0]} {where}; the last good checkpoint is "
+                                     f"{saved if self.last_saved else 'none'}, left as it was. Lower --lr or use "
+                                     "--amp off.")
+        now, memory = time.time(), peak_memory_gb(self.ctx.device)
+        images_per_s = self.steps * self.run.images_per_step / (now - self.window_start)
+        eta = (now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)
+        logged, schedule = dict(zip(self.run.logged, values)), self.run.schedule(step - 1)
+        self.record(epoch=epoch, step=step, **{k: round(v, 5) for k, v in logged.items()}, **schedule,
+                    images_per_s=round(images_per_s, 1), peak_mem_gb=round(memory, 3))
+        self.say(f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | " + " | ".join(
+            [f"{k} {v:.5g}" for k, v in logged.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()]) +
+            f" | {images_per_s:.1f} img/s | mem {memory:.2f} GB | eta {format_eta(eta)}")
+        self.sums, self.steps, self.window_start = 0, 0, time.time()
+        return stop_votes > 0
+
+    def count_skipped(self, skipped, step, epoch, first_step):
+        """Unreadable images of the epoch, summed over processes; more than half of those read is an error."""
+        if self.ctx.world > 1:
+            skipped = skipped.to(self.ctx.device)  # NCCL reduces CUDA tensors only
+            dist.all_reduce(skipped)
+        skipped, seen = int(skipped), (step - first_step) * self.run.images_per_step
+        self.skipped += skipped
+        if skipped:
+            self.record(epoch=epoch, step=step, skipped_images=skipped)
+            self.say(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)")
+        if skipped > seen // 2:
+            raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check the "
+                            "dataset.")
+
+    def knn(self, monitor, step, epoch):
+        """--monitor: the kNN top-1 of the backbone now (rank 0; eval mode, no random draw: training is unchanged)."""
+        start = time.time()
+        top1 = monitor.top1(self.run.backbone, self.ctx.device, self.ctx.amp_dtype)
+        self.record(epoch=epoch, step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))
+        self.say(f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)")
+
+    def finish(self, step, stopping):
+        checkpoint, backbone = (os.path.join(self.args.out, f) for f in ("checkpoint.pth", "backbone.pth"))
+        if stopping:
+            self.say(f"stopped by a signal at step {step}; {checkpoint} resumes it")
+        if self.skipped:
+            self.say(f"{self.skipped} unreadable image(s) were skipped in this run")
+        if not stopping and self.run.finish and self.ctx.rank == 0:
+            self.say(self.run.finish())
+        if not stopping:
+            self.say(f"done at step {step}: backbone in {backbone}")
+        if self.ctx.rank == 0:
+            self.log.close()
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def format_eta(seconds):
+    days, rest = divmod(int(seconds), 86400)
+    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+def benchmark(run, args, ctx):
+    """--benchmark N: N steps on synthetic inputs already on the device, N of their compute floor (the backbone
+    passes alone), then N steps fed by the real loader; rank 0 prints one JSON line. Nothing is written."""
+    inputs = run.synthetic()
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    step_s = timed(lambda: run.step(inputs, 0), args.benchmark, ctx.device)
+    peak = peak_memory_gb(ctx.device)
+    floor_s = timed(lambda: run.floor(inputs), args.benchmark, ctx.device)
+    batches = itertools.chain.from_iterable(itertools.repeat(run.loader))  # as many epochs as the timing needs
+    loader_s = timed(lambda: run.step(to_device(next(batches)[0], ctx.device), 0), args.benchmark, ctx.device)
+    if ctx.rank == 0:
+        print(json.dumps({"method": run.name, "arch": args.arch, "img_size": args.img_size,
+                          "batch_size": args.batch_size, "processes": ctx.world, "device": ctx.device.type,
+                          "amp": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "off",
+                          "images_per_s": round(run.images_per_step / step_s, 1), "step_s": round(step_s, 4),
+                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
+                          "peak_mem_gb": round(peak, 3), "workers": run.loader.num_workers,
+                          "loader_images_per_s": round(run.images_per_step / loader_s, 1)}), flush=True)
 
 
 def timed(fn, steps, device):
@@ -303,230 +687,18 @@ def timed(fn, steps, device):
     return (time.perf_counter() - start) / steps
 
 
-def benchmark(args, model, query_encoder, optimizer, scaler, amp_dtype, loader, device, world):
-    """--benchmark N: the training step on synthetic tensors already on the device, against its compute floor (the
-    query encoder's forward + backward and the key encoder's forward on the same batch, nothing else), then the
-    step fed by the real loader. Prints one JSON line (rank 0)."""
-    local = args.batch_size // world
-    im_q, im_k = (torch.randn(local, 3, args.img_size, args.img_size, device=device) for _ in range(2))
-    autocast = partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-
-    def floor():
-        with autocast():
-            model.encoder_q(im_q).float().sum().backward()
-            with torch.no_grad():
-                model.encoder_k(im_k)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step_s = timed(lambda: train_step(model, query_encoder, im_q, im_k, optimizer, scaler, amp_dtype),
-                   args.benchmark, device)
-    peak = peak_memory_gb(device)
-    floor_s = timed(floor, args.benchmark, device)
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # as many epochs as the timing needs
-
-    def loader_step():
-        (q, k), _, _ = next(batches)
-        train_step(model, query_encoder, q.to(device, non_blocking=True), k.to(device, non_blocking=True), optimizer,
-                   scaler, amp_dtype)
-
-    loader_s = timed(loader_step, args.benchmark, device)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps({"method": f"moco {args.version}", "arch": args.arch, "img_size": args.img_size,
-                          "batch_size": args.batch_size, "processes": world, "device": device.type,
-                          "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-                          "images_per_s": round(args.batch_size / step_s, 1), "step_s": round(step_s, 4),
-                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
-                          "peak_mem_gb": round(peak, 3), "workers": loader.num_workers,
-                          "loader_images_per_s": round(args.batch_size / loader_s, 1)}), flush=True)
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def format_eta(seconds):
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-
-
-def train(args):
-    rank, world, device = setup_distributed()
-    check_args(args, world)
-    paths = data.list_images(args.data)
-    data.check_readable(paths, seed=args.seed)
-    if len(paths) < args.batch_size:
-        raise UserError(f"the dataset has {len(paths)} images, fewer than one batch of {args.batch_size}.")
-    ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) and not args.benchmark else None
-    if ckpt is not None:
-        changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
-        if changed:
-            raise UserError(f"{ckpt_path} was written with other --{', --'.join(changed).replace('_', '-')}; "
-                            "use the same values to resume, or another --out.")
-    init_process_group(world, device)
-    amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
-                 "fp16": torch.float16, "off": None}[args.amp]
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    local_batch = args.batch_size // world
-    torch.manual_seed(args.seed)  # the same initial weights and queue on every process
-    model = MoCo(build_encoder(args.arch, args.head, args.dim, max(1, local_batch // args.bn_group)),
-                 args.queue, args.dim, args.moco_m, args.temperature).to(device)
-    query_encoder = DDP(model.encoder_q) if world > 1 else model.encoder_q
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.wd, fused=device.type == "cuda")  # one kernel for the update
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-    torch.manual_seed(args.seed + rank)
-    if ckpt is not None and rank == 0:  # rank 0 draws the only model-side randomness: the shuffle permutation
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-
-    dataset = data.ImageDataset(paths, transform=data.TwoViews(data.augmentation(args.aug, args.img_size)),
-                                seed=args.seed)
-    sampler = data.EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
-    workers = args.workers if args.workers is not None else min(
-        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker,
-                        generator=torch.Generator().manual_seed(args.seed))  # leaves the global RNG to the model
-    steps_per_epoch = sampler.batches_per_epoch()
-    total_steps = args.epochs * steps_per_epoch
-    last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    if args.benchmark:
-        return benchmark(args, model, query_encoder, optimizer, scaler, amp_dtype, loader, device, world)
-
-    def save(epoch):
-        if rank == 0:
-            os.makedirs(args.out, exist_ok=True)
-            rng = {"cpu": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
-                         "rng": rng, "arch": args.arch, "method": "moco", "backbone_prefix": "encoder_q.backbone."},
-                        ckpt_path)
-            save_atomic({"arch": args.arch, "method": "moco", "state_dict": model.encoder_q.backbone.state_dict()},
-                        os.path.join(args.out, "backbone.pth"))
-        if world > 1:
-            dist.barrier()
-
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum  # SIGTERM / Ctrl-C: finish the step, save a checkpoint, exit
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        print(f"moco {args.version}: {len(paths)} images, {steps_per_epoch} steps/epoch, {world} process(es) on "
-              f"{device.type}, {'resuming at step %d' % step if step else 'starting'}", flush=True)
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
-    model.train()
-    loss_sum, skipped = torch.zeros((), device=device), torch.zeros((), dtype=torch.long)
-    window_start, window_steps, run_start, run_start_step = time.time(), 0, time.time(), step
-    last_saved, stopping = (step if ckpt is not None else None), False
-    while step < last_step and not stopping:
-        epoch = step // steps_per_epoch
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(args, epoch)
-        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
-        epoch_skipped, epoch_start_step = torch.zeros((), dtype=torch.long), step
-        for (im_q, im_k), _, n_skipped in loader:
-            im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
-            loss, logits = train_step(model, query_encoder, im_q, im_k, optimizer, scaler, amp_dtype)
-            step += 1
-            window_steps += 1
-            loss_sum += loss
-            epoch_skipped += n_skipped.sum()
-            end_of_epoch = step % steps_per_epoch == 0
-            signalled = world == 1 and stop["signal"] is not None  # one process stops at once; DDP at a log step
-            if step % args.log_every and not end_of_epoch and step < last_step and not signalled:
-                continue
-            # ---- log step: the only host-device sync of the loop
-            stats = torch.stack([loss_sum / window_steps, (logits.argmax(1) == 0).float().mean() * 100,
-                                 torch.tensor(float(stop["signal"] is not None), device=device)])
-            if world > 1:
-                dist.all_reduce(stats)
-                stats /= world
-            mean_loss, accuracy, stop_votes = stats.tolist()
-            if not math.isfinite(mean_loss):
-                where = f"at step {step}" if window_steps == 1 else f"in steps {step - window_steps + 1}-{step}"
-                raise FloatingPointError(
-                    f"the loss became {mean_loss} {where}; the last good "
-                    f"checkpoint is {ckpt_path + ' (step %d)' % last_saved if last_saved else 'none'}, left as it "
-                    "was. Lower --lr or use --amp off.")
-            now = time.time()
-            images_per_s = window_steps * args.batch_size / (now - window_start)
-            if rank == 0:
-                eta = (now - run_start) / max(step - run_start_step, 1) * (last_step - step)
-                record = {"epoch": epoch, "step": step, "loss": round(mean_loss, 5), "acc": round(accuracy, 2),
-                          "lr": optimizer.param_groups[0]["lr"], "images_per_s": round(images_per_s, 1),
-                          "peak_mem_gb": round(peak_memory_gb(device), 3)}
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                print(f"moco | ep {epoch + 1}/{args.epochs} | step {step}/{last_step} | loss {mean_loss:.4f} | "
-                      f"acc {accuracy:.1f}% | lr {record['lr']:.4g} | {images_per_s:.0f} img/s | "
-                      f"mem {record['peak_mem_gb']:.2f} GB | eta {format_eta(eta)}", flush=True)
-            loss_sum.zero_()
-            window_start, window_steps = time.time(), 0
-            stopping = stop_votes > 0
-            if stopping or step >= last_step:
-                break
-        if world > 1:
-            epoch_skipped = epoch_skipped.to(device)  # NCCL reduces CUDA tensors only
-            dist.all_reduce(epoch_skipped)
-        skipped += epoch_skipped.cpu()
-        if rank == 0 and epoch_skipped > 0:
-            log_file.write(json.dumps({"epoch": epoch, "step": step, "skipped_images": int(epoch_skipped)}) + "\n")
-            print(f"moco | epoch {epoch + 1}: skipped {int(epoch_skipped)} unreadable image(s)", flush=True)
-        seen = (step - epoch_start_step) * args.batch_size
-        if epoch_skipped > seen // 2:
-            raise UserError(f"{int(epoch_skipped)} of the {seen} images read in epoch {epoch + 1} could not be "
-                            "opened; check the dataset.")
-        save(epoch)
-        last_saved = step
-        if stopping and rank == 0:
-            print(f"moco | stopped by a signal at step {step}; {ckpt_path} resumes it", flush=True)
-    if rank == 0:
-        if skipped > 0:
-            print(f"moco | {int(skipped)} unreadable image(s) were skipped in this run", flush=True)
-        if not stopping:
-            print(f"moco | done at step {step}: backbone in {os.path.join(args.out, 'backbone.pth')}", flush=True)
-        log_file.close()
-    if world > 1:
-        dist.destroy_process_group()
-
-
 def main(argv=None):
+    """Bad input: one sentence and exit code 2; a non-finite loss: exit code 1; the signal handlers are restored."""
     args = get_args(argv)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
     try:
         train(args)
     except UserError as err:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"moco.py: error: {err}", file=sys.stderr)
+            print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as err:
-        print(f"moco.py: error: {err}", file=sys.stderr)
+        print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(1)
     finally:
         for s, handler in handlers.items():

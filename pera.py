@@ -8,28 +8,29 @@ whose pixels the student predicts) and the teacher part t. Both networks run on 
     python pera.py --data synthetic --arch vit_tiny --img-size 32 --patch-size 8 --batch-size 32 --epochs 2 \
         --local-crops 2 --warmup-epochs 0 --teacher-temp-epochs 1 --vis runs/pera/vis.png
     python pera.py --data /data/million_aid                                   # one GPU, the paper's recipe (ViT-B/16)
-    torchrun --nproc_per_node=8 pera.py --data /data/million_aid --data /data/tov
-    torchrun --nproc_per_node=2 pera.py --data synthetic --arch vit_tiny --img-size 32 --patch-size 8 --batch-size 32
-    python pera.py ... --benchmark 20 [--dense]   # step time and memory, sparse or Table 10's full-length baseline
+    torchrun --nproc_per_node=8 pera.py --data /data/million_aid --img-size 448 --mask-ratios 0.2 0.2 0.6 \
+        --mse-weight 7.68 --koleo-weight 0.1      # the authors' ViT-B config (448 px global, 96 px local crops)
+    python pera.py ... --benchmark 20 [--dense]   # step time and memory, sparse or full-length (Table 10)
 
 Paper -> code
     Eq. 1-3  disjoint masks s / l / t, U = s + l + t .............................. disjoint_masks(), mask_counts()
     Sec. 3.2.2  aligned views: one crop + flips, two colourings ................... AlignedMultiCrop
     Fig. 2b  sparse student, mask tokens join halfway; sparse teacher ............. encode(), PerA
-    Eq. 4  pixel MSE of the predictor q at l ...................................... train_step(), patchify()
+    Eq. 4  pixel MSE of the predictor q at l ...................................... pixel_loss()
     Eq. 5-6  [cls] cross-entropy with temperatures ................................ cls_loss(), teacher_targets()
     Eq. 7  centre c <- n c + (1 - n) batch mean of the teacher .................... update_center()
-    Eq. 8  KoLeo .................................................................. koleo()
+    Eq. 8  KoLeo (float32, outside autocast) ...................................... koleo()
     Eq. 9  L = C1 L_cls + C2 L_MSE + C3 L_KoLeo ................................... train_step()
     Eq. 10  teacher = EMA of the student .......................................... PerA.ema_update()
-    Sec. 3.2.3  the teacher encoder is the backbone ............................... backbone.pth in train()
+    Sec. 3.2.3  the teacher encoder is the backbone ............................... wire(): backbone
     Sec. 4.1  warm-up + cosine lr, rising wd / momentum, drop path ................ schedules(), block_forward()
     Fig. 4b  partition and reconstruction pictures (--vis) ........................ save_visualisation()
 
 Stated by the paper and taken: s/l/t 0.3/0.2/0.5, C1-C3 1.0/0.1/0.01, student temperature 0.1, teacher temperature
-warm-up 30 epochs, lr warm-up 20 epochs, drop path 0.3, 200 epochs, total batch 192, AdamW, patch 16, multi-crop.
+warm-up 30 epochs, lr warm-up 20 epochs, drop path 0.3, 200 epochs, total batch 192, AdamW, patch 16, multi-crop,
+131,072 prototypes (Sec. 4.1, and the authors' ViT-B config).
 Where the paper is silent or contradicts itself, the authors' code (the flag gives the alternative):
-    - Mask tokens (+ position embedding) join the student before block depth // 2 ("halfway"; --dense: block 0).
+    - Mask tokens (+ position embedding) join the student before block depth // 2 ("halfway").
     - The code's ratios are 0.2/0.2/0.6 (best of Table 13 with 0.2/0.3/0.5): --mask-ratios 0.2 0.2 0.6.
     - L_MSE is a mean over all values (Eq. 4); the code sums a patch's p*p*3 values, x 0.01 = --mse-weight 7.68 (p 16).
     - The code's KoLeo weight is 0.1 (--koleo-weight 0.1); the paper's 0.01 is taken.
@@ -38,21 +39,25 @@ Where the paper is silent or contradicts itself, the authors' code (the flag giv
     - Teacher temperature 0.03 -> 0.05 (--warmup-teacher-temp, --teacher-temp); centre momentum 0.9 (Eq. 7's n).
     - The centre averages all crops of the global batch; KoLeo (eps 1e-8) on each global crop's head outputs, summed.
     - Heads g and q: GELU MLP 2048-2048-384 (--head-hidden, --head-bottleneck), L2 norm, weight-normed last layer.
-    - --out-dim: 131,072 is for the paper's ViT-G; default 65,536 (DINOv2's), 8,192 for vit_tiny (CPU, small data).
     - lr 1e-3 at any batch size, warm-up from 0, cosine to --min-lr 1e-6; all schedules stepped per iteration.
     - Weight decay cosine 0.04 -> 0.2 on every parameter (biases, norms too); teacher momentum cosine 0.992 -> 1.
     - AdamW betas (0.9, 0.999), eps 2e-5; gradient clipping at global norm 3.0 (--clip-grad 0 = off).
     - Drop path uniform over the student's blocks, per sample; none in the teacher.
-    - 2 global crops (scale 0.4-1) and --local-crops 8 of --local-size (96 px at 224), scale 0.05-0.4, all pairs.
+    - 2 global crops (scale 0.4-1) and --local-crops 8 of 96 px (--local-size), scale 0.05-0.4, all pairs.
     - Shared horizontal AND vertical flips; student colour p=0.8: grayscale (0.1) or ColorJitter(0.4, 0.4, 0.2, 0.1).
     - Teacher colour: the same jitter with p=0.1. No blur, no solarisation (Sec. 4.1 lists none either).
     - Local crops are split into s and t too (their l patches dropped); their position embeddings bicubic-resized.
-    - Default --arch vit_base (the paper's comparisons, Tables 9-13; its ViT-G has no torchvision preset).
-    - Short CPU runs of vit_tiny (README, Results) need --drop-path 0 and the code's loss weights (--mse-weight 1.92
-      at p 8, --koleo-weight 0.1): with the paper's 0.3 / 0.1 / 0.01 the teacher probes below random init.
-Choices of this file: masks are drawn on the device each step and every process's RNG state is checkpointed;
-augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit; --dense runs both
-networks on full-length sequences (Table 10's DINOv2 baseline, for time and memory only).
+Choices of this file:
+    - --arch vit_base (the paper's comparisons, Tables 9-13; its ViT-G has no torchvision preset) on 224 px global
+      crops, a quarter of the tokens of the code's 448; local crops of 96 px, at most 3/7 of a smaller --img-size.
+    - --out-dim 8,192 for vit_tiny; its short CPU runs (README) need --drop-path 0 and the code's loss weights
+      (--mse-weight 1.92 at p 8, --koleo-weight 0.1): with the paper's the teacher probes below random init.
+    - --dense is full-length PerA (both networks on every patch from block 0), Table 10's comparison of sequence
+      lengths for time and memory; not the paper's DINOv2 baseline (teacher on global crops only, an iBOT head).
+    - Masks are drawn on the device; crops are seeded by (seed, epoch, image index) and every process's RNG state
+      is checkpointed, so a resumed run continues bit-for-bit.
+Everything below the PLUMBING banner (flags every script shares, processes, the loop, checkpoints, --benchmark,
+--monitor) is the same text in moco.py, gersp.py, pera.py and preco.py.
 """
 import copy
 import itertools
@@ -63,16 +68,16 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Callable, Iterable, NamedTuple, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -80,22 +85,21 @@ import data
 from data import UserError
 
 ARCHS = tuple(data.VIT_SIZES)  # vit_tiny / vit_small / vit_base: torchvision VisionTransformer, 12 blocks
-OUT_DIMS = {"vit_tiny": 8192, "vit_small": 65536, "vit_base": 65536}  # --out-dim default per arch
+OUT_DIMS = {"vit_tiny": 8192, "vit_small": 131072, "vit_base": 131072}  # --out-dim default per arch
 GLOBAL_CROPS = 2
 RESUME_MUST_MATCH = ("arch", "patch_size", "img_size", "local_size", "local_crops", "out_dim", "head_hidden",
                      "head_bottleneck", "batch_size", "data", "seed", "dense")
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(prog=os.path.basename(__file__),
-                            description="PerA pre-training (see the module docstring).")
+    p = data.ArgumentParser(prog=SCRIPT, description="PerA pre-training (see the module docstring).")
     p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")
     p.add_argument("--arch", choices=ARCHS, default="vit_base", help="torchvision ViT (vit_tiny for CPU)")
     p.add_argument("--patch-size", type=int, default=16, help="ViT patch size (8 suits 64 px images)")
     p.add_argument("--img-size", type=int, default=224, help="size of the global crops (and of the exported ViT)")
-    p.add_argument("--local-size", type=int, help="size of the local crops (default: 3/7 of --img-size rounded to "
-                   "a multiple of --patch-size, 96 at 224)")
+    p.add_argument("--local-size", type=int, help="size of the local crops (default: 96, the authors', or 3/7 of a "
+                   "smaller --img-size; a multiple of --patch-size)")
     p.add_argument("--local-crops", type=int, default=8, help="local crop pairs per image (multi-crop; 0 = none)")
     p.add_argument("--global-scale", type=float, nargs=2, default=[0.4, 1.0], metavar=("MIN", "MAX"),
                    help="area range of the global crops")
@@ -103,18 +107,17 @@ def get_args(argv=None):
                    help="area range of the local crops")
     p.add_argument("--mask-ratios", type=float, nargs=3, default=[0.3, 0.2, 0.5], metavar=("S", "L", "T"),
                    help="disjoint mask ratios of the student, learnable and teacher parts (Eq. 1-3); sum 1")
-    p.add_argument("--dense", action="store_true", help="full-length sequences for both networks (Table 10's "
-                   "DINOv2 baseline for time and memory; not PerA)")
-    p.add_argument("--out-dim", type=int, help="DINO head prototypes (paper: 131072 for ViT-G; default 65536, "
-                   "8192 for vit_tiny)")
+    p.add_argument("--dense", action="store_true", help="full-length PerA: both networks on every patch from "
+                   "block 0 (Table 10's comparison of sequence lengths, for time and memory)")
+    p.add_argument("--out-dim", type=int, help="DINO head prototypes (default: 131072, the paper's; 8192 for "
+                   "vit_tiny)")
     p.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the head and predictor MLPs")
     p.add_argument("--head-bottleneck", type=int, default=384, help="bottleneck width before the last layer")
     p.add_argument("--drop-path", type=float, default=0.3, help="stochastic depth rate of the student's blocks")
     p.add_argument("--student-temp", type=float, default=0.1, help="student temperature tpt_s (Eq. 5)")
     p.add_argument("--teacher-temp", type=float, default=0.05, help="teacher temperature tpt_t after its warm-up")
     p.add_argument("--warmup-teacher-temp", type=float, default=0.03, help="teacher temperature at step 0")
-    p.add_argument("--teacher-temp-epochs", type=int, default=30, help="epochs of the linear teacher temperature "
-                   "warm-up (shorten it for short runs)")
+    p.add_argument("--teacher-temp-epochs", type=int, default=30, help="epochs of the teacher temperature warm-up")
     p.add_argument("--center-momentum", type=float, default=0.9, help="momentum n of the centre (Eq. 7)")
     p.add_argument("--teacher-momentum", type=float, default=0.992, help="EMA momentum m at step 0; cosine to 1")
     p.add_argument("--cls-weight", type=float, default=1.0, help="C1, weight of the [cls] loss (Eq. 9)")
@@ -124,27 +127,20 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=192, help="TOTAL batch over all processes")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after the warm-up")
     p.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
-    p.add_argument("--warmup-epochs", type=int, default=20, help="epochs of linear lr warm-up from 0 (shorten it "
-                   "for short runs)")
+    p.add_argument("--warmup-epochs", type=int, default=20, help="epochs of linear lr warm-up from 0")
     p.add_argument("--wd", type=float, default=0.04, help="weight decay at step 0; cosine to --wd-end")
     p.add_argument("--wd-end", type=float, default=0.2, help="weight decay at the end of training")
     p.add_argument("--clip-grad", type=float, default=3.0, help="clip the global gradient norm (0 = off)")
-    p.add_argument("--workers", type=int, help="data-loading processes per GPU/process (default: CPUs / processes)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
-    p.add_argument("--out", default="runs/pera", help="output folder; a checkpoint there is resumed")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs)")
-    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
-                   "and N steps with the real loader; print one JSON line and exit (nothing is written)")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
-                   "on CUDA, off on CPU")
-    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
     p.add_argument("--vis", help="at the end, write a PNG of the s / l / t partition and the predicted pixels")
+    add_run_flags(p)
     args = p.parse_args(argv)
     args.data = args.data or [data.SYNTHETIC]
     args.out_dim = args.out_dim or OUT_DIMS[args.arch]
-    if args.local_size is None and args.patch_size > 0:
-        args.local_size = max(2, round(args.img_size * 3 / 7 / args.patch_size)) * args.patch_size
+    if args.local_size is None and args.patch_size > 0:  # 96 px (the code's), at most 3/7 of a small --img-size
+        p = args.patch_size
+        args.local_size = min(round(96 / p), max(2, round(args.img_size * 3 / 7 / p))) * p
     return args
+
 
 
 def mask_counts(n, ratios):
@@ -153,12 +149,12 @@ def mask_counts(n, ratios):
     return n_s, n_sl - n_s, n - n_sl
 
 
-def check_args(args, world_size):
-    """Every impossible setting is one sentence before anything runs or is written."""
-    for name in ("epochs", "batch_size", "lr", "patch_size", "img_size", "local_size", "out_dim", "head_hidden",
-                 "head_bottleneck", "student_temp", "teacher_temp", "warmup_teacher_temp", "log_every", "max_steps",
-                 "benchmark"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
+
+def check_args(args, world):
+    """Every impossible setting of the method is one sentence before anything runs or is written."""
+    for name in ("patch_size", "local_size", "out_dim", "head_hidden", "head_bottleneck", "student_temp",
+                 "teacher_temp", "warmup_teacher_temp"):
+        if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
     for name in ("local_crops", "warmup_epochs", "teacher_temp_epochs", "min_lr", "wd", "wd_end", "clip_grad",
                  "cls_weight", "mse_weight", "koleo_weight"):
@@ -185,38 +181,8 @@ def check_args(args, world_size):
         if min(counts[0], counts[2], counts[1] if parts == 3 else 1) < 1:
             raise UserError(f"{flag} {size} is too small: its {n} patches of {args.patch_size} px leave a part of "
                             f"--mask-ratios empty ({counts}); use a larger {flag} or a smaller --patch-size.")
-    if args.batch_size % world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes.")
-    if os.path.isfile(args.out):
-        raise UserError(f"--out {args.out} is a file; give a folder.")
     if args.vis and os.path.isdir(args.vis):
         raise UserError(f"--vis {args.vis} is a folder; give a .png file name.")
-
-
-# ------------------------------------------------------------------------------------------------ distributed
-def setup_distributed():
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them, one process."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def init_process_group(world, device):
-    if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
-
-
-@torch.no_grad()
-def reduce_mean(x):
-    """Mean of `x` over all processes (each holds the same number of samples); identity on one process."""
-    if not dist.is_initialized():
-        return x
-    x = x.clone()
-    dist.all_reduce(x)
-    return x / dist.get_world_size()
 
 
 # ------------------------------------------------------------------------------------------------ views and masks
@@ -251,9 +217,8 @@ class AlignedMultiCrop:
                 crop = TF.vflip(crop)
             student.append(self.finish(self.student_colour(crop)))
             teacher.append(self.finish(self.teacher_colour(crop)))
-        g = GLOBAL_CROPS  # without local crops their parts are empty tensors
-        parts = (student[:g], teacher[:g], student[g:], teacher[g:])
-        return tuple(torch.stack(views) if views else torch.empty(0) for views in parts)
+        parts = (student[:GLOBAL_CROPS], teacher[:GLOBAL_CROPS], student[GLOBAL_CROPS:], teacher[GLOBAL_CROPS:])
+        return tuple(torch.stack(views) if views else torch.empty(0) for views in parts)  # no local crops: empty
 
 
 def disjoint_masks(batch, n, ratios, device, generator=None):
@@ -358,7 +323,7 @@ class PerA(nn.Module):
         """The student encoder alone: the class tokens of every crop (global then local) and the tokens at l."""
         s, l, t = masks
         rate = self.rate if self.training else 0.0
-        keep = torch.cat([s, t], dim=1) if self.dense else s  # dense: DINOv2's full-length masked student
+        keep = torch.cat([s, t], dim=1) if self.dense else s  # --dense: every patch, from block 0
         x = encode(self.student.encoder, glob, keep, l, self.mask_token, self.join_at, rate)
         cls = [x[:, 0]]
         if loc is not None:
@@ -401,17 +366,24 @@ def cls_loss(student_out, targets, temperature):
 @torch.no_grad()
 def update_center(center, teacher_out, momentum):
     """Eq. 7: c <- n c + (1 - n) * the mean teacher output of the global batch (all crops, all processes)."""
-    center.lerp_(reduce_mean(teacher_out.float().mean(dim=0)), 1 - momentum)
+    center.lerp_(gather(teacher_out.float().mean(dim=0, keepdim=True)).mean(dim=0), 1 - momentum)
 
 
 def koleo(x, eps=1e-8):
-    """Eq. 8: -1/B sum_i log(||x_i - x_i'|| + eps), x_i' the nearest other vector of the batch (after L2 norm)."""
-    x = F.normalize(x, dim=-1, eps=eps)
-    with torch.no_grad():
-        dots = x @ x.T
-        dots.fill_diagonal_(-2.0)  # never one's own neighbour
-        nearest = dots.argmax(dim=1)
-    return -torch.log(F.pairwise_distance(x, x[nearest], eps=eps) + eps).mean()
+    """Eq. 8: -1/B sum_i log(||x_i - x_i'|| + eps), x_i' the nearest other vector of the batch (after L2 norm). In
+    float32 even under autocast: bf16 rounding could pick the wrong nearest neighbour."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = F.normalize(x.float(), dim=-1, eps=eps)
+        with torch.no_grad():
+            dots = x @ x.T
+            dots.fill_diagonal_(-2.0)  # never one's own neighbour
+            nearest = dots.argmax(dim=1)
+        return -torch.log(F.pairwise_distance(x, x[nearest], eps=eps) + eps).mean()
+
+
+def pixel_loss(predicted, images, learnable, patch_size):
+    """Eq. 4: L_MSE, the mean squared error of the predicted pixels at l against the image's (normalised) own."""
+    return F.mse_loss(predicted.float(), take(patchify(images, patch_size), learnable))
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -420,25 +392,29 @@ def crop_major(x):
     return x.transpose(0, 1).flatten(0, 1)
 
 
+def masked_views(views, args):
+    """The loader's views crop-major, and a fresh partition s / l / t of every crop (Eq. 1-3)."""
+    s_glob, t_glob, s_loc, t_loc = (crop_major(v) for v in views)
+    masks = disjoint_masks(len(s_glob), (args.img_size // args.patch_size) ** 2, args.mask_ratios, s_glob.device)
+    if not args.local_crops:
+        return s_glob, t_glob, None, None, masks, None
+    local_masks = disjoint_masks(len(s_loc), (args.local_size // args.patch_size) ** 2, args.mask_ratios,
+                                 s_loc.device)
+    return s_glob, t_glob, s_loc, t_loc, masks, local_masks
+
+
 def train_step(model, student, views, args, sched, optimizer, scaler, amp_dtype):
     """Fig. 2a: disjoint masks, sparse teacher and student, Eq. 9, AdamW with clipping, then Eq. 7 and Eq. 10.
     Returns the detached [loss, L_cls, L_MSE, L_KoLeo]."""
-    s_glob, t_glob, s_loc, t_loc = (crop_major(v) for v in views)
-    masks = disjoint_masks(len(s_glob), (args.img_size // args.patch_size) ** 2, args.mask_ratios, s_glob.device)
-    local_masks = None
-    if args.local_crops:
-        local_masks = disjoint_masks(len(s_loc), (args.local_size // args.patch_size) ** 2, args.mask_ratios,
-                                     s_loc.device)
-    else:
-        s_loc = t_loc = None
-    with torch.autocast(s_glob.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    s_glob, t_glob, s_loc, t_loc, masks, local_masks = masked_views(views, args)
+    with autocast(s_glob.device, amp_dtype):
         t_out = model.teacher_forward(t_glob, t_loc, masks, local_masks).float()
         s_out, pred = student(s_glob, s_loc, masks, local_masks)
-        s_out = s_out.float()
-        l_cls = cls_loss(s_out, teacher_targets(t_out, model.center, sched["teacher_temp"]), args.student_temp)
-        l_mse = F.mse_loss(pred.float(), take(patchify(s_glob, args.patch_size), masks[1]))  # Eq. 4
-        l_koleo = sum(koleo(x) for x in s_out[:len(s_glob)].chunk(GLOBAL_CROPS))  # Eq. 8 per global crop
-        loss = args.cls_weight * l_cls + args.mse_weight * l_mse + args.koleo_weight * l_koleo  # Eq. 9
+    s_out = s_out.float()
+    l_cls = cls_loss(s_out, teacher_targets(t_out, model.center, sched["teacher_temp"]), args.student_temp)
+    l_mse = pixel_loss(pred, s_glob, masks[1], args.patch_size)
+    l_koleo = sum(koleo(x) for x in s_out[:len(s_glob)].chunk(GLOBAL_CROPS))  # Eq. 8 per global crop
+    loss = args.cls_weight * l_cls + args.mse_weight * l_mse + args.koleo_weight * l_koleo  # Eq. 9
     update_center(model.center, t_out, args.center_momentum)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -447,7 +423,7 @@ def train_step(model, student, views, args, sched, optimizer, scaler, amp_dtype)
         nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.clip_grad)
     scaler.step(optimizer)
     scaler.update()
-    model.ema_update(sched["momentum"])
+    model.ema_update(sched["teacher_momentum"])
     return torch.stack([loss, l_cls, l_mse, l_koleo]).detach()
 
 
@@ -464,42 +440,214 @@ def schedules(args, step, steps_per_epoch):
     temp = args.teacher_temp if step >= warm_t else \
         args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * step / warm_t
     return {"lr": lr, "wd": cosine(args.wd, args.wd_end, step / total), "teacher_temp": temp,
-            "momentum": cosine(args.teacher_momentum, 1.0, step / total)}
-
+            "teacher_momentum": cosine(args.teacher_momentum, 1.0, step / total)}
 
 @torch.no_grad()
 def save_visualisation(model, paths, args, device, rows=4):
     """Fig. 4b: per image (resized whole), columns: the image, its partition (s as is, l red, t blue), the student's
-    input, the teacher's input, the true pixels at l and the predicted ones. A PNG made with PIL."""
+    input, the teacher's input, the true pixels at l and the predicted ones; a caption row names them."""
     dataset = data.ImageDataset(paths[:rows], transform=data.eval_transform(args.img_size))
     images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(device)
     p = args.patch_size
-    masks = disjoint_masks(len(images), (args.img_size // p) ** 2, args.mask_ratios, device,
-                           torch.Generator(device).manual_seed(args.seed))
+    s, l, t = disjoint_masks(len(images), (args.img_size // p) ** 2, args.mask_ratios, device,
+                             torch.Generator(device).manual_seed(args.seed))
     model.eval()
-    _, pred = model(images, None, masks, None)
+    _, pred = model(images, None, (s, l, t), None)
     model.train()
     mean, std = (torch.tensor(v, device=device).repeat(p * p) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
     img = (patchify(images, p) * std + mean).clamp(0, 1)
-    gray, red, blue = torch.full_like(img, 0.5), torch.tensor([1.0, 0, 0], device=device).repeat(p * p), \
-        torch.tensor([0, 0, 1.0], device=device).repeat(p * p)
+    gray, red, blue = (torch.tensor(c, device=device).repeat(p * p) for c in ([0.5] * 3, [1.0, 0, 0], [0, 0, 1.0]))
 
     def paste(base, index, values):
         return base.scatter(1, index.unsqueeze(-1).expand(-1, -1, base.shape[-1]), values)
 
-    s, l, t = masks
     parts = paste(paste(img, l, take(0.4 * img + 0.6 * red, l)), t, take(0.4 * img + 0.6 * blue, t))
+    gray = gray.expand_as(img)
     panels = [img, parts, paste(gray, s, take(img, s)), paste(gray, t, take(img, t)), paste(gray, l, take(img, l)),
               paste(gray, l, (pred.float() * std + mean).clamp(0, 1))]
-    b, c, g = len(img), len(panels), args.img_size // p  # rows, columns, patches per side
-    tiles = torch.stack(panels, dim=1).reshape(b, c, g, g, p, p, 3).permute(0, 1, 6, 2, 4, 3, 5)  # patchify's inverse
-    tiles = F.pad(tiles.reshape(b, c, 3, g * p, g * p), (0, 2, 0, 2), value=1.0)  # a 2 px white gap
-    h, w = tiles.shape[-2:]
-    grid = (tiles.permute(0, 3, 1, 4, 2).reshape(b * h, c * w, 3) * 255).round().byte().cpu().numpy()
-    scale = max(1, 128 // args.img_size)
-    if os.path.dirname(args.vis):
-        os.makedirs(os.path.dirname(args.vis), exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(grid)).resize((c * w * scale, b * h * scale), Image.NEAREST).save(args.vis)
+    g = args.img_size // p  # patches per side; below: patchify's inverse, to N x H x W x 3 pictures
+    columns = [(x.reshape(-1, g, g, p, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(-1, g * p, g * p, 3) * 255).round()
+               .byte().cpu().numpy() for x in panels]
+    data.save_image_grid(columns, ["image", "s / l / t: s as is, l red, t blue", "student input: s",
+                                   "teacher input: t", "true pixels at l", "predicted at l (Eq. 4)"], args.vis)
+    return f"partition and reconstruction of {len(images)} images in {args.vis}"
+
+
+def wire(args, ctx):
+    """PerA on the loop below: the model, AdamW, the aligned multi-crop loader; a step logs L and its three terms
+    beside the schedules; the TEACHER encoder is exported (Sec. 3.2.3); the floor is both encoders' sparse passes."""
+    paths = data.list_images(args.data)
+    data.check_readable(paths, seed=args.seed)
+    model = PerA(args).to(ctx.device)
+    student = ddp(model, forward_sync_buffers=False)  # update_center() averages the centre over processes
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
+                                  eps=2e-5, weight_decay=args.wd, fused=ctx.device.type == "cuda")
+    crops = AlignedMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
+    loader = make_loader(data.ImageDataset(paths, transform=crops, seed=args.seed), args, ctx, args.seed)
+
+    def schedule(step):
+        return schedules(args, step, loader.sampler.batches_per_epoch())
+
+    def step(views, step):
+        sched = schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"], group["weight_decay"] = sched["lr"], sched["wd"]
+        return train_step(model, student, views, args, sched, optimizer, ctx.scaler, ctx.amp_dtype)
+
+    def synthetic():  # the loader's layout: image x crop x 3 x h x w
+        local = args.batch_size // ctx.world
+        return [torch.randn(local, n, 3, side, side, device=ctx.device) for n, side in
+                [(GLOBAL_CROPS, args.img_size)] * 2 + [(args.local_crops, args.local_size)] * 2]
+
+    def floor(views):
+        s_glob, t_glob, s_loc, t_loc, masks, local_masks = masked_views(views, args)
+        with autocast(ctx.device, ctx.amp_dtype):
+            cls, at_l = model.student_encode(s_glob, s_loc, masks, local_masks)
+            (cls.float().sum() + at_l.float().sum()).backward()
+            with torch.no_grad():
+                model.teacher_encode(t_glob, t_loc, masks, local_masks)
+
+    n = (args.img_size // args.patch_size) ** 2
+    n_s, n_l, n_t = (n, 0, n) if args.dense else mask_counts(n, args.mask_ratios)
+    return Wiring(name="pera --dense (full-length)" if args.dense else "pera", model=model, optimizer=optimizer,
+                  summary=f"{len(paths)} images, {n} patches per global crop: student {1 + n_s} -> "
+                          f"{1 + n_s + n_l} tokens, teacher {1 + n_t}",
+                  loader=loader, step=step, logged=("loss", "cls", "mse", "koleo"), schedule=schedule,
+                  backbone=model.teacher.encoder, images_per_step=args.batch_size, synthetic=synthetic, floor=floor,
+                  config={"image_size": args.img_size, "patch_size": args.patch_size},
+                  finish=(lambda: save_visualisation(model, paths, args, ctx.device)) if args.vis else None)
+
+
+# =================================================================================================================
+# PLUMBING: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
+# equal: a fix lands in all four). The method above meets it in wire(); below are the shared flags, processes, the
+# loop (log, ETA, NaN, unreadable images, kNN monitor), checkpoints and exact resume, signals, --benchmark, main.
+# =================================================================================================================
+SCRIPT = os.path.basename(__file__)
+METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
+
+
+@dataclass
+class Wiring:
+    """What a method's wire() hands to the loop."""
+    name: str  # the run's name in the progress line and the benchmark report
+    summary: str  # what it trains on, for the start line
+    model: nn.Module  # its state_dict is the checkpoint's "model": every network, queue, centre
+    optimizer: torch.optim.Optimizer
+    loader: Iterable  # (inputs, labels, unreadable files skipped) batches; loader.sampler is a data.EpochSampler
+    step: Callable  # step(inputs, step) -> 1-D tensor of the `logged` values, loss first; no host-device sync
+    logged: tuple  # the names of those values in log.jsonl
+    schedule: Callable  # schedule(step) -> {name: value}, logged beside them
+    backbone: nn.Module  # exported as backbone.pth (torchvision's keys) and probed by --monitor
+    images_per_step: int  # for images/s
+    synthetic: Callable  # --benchmark: synthetic() -> the inputs of one step, made on the device
+    floor: Callable  # --benchmark: floor(inputs) runs the backbone passes of a step and nothing else
+    config: dict = field(default_factory=dict)  # what data.build_model needs besides the arch (a ViT's sizes)
+    finish: Optional[Callable] = None  # rank 0, after the last step (--vis); returns a line to print
+
+
+class Context(NamedTuple):
+    """This process: its rank among `world` processes, its device, the autocast dtype (None: off) and the scaler."""
+    rank: int
+    world: int
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    scaler: torch.amp.GradScaler
+
+
+def add_run_flags(p):
+    """The flags every pre-training script shares (../shared/CONVENTIONS.md), after the method's own."""
+    p.add_argument("--workers", type=int, help="data-loading processes per process (default: CPUs / processes, "
+                   "at most 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
+    p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
+    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
+                   "on CUDA, off on CPU")
+    p.add_argument("--monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): rank 0 "
+                   "logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
+    p.add_argument("--monitor-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
+                   "and the end)")
+    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
+                   "and N steps with the real loader; print one JSON line and exit (nothing is written)")
+
+
+def check_run_args(args, world):
+    """The shared flags, one sentence each, before anything runs; check_args() above checks the method's."""
+    for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "benchmark", "monitor_every"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
+    data.check_out_dir(args.out)
+    if args.monitor:
+        data.labeled_images(args.monitor)  # on every process: a bad folder stops them all
+
+
+# ------------------------------------------------------------------------------------------------ processes
+def setup(args):
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them). Every check and the
+    checkpoint to resume come before the process group (NCCL on CUDA, gloo on CPU) and before any file is written."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    check_run_args(args, world)
+    check_args(args, world)
+    ckpt = None if args.benchmark else load_checkpoint(args)
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16,
+                 "off": None}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return Context(rank, world, device, amp_dtype, scaler), ckpt
+
+
+def autocast(device, amp_dtype):
+    """bf16 / fp16 autocast on `device`, or none (amp_dtype None)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def ddp(module, **kwargs):
+    """`module` wrapped for data parallelism when several processes run, else itself."""
+    return DDP(module, **kwargs) if dist.is_initialized() else module
+
+
+class Gather(torch.autograd.Function):
+    """all_gather; backward: each process gets the sum over processes of its slice's gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every process's loss sends gradient to every process's features
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(x):
+    """`x` of every process along dim 0 in rank order; differentiable, so DDP's average of the gradients equals one
+    process's gradient on the whole batch. Identity on one process."""
+    return Gather.apply(x) if dist.is_initialized() else x
+
+
+def make_loader(dataset, args, ctx, seed, sampler=None):
+    """Batches of this process's share of each global batch (by default data.EpochSampler's: a permutation per
+    epoch, the last incomplete batch dropped)."""
+    sampler = sampler or data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, seed)
+    workers = args.workers if args.workers is not None else min(
+        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return DataLoader(dataset, batch_size=args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker,
+                      generator=torch.Generator().manual_seed(seed))  # leaves the global RNG to the model
 
 
 def quiet_worker(worker_id):
@@ -509,25 +657,250 @@ def quiet_worker(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def to_device(batch, device):
+    """A tensor, or lists and tuples of them, on `device` (copied asynchronously from pinned memory)."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(x, device) for x in batch)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def load_checkpoint(args):
+    """The checkpoint under --out, or None. weights_only=True: it can hold tensors and plain values, never code."""
+    path = os.path.join(args.out, "checkpoint.pth")
+    if not os.path.exists(path):
+        return None
+    ckpt = data.load_weights_only(path, fix="move it away to start afresh")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        raise UserError(f"{path} is not a {SCRIPT} checkpoint; use another --out.")
+    changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
+    if changed:
+        raise UserError(f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
+                        "values to resume, or another --out.")
+    return ckpt
+
+
+def restore(run, ckpt, ctx):
+    """The checkpoint's state in the wired run; each process continues its own random stream (same world size)."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    ctx.scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == ctx.world:
+        torch.set_rng_state(ckpt["rng"][ctx.rank]["cpu"])
+        if "cuda" in ckpt["rng"][ctx.rank] and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][ctx.rank]["cuda"], ctx.device)
+    return ckpt["step"]
+
+
+def save(run, args, ctx, step, epoch):
+    """checkpoint.pth (the whole state, every process's RNG included) and backbone.pth (torchvision's keys: the file
+    users share), written atomically by rank 0."""
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(ctx.device)} if
+                                             ctx.device.type == "cuda" else {})}
+    rngs = [rng] * ctx.world
+    if ctx.world > 1:
+        dist.all_gather_object(rngs, rng)
+    if ctx.rank == 0:
+        prefix = next(name for name, module in run.model.named_modules() if module is run.backbone) + "."
+        save_atomic({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                     "scaler": ctx.scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
+                     "rng": rngs, "arch": args.arch, "method": METHOD, "config": run.config,
+                     "backbone_prefix": prefix}, os.path.join(args.out, "checkpoint.pth"))
+        save_atomic({"arch": args.arch, "method": METHOD, "config": run.config,
+                     "state_dict": run.backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
+    if ctx.world > 1:
+        dist.barrier()
+
+
 def save_atomic(obj, path):
     """Write to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    with open(f"{path}.tmp", "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(f"{path}.tmp", path)
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     os.fsync(dir_fd)
     os.close(dir_fd)
 
 
-def load_checkpoint(path):
-    """weights_only=True (data.load_weights_only): a checkpoint can hold tensors and plain values, never code."""
-    ckpt = data.load_weights_only(path, fix="move it away to start afresh")
-    if not isinstance(ckpt, dict) or ckpt.get("method") != "pera":
-        raise UserError(f"{path} is not a pera.py checkpoint; use another --out.")
-    return ckpt
+# ------------------------------------------------------------------------------------------------ the loop
+def train(args):
+    """Wire the method, resume it, run it to the last step; SIGTERM / Ctrl-C stop it cleanly at a step."""
+    ctx, ckpt = setup(args)
+    torch.manual_seed(args.seed)  # the same initial weights (and queue) on every process
+    run = wire(args, ctx)
+    sampler, steps_per_epoch = run.loader.sampler, run.loader.sampler.batches_per_epoch()
+    if steps_per_epoch == 0:
+        raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
+    torch.manual_seed(args.seed + ctx.rank)  # masks, shuffles, drop path: each process its own
+    step = restore(run, ckpt, ctx) if ckpt else 0
+    if args.benchmark:
+        return benchmark(run, args, ctx)
+    run.model.train()
+    monitor = data.KnnMonitor(args.monitor, args.img_size, args.seed) if args.monitor and ctx.rank == 0 else None
+    stop_signal, progress = catch_stop_signals(), Progress(run, args, ctx, step, resumed=ckpt is not None)
+    if monitor and step == 0:
+        progress.knn(monitor, 0, 0)  # random init: where the curve starts
+    stopping = False
+    while step < progress.last_step and not stopping:
+        epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
+        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        for inputs, _, n_skipped in run.loader:
+            progress.add(run.step(to_device(inputs, ctx.device), step))
+            step, skipped = step + 1, skipped + n_skipped.sum()
+            signalled = ctx.world == 1 and stop_signal  # one process stops at once; DDP at a log step
+            if step % args.log_every and step % steps_per_epoch and step < progress.last_step and not signalled:
+                continue
+            stopping = progress.report(step, epoch, bool(stop_signal))
+            if stopping or step >= progress.last_step:
+                break
+        progress.count_skipped(skipped, step, epoch, first_step)
+        if monitor and not stopping and (step >= progress.last_step or (epoch + 1) % args.monitor_every == 0):
+            progress.knn(monitor, step, epoch)
+        save(run, args, ctx, step, epoch)
+        progress.last_saved = step
+    progress.finish(step, stopping)
+    if ctx.world > 1:
+        dist.destroy_process_group()
+
+
+def catch_stop_signals():
+    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and exits; a second one: at once.
+    Returns the list the signals are appended to."""
+    received = []
+
+    def request_stop(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return received
+
+
+class Progress:
+    """args.json, log.jsonl and the progress line, by rank 0: window means of the step's values (read back at log
+    steps only: the loop's one host-device sync) checked for NaN, images/s, peak memory, ETA; kNN; unreadable files."""
+
+    def __init__(self, run, args, ctx, step, resumed):
+        self.run, self.args, self.ctx, self.last_saved = run, args, ctx, step if resumed else None
+        total = args.epochs * run.loader.sampler.batches_per_epoch()
+        self.last_step = total if args.max_steps is None else min(total, args.max_steps)
+        self.sums, self.steps, self.skipped, self.start_step = 0, 0, 0, step
+        self.start = self.window_start = time.time()
+        if ctx.rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+            self.log = open(os.path.join(args.out, "log.jsonl"), "a")
+        self.say(f"{run.summary}, {run.loader.sampler.batches_per_epoch()} steps/epoch, {ctx.world} process(es) on "
+                 f"{ctx.device.type}, {'resuming at step %d' % step if step else 'starting'}", sep=": ")
+
+    def say(self, text, sep=" | "):
+        if self.ctx.rank == 0:
+            print(f"{self.run.name}{sep}{text}", flush=True)
+
+    def record(self, **fields):
+        if self.ctx.rank == 0:
+            self.log.write(json.dumps(fields) + "\n")
+            self.log.flush()
+
+    def add(self, values):
+        self.sums, self.steps = self.sums + values.detach().float(), self.steps + 1
+
+    def report(self, step, epoch, stop_requested):
+        """Log the window's means; True when any process was asked to stop."""
+        stats = torch.cat([self.sums / self.steps, torch.tensor([float(stop_requested)], device=self.ctx.device)])
+        if self.ctx.world > 1:
+            dist.all_reduce(stats)
+            stats /= self.ctx.world
+        *values, stop_votes = stats.tolist()
+        if not math.isfinite(values[0]):
+            where = f"at step {step}" if self.steps == 1 else f"in steps {step - self.steps + 1}-{step}"
+            saved = os.path.join(self.args.out, "checkpoint.pth") + f" (step {self.last_saved})"
+            raise FloatingPointError(f"the loss became {values[0]} {where}; the last good checkpoint is "
+                                     f"{saved if self.last_saved else 'none'}, left as it was. Lower --lr or use "
+                                     "--amp off.")
+        now, memory = time.time(), peak_memory_gb(self.ctx.device)
+        images_per_s = self.steps * self.run.images_per_step / (now - self.window_start)
+        eta = (now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)
+        logged, schedule = dict(zip(self.run.logged, values)), self.run.schedule(step - 1)
+        self.record(epoch=epoch, step=step, **{k: round(v, 5) for k, v in logged.items()}, **schedule,
+                    images_per_s=round(images_per_s, 1), peak_mem_gb=round(memory, 3))
+        self.say(f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | " + " | ".join(
+            [f"{k} {v:.5g}" for k, v in logged.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()]) +
+            f" | {images_per_s:.1f} img/s | mem {memory:.2f} GB | eta {format_eta(eta)}")
+        self.sums, self.steps, self.window_start = 0, 0, time.time()
+        return stop_votes > 0
+
+    def count_skipped(self, skipped, step, epoch, first_step):
+        """Unreadable images of the epoch, summed over processes; more than half of those read is an error."""
+        if self.ctx.world > 1:
+            skipped = skipped.to(self.ctx.device)  # NCCL reduces CUDA tensors only
+            dist.all_reduce(skipped)
+        skipped, seen = int(skipped), (step - first_step) * self.run.images_per_step
+        self.skipped += skipped
+        if skipped:
+            self.record(epoch=epoch, step=step, skipped_images=skipped)
+            self.say(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)")
+        if skipped > seen // 2:
+            raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check the "
+                            "dataset.")
+
+    def knn(self, monitor, step, epoch):
+        """--monitor: the kNN top-1 of the backbone now (rank 0; eval mode, no random draw: training is unchanged)."""
+        start = time.time()
+        top1 = monitor.top1(self.run.backbone, self.ctx.device, self.ctx.amp_dtype)
+        self.record(epoch=epoch, step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))
+        self.say(f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)")
+
+    def finish(self, step, stopping):
+        checkpoint, backbone = (os.path.join(self.args.out, f) for f in ("checkpoint.pth", "backbone.pth"))
+        if stopping:
+            self.say(f"stopped by a signal at step {step}; {checkpoint} resumes it")
+        if self.skipped:
+            self.say(f"{self.skipped} unreadable image(s) were skipped in this run")
+        if not stopping and self.run.finish and self.ctx.rank == 0:
+            self.say(self.run.finish())
+        if not stopping:
+            self.say(f"done at step {step}: backbone in {backbone}")
+        if self.ctx.rank == 0:
+            self.log.close()
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def format_eta(seconds):
+    days, rest = divmod(int(seconds), 86400)
+    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+def benchmark(run, args, ctx):
+    """--benchmark N: N steps on synthetic inputs already on the device, N of their compute floor (the backbone
+    passes alone), then N steps fed by the real loader; rank 0 prints one JSON line. Nothing is written."""
+    inputs = run.synthetic()
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    step_s = timed(lambda: run.step(inputs, 0), args.benchmark, ctx.device)
+    peak = peak_memory_gb(ctx.device)
+    floor_s = timed(lambda: run.floor(inputs), args.benchmark, ctx.device)
+    batches = itertools.chain.from_iterable(itertools.repeat(run.loader))  # as many epochs as the timing needs
+    loader_s = timed(lambda: run.step(to_device(next(batches)[0], ctx.device), 0), args.benchmark, ctx.device)
+    if ctx.rank == 0:
+        print(json.dumps({"method": run.name, "arch": args.arch, "img_size": args.img_size,
+                          "batch_size": args.batch_size, "processes": ctx.world, "device": ctx.device.type,
+                          "amp": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "off",
+                          "images_per_s": round(run.images_per_step / step_s, 1), "step_s": round(step_s, 4),
+                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
+                          "peak_mem_gb": round(peak, 3), "workers": run.loader.num_workers,
+                          "loader_images_per_s": round(run.images_per_step / loader_s, 1)}), flush=True)
 
 
 def timed(fn, steps, device):
@@ -548,246 +921,18 @@ def timed(fn, steps, device):
     return (time.perf_counter() - start) / steps
 
 
-def benchmark(args, model, student, optimizer, scaler, amp_dtype, loader, steps_per_epoch, device, world):
-    """--benchmark N: the training step on synthetic crops already on the device, against its compute floor (the
-    student encoder's forward + backward and the teacher encoder's forward on the same sparse sequences, without
-    heads, predictor, losses or updates), then the step fed by the real loader. Prints one JSON line (rank 0).
-    With --dense, the same for full-length sequences: Table 10's comparison."""
-    local, size, small = args.batch_size // world, args.img_size, args.local_size
-    views = [torch.randn(local, n, 3, side, side, device=device)  # the loader's layout: image x crop x 3 x h x w
-             for n, side in [(GLOBAL_CROPS, size)] * 2 + [(args.local_crops, small)] * 2]
-    sched = schedules(args, 0, steps_per_epoch)
-    s_glob, t_glob, s_loc, t_loc = (crop_major(v) if v.numel() else None for v in views)
-    masks = disjoint_masks(len(s_glob), (size // args.patch_size) ** 2, args.mask_ratios, device)
-    local_masks = disjoint_masks(local * args.local_crops, (small // args.patch_size) ** 2, args.mask_ratios, device)
-
-    def floor():
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            cls, at_l = model.student_encode(s_glob, s_loc, masks, local_masks)
-            (cls.float().sum() + at_l.float().sum()).backward()
-            with torch.no_grad():
-                model.teacher_encode(t_glob, t_loc, masks, local_masks)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step_s = timed(lambda: train_step(model, student, views, args, sched, optimizer, scaler, amp_dtype),
-                   args.benchmark, device)
-    peak = peak_memory_gb(device)
-    floor_s = timed(floor, args.benchmark, device)
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # as many epochs as the timing needs
-
-    def loader_step():
-        batch = [v.to(device, non_blocking=True) for v in next(batches)[0]]
-        train_step(model, student, batch, args, sched, optimizer, scaler, amp_dtype)
-
-    loader_s = timed(loader_step, args.benchmark, device)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps({"method": "pera (dense baseline)" if args.dense else "pera", "arch": args.arch,
-                          "img_size": args.img_size, "batch_size": args.batch_size, "processes": world,
-                          "device": device.type, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-                          "images_per_s": round(args.batch_size / step_s, 1), "step_s": round(step_s, 4),
-                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
-                          "peak_mem_gb": round(peak, 3), "workers": loader.num_workers,
-                          "loader_images_per_s": round(args.batch_size / loader_s, 1)}), flush=True)
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def format_eta(seconds):
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-
-
-def train(args):
-    rank, world, device = setup_distributed()
-    check_args(args, world)
-    paths = data.list_images(args.data)
-    data.check_readable(paths, seed=args.seed)
-    if len(paths) < args.batch_size:
-        raise UserError(f"the dataset has {len(paths)} images, fewer than one batch of {args.batch_size}.")
-    ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) and not args.benchmark else None
-    if ckpt is not None:
-        changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
-        if changed:
-            raise UserError(f"{ckpt_path} was written with other --{', --'.join(changed).replace('_', '-')}; "
-                            "use the same values to resume, or another --out.")
-    init_process_group(world, device)
-    amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
-                 "fp16": torch.float16, "off": None}[args.amp]
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    local_batch = args.batch_size // world
-    torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = PerA(args).to(device)
-    student = DDP(model, forward_sync_buffers=False) if world > 1 else model  # the centre is all-reduced instead
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  betas=(0.9, 0.999), eps=2e-5, weight_decay=args.wd, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-    torch.manual_seed(args.seed + rank)  # masks and drop path differ between processes
-    if ckpt is not None and len(ckpt["rng"]) == world:  # each process continues its own random stream
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-
-    transform = AlignedMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale,
-                                 args.local_scale)
-    dataset = data.ImageDataset(paths, transform=transform, seed=args.seed)
-    sampler = data.EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
-    workers = args.workers if args.workers is not None else min(
-        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker,
-                        generator=torch.Generator().manual_seed(args.seed))  # leaves the global RNG to the model
-    steps_per_epoch = sampler.batches_per_epoch()
-    total_steps = args.epochs * steps_per_epoch
-    last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    if args.benchmark:
-        return benchmark(args, model, student, optimizer, scaler, amp_dtype, loader, steps_per_epoch, device, world)
-
-    def save(epoch):
-        rng = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        rngs = [rng] * world  # every process draws its own masks: keep every stream
-        if world > 1:
-            dist.all_gather_object(rngs, rng)
-        if rank == 0:
-            os.makedirs(args.out, exist_ok=True)
-            config = {"image_size": args.img_size, "patch_size": args.patch_size}
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
-                         "rng": rngs, "arch": args.arch, "method": "pera", "config": config,
-                         "backbone_prefix": "teacher.encoder."}, ckpt_path)
-            save_atomic({"arch": args.arch, "method": "pera", "config": config,  # Sec. 3.2.3: the teacher
-                         "state_dict": model.teacher.encoder.state_dict()}, os.path.join(args.out, "backbone.pth"))
-        if world > 1:
-            dist.barrier()
-
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum  # SIGTERM / Ctrl-C: finish the step, save a checkpoint, exit
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        n = (args.img_size // args.patch_size) ** 2
-        n_s, n_l, n_t = (n, 0, n) if args.dense else mask_counts(n, args.mask_ratios)
-        print(f"pera{' (dense baseline)' * args.dense}: {len(paths)} images, {steps_per_epoch} steps/epoch, {world} "
-              f"process(es) on {device.type}; {n} patches per global crop: student {1 + n_s} -> {1 + n_s + n_l} "
-              f"tokens, teacher {1 + n_t}; {'resuming at step %d' % step if step else 'starting'}", flush=True)
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
-    model.train()
-    loss_sum, skipped = torch.zeros(4, device=device), torch.zeros((), dtype=torch.long)
-    window_start, window_steps, run_start, run_start_step = time.time(), 0, time.time(), step
-    last_saved, stopping = (step if ckpt is not None else None), False
-    while step < last_step and not stopping:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
-        epoch_skipped, epoch_start_step = torch.zeros((), dtype=torch.long), step
-        for views, _, n_skipped in loader:
-            sched = schedules(args, step, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"], group["weight_decay"] = sched["lr"], sched["wd"]
-            views = [v.to(device, non_blocking=True) for v in views]
-            loss_sum += train_step(model, student, views, args, sched, optimizer, scaler, amp_dtype)
-            step += 1
-            window_steps += 1
-            epoch_skipped += n_skipped.sum()
-            end_of_epoch = step % steps_per_epoch == 0
-            signalled = world == 1 and stop["signal"] is not None  # one process stops at once; DDP at a log step
-            if step % args.log_every and not end_of_epoch and step < last_step and not signalled:
-                continue
-            # ---- log step: the only host-device sync of the loop
-            stats = torch.cat([loss_sum / window_steps, torch.tensor([float(stop["signal"] is not None)],
-                                                                     device=device)])
-            mean_loss, l_cls, l_mse, l_koleo, stop_votes = reduce_mean(stats).tolist()
-            if not math.isfinite(mean_loss):
-                where = f"at step {step}" if window_steps == 1 else f"in steps {step - window_steps + 1}-{step}"
-                raise FloatingPointError(
-                    f"the loss became {mean_loss} {where}; the last good "
-                    f"checkpoint is {ckpt_path + ' (step %d)' % last_saved if last_saved else 'none'}, left as it "
-                    "was. Lower --lr or use --amp off.")
-            now = time.time()
-            images_per_s = window_steps * args.batch_size / (now - window_start)
-            if rank == 0:
-                eta = (now - run_start) / max(step - run_start_step, 1) * (last_step - step)
-                record = {"epoch": epoch, "step": step, "loss": round(mean_loss, 5), "cls": round(l_cls, 5),
-                          "mse": round(l_mse, 5), "koleo": round(l_koleo, 5), "lr": sched["lr"], "wd": sched["wd"],
-                          "teacher_momentum": sched["momentum"], "teacher_temp": sched["teacher_temp"],
-                          "images_per_s": round(images_per_s, 1), "peak_mem_gb": round(peak_memory_gb(device), 3)}
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                print(f"pera | ep {epoch + 1}/{args.epochs} | step {step}/{last_step} | loss {mean_loss:.4f} (cls "
-                      f"{l_cls:.4f} mse {l_mse:.4f} koleo {l_koleo:.3f}) | lr {sched['lr']:.3g} | wd "
-                      f"{sched['wd']:.3g} | m {sched['momentum']:.4f} | T_t {sched['teacher_temp']:.3f} | "
-                      f"{images_per_s:.0f} img/s | mem {record['peak_mem_gb']:.2f} GB | eta {format_eta(eta)}",
-                      flush=True)
-            loss_sum.zero_()
-            window_start, window_steps = time.time(), 0
-            stopping = stop_votes > 0
-            if stopping or step >= last_step:
-                break
-        if world > 1:
-            epoch_skipped = epoch_skipped.to(device)  # NCCL reduces CUDA tensors only
-            dist.all_reduce(epoch_skipped)
-        skipped += epoch_skipped.cpu()
-        if rank == 0 and epoch_skipped > 0:
-            log_file.write(json.dumps({"epoch": epoch, "step": step, "skipped_images": int(epoch_skipped)}) + "\n")
-            print(f"pera | epoch {epoch + 1}: skipped {int(epoch_skipped)} unreadable image(s)", flush=True)
-        seen = (step - epoch_start_step) * args.batch_size
-        if epoch_skipped > seen // 2:
-            raise UserError(f"{int(epoch_skipped)} of the {seen} images read in epoch {epoch + 1} could not be "
-                            "opened; check the dataset.")
-        save(epoch)
-        last_saved = step
-        if stopping and rank == 0:
-            print(f"pera | stopped by a signal at step {step}; {ckpt_path} resumes it", flush=True)
-    if rank == 0:
-        if skipped > 0:
-            print(f"pera | {int(skipped)} unreadable image(s) were skipped in this run", flush=True)
-        if args.vis and not stopping:
-            save_visualisation(model, paths, args, device)
-            print(f"pera | partition and reconstruction of {min(4, len(paths))} images in {args.vis}", flush=True)
-        if not stopping:
-            print(f"pera | done at step {step}: teacher backbone in {os.path.join(args.out, 'backbone.pth')}",
-                  flush=True)
-        log_file.close()
-    if world > 1:
-        dist.destroy_process_group()
-
-
 def main(argv=None):
+    """Bad input: one sentence and exit code 2; a non-finite loss: exit code 1; the signal handlers are restored."""
     args = get_args(argv)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
     try:
         train(args)
     except UserError as err:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"pera.py: error: {err}", file=sys.stderr)
+            print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as err:
-        print(f"pera.py: error: {err}", file=sys.stderr)
+        print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(1)
     finally:
         for s, handler in handlers.items():

@@ -6,10 +6,10 @@ No code was released: where the paper is silent, this file follows SimMIM's offi
 
     python preco.py --data synthetic --arch swin_t --img-size 64 --mask-unit 16 --batch-size 32 --epochs 4 \
         --warmup-epochs 1 --lr 1e-4
-    python preco.py --data /data/rs_unlabeled --arch swin_b --batch-size 112           # one GPU, the paper's recipe
+    python preco.py --data /data/rs_unlabeled --arch swin_b --batch-size 112      # one GPU, the paper's batch per GPU
     torchrun --nproc_per_node=8 preco.py --data /data/rs_unlabeled --arch swin_b       # the paper's 8 x 112 images
-    torchrun --nproc_per_node=2 preco.py --data synthetic --arch swin_t --img-size 64 --mask-unit 16 --batch-size 16
     python preco.py ... --no-prompt                  # the paper's ablation "- P-E" (Table 7): SimMIM on the same data
+    python preco.py ... --lambda-con 0               # Eq. 4 as printed: no contrastive term
     python preco.py ... --vis grid.png               # at the end (also of a finished run): masked | Y_Re | Y_Pr | input
 
 Paper -> code
@@ -18,10 +18,11 @@ Paper -> code
     Eq. 2  L_Re = ||Y_Re - X|| / N, N masked pixels ... masked_distance(Y_Re, X, pixel mask)
     Sec. 3.3  prompt-enhanced branch: the unmasked x
               through the SAME encoder and decoder .... preco_losses(): one forward of [masked; unmasked] images
-    Sec. 3.4  L_Pr = Eq. 2 between Y_Pr and X ......... masked_distance(Y_Pr, X, all pixels)
+    Sec. 3.4  L_Pr = Eq. 2 between Y_Pr and X ......... masked_distance(Y_Pr, X, all pixels, or --pr-pixels masked)
     Eq. 3  L_Sc = Dist(Y_Re, Y_Pr on the same part) ... masked_distance(Y_Re, Y_Pr, pixel mask, --sc-dist)
     Sec. 3.3  contrastive: x and x_hat as two views ... info_nce() on the pooled features, over the global batch
-    Eq. 4  L = l_Re L_Re + l_Pr L_Pr + l_Sc L_Sc ...... train_step() (+ l_Con L_Con, the term Sec. 3.3 adds)
+    Eq. 4  L = l_Re L_Re + l_Pr L_Pr + l_Sc L_Sc ...... train_step() (+ l_Con L_Con, the term Sec. 3.3 adds;
+                                                        --lambda-con 0 is Eq. 4 as printed)
     Sec. 4.1  AdamW (0.9, 0.999, 1e-8), lr 1e-5 ....... build_optimizer(), lr_at()
     Table 7  "- P-E" (no prompt-enhanced branch) ...... --no-prompt
 
@@ -34,14 +35,18 @@ batch 112 per GPU on 8 GPUs (--batch-size 896 in total); export the encoder. Whe
     - Augmentation is SimMIM's (random resized crop 0.67-1, ratio 3/4-4/3, flip); both branches get the same image.
     - X ("raw pixel values") is the ImageNet-normalised input, the target of SimMIM's code.
     - ||.|| in Eq. 2 is L1, summed over masked pixels, divided by their number and the 3 channels (SimMIM).
-    - L_Pr covers every pixel: the prompt branch has no masked patch, so Eq. 2's N is the whole image.
+    - L_Pr covers every pixel: the prompt branch has no masked patch, so Eq. 2's N is read as the whole image
+      (--pr-pixels masked: the masked units only, Eq. 2's N taken literally).
     - Dist in Eq. 3 is the same L1 on the masked pixels, where Y_Re predicts (--sc-dist l2: squared error).
     - L_Sc does not train Y_Pr (--no-sc-stop-grad lets it): the prompt, which sees the whole image and learns from
       L_Pr, pulls the masked guess towards itself; it is not pulled towards a guess made without the context.
     - Contrastive term: symmetric InfoNCE, masked vs unmasked view of each image, negatives = the rest of the global
       batch, on the L2-normalised average-pooled final features (what eval_linear.py probes), no projector.
-    - Other processes' features enter InfoNCE as constants: the gradient flows through the local ones only.
-    - Its temperature is 0.2 (MoCo v2's) --temperature; its weight --lambda-con. Eq. 4's lambdas are 1 (--lambda-*).
+    - Every process's features enter InfoNCE through a differentiable gather: N processes on B / N images each
+      train like one process on B (MoCo-style constants would lose (N-1)/N of the negatives' gradient).
+    - Its temperature is 0.2 (MoCo v2's) --temperature; its weight --lambda-con 1: the contrastive term is ON by
+      default although Eq. 4 as printed has none (--lambda-con 0). Eq. 4's lambdas are 1 (--lambda-*).
+    - InfoNCE runs in float32 outside autocast (bf16 rounding would show at 1/T = 5).
     - --no-prompt ("- P-E") drops the unmasked branch and so L_Pr, L_Sc and the contrastive term: SimMIM remains.
     - Weight decay 0.05 (SimMIM), not on norms, biases, the mask token and relative position bias tables (SimMIM).
     - Gradient norm clipped at 5 (SimMIM) --clip-grad; drop path 0 in pre-training (SimMIM) --drop-path.
@@ -51,7 +56,10 @@ batch 112 per GPU on 8 GPUs (--batch-size 896 in total); export the encoder. Whe
     - torchvision pads each stage to the window: at 64 px the stages are 16, 8, 4, 2 tokens wide (padded to 21,
       14, 7, 7) and the last one still has stride 32, so the decoder returns 64 px.
     - Both branches run as ONE forward of [masked; unmasked] (one DDP forward; no batch statistics in Swin).
-    - Crops and masks are seeded by (seed, epoch, index), drop path by (seed, step, rank): resume is bit-for-bit.
+    - Crops and masks are seeded by (seed, epoch, index) and every process's RNG state (drop path) is checkpointed:
+      resume is bit-for-bit.
+Everything below the PLUMBING banner (flags every script shares, processes, the loop, checkpoints, --benchmark,
+--monitor) is the same text in moco.py, gersp.py, pera.py and preco.py.
 """
 import argparse
 import itertools
@@ -62,15 +70,15 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Callable, Iterable, NamedTuple, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
@@ -86,8 +94,7 @@ RESUME_MUST_MATCH = ("arch", "batch_size", "data", "img_size", "mask_unit", "mas
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(prog=os.path.basename(__file__),
-                            description="PReCo pre-training (see the module docstring).")
+    p = data.ArgumentParser(prog=SCRIPT, description="PReCo pre-training (see the module docstring).")
     p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
                    "datasets; 'synthetic' = built-in generated images. Default: synthetic")
     p.add_argument("--arch", choices=ARCHS, default="swin_b", help="torchvision Swin encoder (swin_t for CPU)")
@@ -98,30 +105,25 @@ def get_args(argv=None):
     p.add_argument("--lambda-re", type=float, default=1.0, help="weight of L_Re, the masked reconstruction (Eq. 4)")
     p.add_argument("--lambda-pr", type=float, default=1.0, help="weight of L_Pr, the prompt branch's loss (Eq. 4)")
     p.add_argument("--lambda-sc", type=float, default=1.0, help="weight of L_Sc, semantic consistency (Eq. 3, 4)")
-    p.add_argument("--lambda-con", type=float, default=1.0, help="weight of the contrastive term (Sec. 3.3)")
+    p.add_argument("--lambda-con", type=float, default=1.0, help="weight of the contrastive term (Sec. 3.3); 0 = Eq. 4 "
+                   "as printed")
+    p.add_argument("--pr-pixels", choices=("all", "masked"), default="all", help="pixels of L_Pr: every one, or the "
+                   "masked units only (Eq. 2's N)")
     p.add_argument("--sc-dist", choices=("l1", "l2"), default="l1", help="Dist of Eq. 3 on the masked pixels")
     p.add_argument("--sc-stop-grad", action=argparse.BooleanOptionalAction, default=True, help="L_Sc trains Y_Re "
                    "only (Y_Pr detached); --no-sc-stop-grad also pulls Y_Pr towards Y_Re")
     p.add_argument("--temperature", type=float, default=0.2, help="temperature of the contrastive InfoNCE")
     p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth of the deepest Swin block")
     p.add_argument("--epochs", type=int, default=200, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=896, help="TOTAL batch over all processes (paper: 112 x 8)")
+    p.add_argument("--batch-size", type=int, default=896, help="TOTAL batch over all processes (paper: 8 GPUs x 112)")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (AdamW), not rescaled by batch")
     p.add_argument("--min-lr", type=float, help="final lr of the cosine (default: lr / 20, as SimMIM)")
     p.add_argument("--warmup-epochs", type=float, default=10, help="linear warmup from lr / 200 (SimMIM)")
     p.add_argument("--wd", type=float, default=0.05, help="weight decay (AdamW; not on norms, biases, tokens)")
     p.add_argument("--clip-grad", type=float, default=5.0, help="gradient norm clipping; 0 = off")
     p.add_argument("--img-size", type=int, default=192, help="crop size (a multiple of 32 and of --mask-unit)")
-    p.add_argument("--workers", type=int, help="data-loading processes per GPU/process (default: CPUs / processes)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
-    p.add_argument("--out", default="runs/preco", help="output folder; a checkpoint there is resumed")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs)")
-    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
-                   "and N steps with the real loader; print one JSON line and exit (nothing is written)")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
-                   "on CUDA, off on CPU")
-    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
     p.add_argument("--vis", metavar="PATH", help="at the end, write a PNG grid: masked input | Y_Re | Y_Pr | input")
+    add_run_flags(p)
     args = p.parse_args(argv)
     args.data = args.data or [data.SYNTHETIC]
     if args.min_lr is None:
@@ -129,15 +131,20 @@ def get_args(argv=None):
     return args
 
 
-def check_args(args, world_size):
-    """Every impossible setting is one sentence before anything runs or is written."""
-    for name in ("epochs", "batch_size", "lr", "lambda_re", "temperature", "mask_unit", "img_size", "log_every",
-                 "max_steps", "benchmark"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
+
+
+def check_args(args, world):
+    """Every impossible setting of the method is one sentence before anything runs or is written."""
+    for name in ("temperature", "mask_unit"):
+        if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
-    for name in ("lambda_pr", "lambda_sc", "lambda_con", "min_lr", "warmup_epochs", "wd", "clip_grad"):
+    for name in ("lambda_re", "lambda_pr", "lambda_sc", "lambda_con", "min_lr", "warmup_epochs", "wd", "clip_grad"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)}).")
+    weights = (args.lambda_re, args.lambda_pr, args.lambda_sc, args.lambda_con) if args.prompt else (args.lambda_re,)
+    if not any(weights):
+        raise UserError("every loss weight is 0: raise one of --lambda-re, --lambda-pr, --lambda-sc, --lambda-con "
+                        "(--no-prompt trains L_Re alone).")
     if not 0 < args.mask_ratio < 1:
         raise UserError(f"--mask-ratio must be between 0 and 1 (got {args.mask_ratio}).")
     if not 0 <= args.drop_path < 1:
@@ -155,42 +162,11 @@ def check_args(args, world_size):
                         "--mask-unit or --mask-ratio.")
     if args.warmup_epochs >= args.epochs:
         raise UserError(f"--warmup-epochs {args.warmup_epochs} must be smaller than --epochs {args.epochs}.")
-    if args.batch_size % world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes.")
     if args.prompt and args.lambda_con > 0 and args.batch_size < 2:
         raise UserError("the contrastive term needs at least 2 images per batch; raise --batch-size or set "
                         "--lambda-con 0.")
-    if os.path.isfile(args.out):
-        raise UserError(f"--out {args.out} is a file; give a folder.")
     if args.vis is not None and os.path.isdir(args.vis):
         raise UserError(f"--vis {args.vis} is a folder; give a .png file name.")
-
-
-# ------------------------------------------------------------------------------------------------ distributed
-def setup_distributed():
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them, one process."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def init_process_group(world, device):
-    if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
-
-
-def gather(x):
-    """Concatenate `x` from all processes along dim 0 (rank order); the local part keeps its gradient, the other
-    processes' parts are constants here (their own process back-propagates them). Identity on one process."""
-    if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[dist.get_rank()] = x
-    return torch.cat(parts)
 
 
 # ------------------------------------------------------------------------------------------------ masking and data
@@ -218,13 +194,6 @@ class MaskedView:
 
     def __call__(self, img):
         return self.transform(img), random_mask(self.grid, self.ratio)
-
-
-def quiet_worker(worker_id):
-    """A SIGTERM or Ctrl-C sent to the process group must not kill the data workers mid-step: the main process
-    finishes the step, saves the checkpoint, and then shuts them down."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -268,34 +237,39 @@ def masked_distance(pred, target, mask, dist_fn="l1"):
 
 def info_nce(z_a, z_b, temperature):
     """Sec. 3.3: the masked and the unmasked view of one image are a positive pair, all other images of the global
-    batch negatives; symmetric InfoNCE on L2-normalised features, the positive of local sample i at rank * n + i."""
-    z_a, z_b = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1)
-    offset = dist.get_rank() * len(z_a) if dist.is_initialized() else 0
-    labels = torch.arange(len(z_a), device=z_a.device) + offset
-    return 0.5 * (F.cross_entropy(z_a @ gather(z_b).T / temperature, labels) +
-                  F.cross_entropy(z_b @ gather(z_a).T / temperature, labels))
+    batch negatives; symmetric InfoNCE on L2-normalised features, the positive of local sample i at rank * n + i.
+    In float32 outside autocast; gather() is differentiable, so every process's anchors train every feature."""
+    with torch.autocast(z_a.device.type, enabled=False):
+        z_a, z_b = F.normalize(z_a.float(), dim=1), F.normalize(z_b.float(), dim=1)
+        offset = dist.get_rank() * len(z_a) if dist.is_initialized() else 0
+        labels = torch.arange(len(z_a), device=z_a.device) + offset
+        return 0.5 * (F.cross_entropy(z_a @ gather(z_b).T / temperature, labels) +
+                      F.cross_entropy(z_b @ gather(z_a).T / temperature, labels))
 
 
-def preco_losses(model, images, mask, args):
+def preco_losses(model, images, mask, mask_unit, prompt=True, pr_pixels="all", sc_dist="l1", sc_stop_grad=True,
+                 temperature=0.2):
     """Both branches in ONE pass through the shared encoder and decoder; returns [L_Re, L_Pr, L_Sc, L_Con] in
-    float32, or [L_Re] with --no-prompt ('- P-E')."""
-    pixel_mask = upsample_mask(mask, args.mask_unit)
-    if not args.prompt:
+    float32, or [L_Re] without the prompt branch ('- P-E')."""
+    pixel_mask = upsample_mask(mask, mask_unit)
+    if not prompt:
         y_re, _ = model(images, mask)
         return [masked_distance(y_re.float(), images, pixel_mask)]  # Eq. 2
     pixels, pooled = model(torch.cat([images, images]), torch.cat([mask, torch.zeros_like(mask)]))
     (y_re, y_pr), (z_re, z_pr) = pixels.float().chunk(2), pooled.float().chunk(2)
+    pr_mask = pixel_mask if pr_pixels == "masked" else torch.ones_like(pixel_mask)
     return [masked_distance(y_re, images, pixel_mask),  # Eq. 2
-            masked_distance(y_pr, images, torch.ones_like(pixel_mask)),  # Sec. 3.4: Eq. 2 for Y_Pr, every pixel
-            masked_distance(y_re, y_pr.detach() if args.sc_stop_grad else y_pr, pixel_mask, args.sc_dist),  # Eq. 3
-            info_nce(z_re, z_pr, args.temperature)]  # Sec. 3.3
+            masked_distance(y_pr, images, pr_mask),  # Sec. 3.4: Eq. 2 for Y_Pr
+            masked_distance(y_re, y_pr.detach() if sc_stop_grad else y_pr, pixel_mask, sc_dist),  # Eq. 3
+            info_nce(z_re, z_pr, temperature)]  # Sec. 3.3
 
 
 # ------------------------------------------------------------------------------------------------ training
 def train_step(model, images, mask, optimizer, scaler, amp_dtype, args):
     """One AdamW step on Eq. 4; returns (loss, the terms) as tensors, without a host-device sync."""
-    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        terms = preco_losses(model, images, mask, args)
+    with autocast(images.device, amp_dtype):
+        terms = preco_losses(model, images, mask, args.mask_unit, args.prompt, args.pr_pixels, args.sc_dist,
+                             args.sc_stop_grad, args.temperature)
     weights = (args.lambda_re, args.lambda_pr, args.lambda_sc, args.lambda_con)
     loss = sum(w * term for w, term in zip(weights, terms))  # Eq. 4
     optimizer.zero_grad(set_to_none=True)
@@ -333,7 +307,7 @@ def lr_at(args, step, steps_per_epoch):
 
 @torch.no_grad()
 def save_visualisation(model, dataset, path, device, count=8):
-    """--vis: one row per image of [masked input | Y_Re in the masked units | Y_Pr | input], with PIL."""
+    """--vis: one row per image of [masked input | Y_Re in the masked units | Y_Pr | input], with captions."""
     items = [dataset[(0, i)][0] for i in range(min(count, len(dataset)))]
     images = torch.stack([image for image, _ in items]).to(device)
     mask = torch.stack([m for _, m in items]).to(device)
@@ -345,34 +319,434 @@ def save_visualisation(model, dataset, path, device, count=8):
     mean = torch.tensor(data.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(data.IMAGENET_STD, device=device).view(1, 3, 1, 1)
     columns = [images * (1 - m), images * (1 - m) + y_re.float() * m, y_pr.float(), images]  # masked = mean colour
-    tiles = [((c * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy() for c in columns]
-    n, size, gap = len(images), images.shape[-1], 2
-    grid = np.full((n * (size + gap) + gap, 4 * (size + gap) + gap, 3), 255, dtype=np.uint8)
-    for col, tile in enumerate(tiles):
-        for row in range(n):
-            y, x = gap + row * (size + gap), gap + col * (size + gap)
-            grid[y:y + size, x:x + size] = tile[row]
-    zoom = max(1, 128 // size)  # small inputs (EuroSAT's 64 px) are enlarged to be visible
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.repeat(zoom, 0).repeat(zoom, 1)).save(path)
+    data.save_image_grid([((c * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+                          for c in columns], ["masked input (x_hat)", "Y_Re in the masked units (Eq. 1)",
+                                              "Y_Pr, the prompt branch", "input (x)"], path)
+    return f"reconstructions of {len(images)} images in {path}"
+
+
+def wire(args, ctx):
+    """PReCo on the loop below: Swin + decoder, AdamW, the masked-view loader; a step logs L and its terms; the
+    Swin encoder is exported; the floor is the encoder's passes over the masked and the unmasked batch."""
+    paths = data.list_images(args.data)
+    data.check_readable(paths, seed=args.seed)
+    model = PReCo(args.arch, args.mask_unit, args.drop_path).to(ctx.device)
+    ddp_model = ddp(model)
+    optimizer = build_optimizer(model, args)
+    dataset = data.ImageDataset(paths, transform=MaskedView(args.img_size, args.mask_unit, args.mask_ratio),
+                                seed=args.seed)
+    loader = make_loader(dataset, args, ctx, args.seed)
+
+    def schedule(step):
+        return {"lr": lr_at(args, step, loader.sampler.batches_per_epoch())}
+
+    def step(inputs, step):
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step)["lr"]
+        loss, terms = train_step(ddp_model, *inputs, optimizer, ctx.scaler, ctx.amp_dtype, args)
+        return torch.cat([loss.view(1), terms])
+
+    def synthetic():
+        local, grid = args.batch_size // ctx.world, args.img_size // args.mask_unit
+        images = torch.randn(local, 3, args.img_size, args.img_size, device=ctx.device)
+        return [images, torch.stack([random_mask(grid, args.mask_ratio) for _ in range(local)]).to(ctx.device)]
+
+    def floor(inputs):
+        both = torch.cat([inputs[0], inputs[0]]) if args.prompt else inputs[0]  # --no-prompt: the masked branch
+        with autocast(ctx.device, ctx.amp_dtype):
+            model.encoder(both).float().sum().backward()
+
+    terms = TERMS if args.prompt else TERMS[:1]
+    return Wiring(name="preco" if args.prompt else "preco - P-E", model=model, optimizer=optimizer,
+                  summary=f"{len(paths)} images{'' if args.prompt else ', no prompt-enhanced branch'}",
+                  loader=loader, step=step, logged=("loss", *(f"l_{t}" for t in terms)), schedule=schedule,
+                  backbone=model.encoder, images_per_step=args.batch_size, synthetic=synthetic, floor=floor,
+                  finish=(lambda: save_visualisation(model, dataset, args.vis, ctx.device)) if args.vis else None)
+
+
+# =================================================================================================================
+# PLUMBING: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
+# equal: a fix lands in all four). The method above meets it in wire(); below are the shared flags, processes, the
+# loop (log, ETA, NaN, unreadable images, kNN monitor), checkpoints and exact resume, signals, --benchmark, main.
+# =================================================================================================================
+SCRIPT = os.path.basename(__file__)
+METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
+
+
+@dataclass
+class Wiring:
+    """What a method's wire() hands to the loop."""
+    name: str  # the run's name in the progress line and the benchmark report
+    summary: str  # what it trains on, for the start line
+    model: nn.Module  # its state_dict is the checkpoint's "model": every network, queue, centre
+    optimizer: torch.optim.Optimizer
+    loader: Iterable  # (inputs, labels, unreadable files skipped) batches; loader.sampler is a data.EpochSampler
+    step: Callable  # step(inputs, step) -> 1-D tensor of the `logged` values, loss first; no host-device sync
+    logged: tuple  # the names of those values in log.jsonl
+    schedule: Callable  # schedule(step) -> {name: value}, logged beside them
+    backbone: nn.Module  # exported as backbone.pth (torchvision's keys) and probed by --monitor
+    images_per_step: int  # for images/s
+    synthetic: Callable  # --benchmark: synthetic() -> the inputs of one step, made on the device
+    floor: Callable  # --benchmark: floor(inputs) runs the backbone passes of a step and nothing else
+    config: dict = field(default_factory=dict)  # what data.build_model needs besides the arch (a ViT's sizes)
+    finish: Optional[Callable] = None  # rank 0, after the last step (--vis); returns a line to print
+
+
+class Context(NamedTuple):
+    """This process: its rank among `world` processes, its device, the autocast dtype (None: off) and the scaler."""
+    rank: int
+    world: int
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    scaler: torch.amp.GradScaler
+
+
+def add_run_flags(p):
+    """The flags every pre-training script shares (../shared/CONVENTIONS.md), after the method's own."""
+    p.add_argument("--workers", type=int, help="data-loading processes per process (default: CPUs / processes, "
+                   "at most 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
+    p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
+    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
+                   "on CUDA, off on CPU")
+    p.add_argument("--monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): rank 0 "
+                   "logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
+    p.add_argument("--monitor-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
+                   "and the end)")
+    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
+                   "and N steps with the real loader; print one JSON line and exit (nothing is written)")
+
+
+def check_run_args(args, world):
+    """The shared flags, one sentence each, before anything runs; check_args() above checks the method's."""
+    for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "benchmark", "monitor_every"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
+    data.check_out_dir(args.out)
+    if args.monitor:
+        data.labeled_images(args.monitor)  # on every process: a bad folder stops them all
+
+
+# ------------------------------------------------------------------------------------------------ processes
+def setup(args):
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them). Every check and the
+    checkpoint to resume come before the process group (NCCL on CUDA, gloo on CPU) and before any file is written."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    check_run_args(args, world)
+    check_args(args, world)
+    ckpt = None if args.benchmark else load_checkpoint(args)
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16,
+                 "off": None}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return Context(rank, world, device, amp_dtype, scaler), ckpt
+
+
+def autocast(device, amp_dtype):
+    """bf16 / fp16 autocast on `device`, or none (amp_dtype None)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def ddp(module, **kwargs):
+    """`module` wrapped for data parallelism when several processes run, else itself."""
+    return DDP(module, **kwargs) if dist.is_initialized() else module
+
+
+class Gather(torch.autograd.Function):
+    """all_gather; backward: each process gets the sum over processes of its slice's gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every process's loss sends gradient to every process's features
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(x):
+    """`x` of every process along dim 0 in rank order; differentiable, so DDP's average of the gradients equals one
+    process's gradient on the whole batch. Identity on one process."""
+    return Gather.apply(x) if dist.is_initialized() else x
+
+
+def make_loader(dataset, args, ctx, seed, sampler=None):
+    """Batches of this process's share of each global batch (by default data.EpochSampler's: a permutation per
+    epoch, the last incomplete batch dropped)."""
+    sampler = sampler or data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, seed)
+    workers = args.workers if args.workers is not None else min(
+        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return DataLoader(dataset, batch_size=args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker,
+                      generator=torch.Generator().manual_seed(seed))  # leaves the global RNG to the model
+
+
+def quiet_worker(worker_id):
+    """Data workers ignore SIGTERM / Ctrl-C sent to the whole process group (schedulers, a terminal), so the main
+    process can finish its step and save a checkpoint before it shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def to_device(batch, device):
+    """A tensor, or lists and tuples of them, on `device` (copied asynchronously from pinned memory)."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(x, device) for x in batch)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def load_checkpoint(args):
+    """The checkpoint under --out, or None. weights_only=True: it can hold tensors and plain values, never code."""
+    path = os.path.join(args.out, "checkpoint.pth")
+    if not os.path.exists(path):
+        return None
+    ckpt = data.load_weights_only(path, fix="move it away to start afresh")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        raise UserError(f"{path} is not a {SCRIPT} checkpoint; use another --out.")
+    changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
+    if changed:
+        raise UserError(f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
+                        "values to resume, or another --out.")
+    return ckpt
+
+
+def restore(run, ckpt, ctx):
+    """The checkpoint's state in the wired run; each process continues its own random stream (same world size)."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    ctx.scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == ctx.world:
+        torch.set_rng_state(ckpt["rng"][ctx.rank]["cpu"])
+        if "cuda" in ckpt["rng"][ctx.rank] and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][ctx.rank]["cuda"], ctx.device)
+    return ckpt["step"]
+
+
+def save(run, args, ctx, step, epoch):
+    """checkpoint.pth (the whole state, every process's RNG included) and backbone.pth (torchvision's keys: the file
+    users share), written atomically by rank 0."""
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(ctx.device)} if
+                                             ctx.device.type == "cuda" else {})}
+    rngs = [rng] * ctx.world
+    if ctx.world > 1:
+        dist.all_gather_object(rngs, rng)
+    if ctx.rank == 0:
+        prefix = next(name for name, module in run.model.named_modules() if module is run.backbone) + "."
+        save_atomic({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                     "scaler": ctx.scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
+                     "rng": rngs, "arch": args.arch, "method": METHOD, "config": run.config,
+                     "backbone_prefix": prefix}, os.path.join(args.out, "checkpoint.pth"))
+        save_atomic({"arch": args.arch, "method": METHOD, "config": run.config,
+                     "state_dict": run.backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
+    if ctx.world > 1:
+        dist.barrier()
 
 
 def save_atomic(obj, path):
     """Write to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    with open(f"{path}.tmp", "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(f"{path}.tmp", path)
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     os.fsync(dir_fd)
     os.close(dir_fd)
 
 
-def load_checkpoint(path):
-    """weights_only=True (data.load_weights_only): a checkpoint can hold tensors and plain values, never code."""
-    return data.load_weights_only(path, fix="move it away to start afresh")
+# ------------------------------------------------------------------------------------------------ the loop
+def train(args):
+    """Wire the method, resume it, run it to the last step; SIGTERM / Ctrl-C stop it cleanly at a step."""
+    ctx, ckpt = setup(args)
+    torch.manual_seed(args.seed)  # the same initial weights (and queue) on every process
+    run = wire(args, ctx)
+    sampler, steps_per_epoch = run.loader.sampler, run.loader.sampler.batches_per_epoch()
+    if steps_per_epoch == 0:
+        raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
+    torch.manual_seed(args.seed + ctx.rank)  # masks, shuffles, drop path: each process its own
+    step = restore(run, ckpt, ctx) if ckpt else 0
+    if args.benchmark:
+        return benchmark(run, args, ctx)
+    run.model.train()
+    monitor = data.KnnMonitor(args.monitor, args.img_size, args.seed) if args.monitor and ctx.rank == 0 else None
+    stop_signal, progress = catch_stop_signals(), Progress(run, args, ctx, step, resumed=ckpt is not None)
+    if monitor and step == 0:
+        progress.knn(monitor, 0, 0)  # random init: where the curve starts
+    stopping = False
+    while step < progress.last_step and not stopping:
+        epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
+        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        for inputs, _, n_skipped in run.loader:
+            progress.add(run.step(to_device(inputs, ctx.device), step))
+            step, skipped = step + 1, skipped + n_skipped.sum()
+            signalled = ctx.world == 1 and stop_signal  # one process stops at once; DDP at a log step
+            if step % args.log_every and step % steps_per_epoch and step < progress.last_step and not signalled:
+                continue
+            stopping = progress.report(step, epoch, bool(stop_signal))
+            if stopping or step >= progress.last_step:
+                break
+        progress.count_skipped(skipped, step, epoch, first_step)
+        if monitor and not stopping and (step >= progress.last_step or (epoch + 1) % args.monitor_every == 0):
+            progress.knn(monitor, step, epoch)
+        save(run, args, ctx, step, epoch)
+        progress.last_saved = step
+    progress.finish(step, stopping)
+    if ctx.world > 1:
+        dist.destroy_process_group()
+
+
+def catch_stop_signals():
+    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and exits; a second one: at once.
+    Returns the list the signals are appended to."""
+    received = []
+
+    def request_stop(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return received
+
+
+class Progress:
+    """args.json, log.jsonl and the progress line, by rank 0: window means of the step's values (read back at log
+    steps only: the loop's one host-device sync) checked for NaN, images/s, peak memory, ETA; kNN; unreadable files."""
+
+    def __init__(self, run, args, ctx, step, resumed):
+        self.run, self.args, self.ctx, self.last_saved = run, args, ctx, step if resumed else None
+        total = args.epochs * run.loader.sampler.batches_per_epoch()
+        self.last_step = total if args.max_steps is None else min(total, args.max_steps)
+        self.sums, self.steps, self.skipped, self.start_step = 0, 0, 0, step
+        self.start = self.window_start = time.time()
+        if ctx.rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+            self.log = open(os.path.join(args.out, "log.jsonl"), "a")
+        self.say(f"{run.summary}, {run.loader.sampler.batches_per_epoch()} steps/epoch, {ctx.world} process(es) on "
+                 f"{ctx.device.type}, {'resuming at step %d' % step if step else 'starting'}", sep=": ")
+
+    def say(self, text, sep=" | "):
+        if self.ctx.rank == 0:
+            print(f"{self.run.name}{sep}{text}", flush=True)
+
+    def record(self, **fields):
+        if self.ctx.rank == 0:
+            self.log.write(json.dumps(fields) + "\n")
+            self.log.flush()
+
+    def add(self, values):
+        self.sums, self.steps = self.sums + values.detach().float(), self.steps + 1
+
+    def report(self, step, epoch, stop_requested):
+        """Log the window's means; True when any process was asked to stop."""
+        stats = torch.cat([self.sums / self.steps, torch.tensor([float(stop_requested)], device=self.ctx.device)])
+        if self.ctx.world > 1:
+            dist.all_reduce(stats)
+            stats /= self.ctx.world
+        *values, stop_votes = stats.tolist()
+        if not math.isfinite(values[0]):
+            where = f"at step {step}" if self.steps == 1 else f"in steps {step - self.steps + 1}-{step}"
+            saved = os.path.join(self.args.out, "checkpoint.pth") + f" (step {self.last_saved})"
+            raise FloatingPointError(f"the loss became {values[0]} {where}; the last good checkpoint is "
+                                     f"{saved if self.last_saved else 'none'}, left as it was. Lower --lr or use "
+                                     "--amp off.")
+        now, memory = time.time(), peak_memory_gb(self.ctx.device)
+        images_per_s = self.steps * self.run.images_per_step / (now - self.window_start)
+        eta = (now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)
+        logged, schedule = dict(zip(self.run.logged, values)), self.run.schedule(step - 1)
+        self.record(epoch=epoch, step=step, **{k: round(v, 5) for k, v in logged.items()}, **schedule,
+                    images_per_s=round(images_per_s, 1), peak_mem_gb=round(memory, 3))
+        self.say(f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | " + " | ".join(
+            [f"{k} {v:.5g}" for k, v in logged.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()]) +
+            f" | {images_per_s:.1f} img/s | mem {memory:.2f} GB | eta {format_eta(eta)}")
+        self.sums, self.steps, self.window_start = 0, 0, time.time()
+        return stop_votes > 0
+
+    def count_skipped(self, skipped, step, epoch, first_step):
+        """Unreadable images of the epoch, summed over processes; more than half of those read is an error."""
+        if self.ctx.world > 1:
+            skipped = skipped.to(self.ctx.device)  # NCCL reduces CUDA tensors only
+            dist.all_reduce(skipped)
+        skipped, seen = int(skipped), (step - first_step) * self.run.images_per_step
+        self.skipped += skipped
+        if skipped:
+            self.record(epoch=epoch, step=step, skipped_images=skipped)
+            self.say(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)")
+        if skipped > seen // 2:
+            raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check the "
+                            "dataset.")
+
+    def knn(self, monitor, step, epoch):
+        """--monitor: the kNN top-1 of the backbone now (rank 0; eval mode, no random draw: training is unchanged)."""
+        start = time.time()
+        top1 = monitor.top1(self.run.backbone, self.ctx.device, self.ctx.amp_dtype)
+        self.record(epoch=epoch, step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))
+        self.say(f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)")
+
+    def finish(self, step, stopping):
+        checkpoint, backbone = (os.path.join(self.args.out, f) for f in ("checkpoint.pth", "backbone.pth"))
+        if stopping:
+            self.say(f"stopped by a signal at step {step}; {checkpoint} resumes it")
+        if self.skipped:
+            self.say(f"{self.skipped} unreadable image(s) were skipped in this run")
+        if not stopping and self.run.finish and self.ctx.rank == 0:
+            self.say(self.run.finish())
+        if not stopping:
+            self.say(f"done at step {step}: backbone in {backbone}")
+        if self.ctx.rank == 0:
+            self.log.close()
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def format_eta(seconds):
+    days, rest = divmod(int(seconds), 86400)
+    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+def benchmark(run, args, ctx):
+    """--benchmark N: N steps on synthetic inputs already on the device, N of their compute floor (the backbone
+    passes alone), then N steps fed by the real loader; rank 0 prints one JSON line. Nothing is written."""
+    inputs = run.synthetic()
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    step_s = timed(lambda: run.step(inputs, 0), args.benchmark, ctx.device)
+    peak = peak_memory_gb(ctx.device)
+    floor_s = timed(lambda: run.floor(inputs), args.benchmark, ctx.device)
+    batches = itertools.chain.from_iterable(itertools.repeat(run.loader))  # as many epochs as the timing needs
+    loader_s = timed(lambda: run.step(to_device(next(batches)[0], ctx.device), 0), args.benchmark, ctx.device)
+    if ctx.rank == 0:
+        print(json.dumps({"method": run.name, "arch": args.arch, "img_size": args.img_size,
+                          "batch_size": args.batch_size, "processes": ctx.world, "device": ctx.device.type,
+                          "amp": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "off",
+                          "images_per_s": round(run.images_per_step / step_s, 1), "step_s": round(step_s, 4),
+                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
+                          "peak_mem_gb": round(peak, 3), "workers": run.loader.num_workers,
+                          "loader_images_per_s": round(run.images_per_step / loader_s, 1)}), flush=True)
 
 
 def timed(fn, steps, device):
@@ -393,229 +767,18 @@ def timed(fn, steps, device):
     return (time.perf_counter() - start) / steps
 
 
-def benchmark(args, model, ddp_model, optimizer, scaler, amp_dtype, loader, device, world):
-    """--benchmark N: the training step on synthetic images and masks already on the device, against its compute
-    floor (the Swin encoder's forward + backward on the masked and the unmasked batch, without decoder, losses or
-    updates), then the step fed by the real loader. Prints one JSON line (rank 0)."""
-    local, grid = args.batch_size // world, args.img_size // args.mask_unit
-    images = torch.randn(local, 3, args.img_size, args.img_size, device=device)
-    mask = torch.stack([random_mask(grid, args.mask_ratio) for _ in range(local)]).to(device)
-    both = torch.cat([images, images]) if args.prompt else images  # --no-prompt: the masked branch only
-
-    def floor():
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            model.encoder(both).float().sum().backward()
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step_s = timed(lambda: train_step(ddp_model, images, mask, optimizer, scaler, amp_dtype, args), args.benchmark,
-                   device)
-    peak = peak_memory_gb(device)
-    floor_s = timed(floor, args.benchmark, device)
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # as many epochs as the timing needs
-
-    def loader_step():
-        (x, m), _, _ = next(batches)
-        train_step(ddp_model, x.to(device, non_blocking=True), m.to(device, non_blocking=True), optimizer, scaler,
-                   amp_dtype, args)
-
-    loader_s = timed(loader_step, args.benchmark, device)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps({"method": "preco" if args.prompt else "preco - P-E", "arch": args.arch,
-                          "img_size": args.img_size, "batch_size": args.batch_size, "processes": world,
-                          "device": device.type, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-                          "images_per_s": round(args.batch_size / step_s, 1), "step_s": round(step_s, 4),
-                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
-                          "peak_mem_gb": round(peak, 3), "workers": loader.num_workers,
-                          "loader_images_per_s": round(args.batch_size / loader_s, 1)}), flush=True)
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def format_eta(seconds):
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-
-
-def train(args):
-    rank, world, device = setup_distributed()
-    check_args(args, world)
-    paths = data.list_images(args.data)
-    data.check_readable(paths, seed=args.seed)
-    if len(paths) < args.batch_size:
-        raise UserError(f"the dataset has {len(paths)} images, fewer than one batch of {args.batch_size}.")
-    ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) and not args.benchmark else None
-    if ckpt is not None:
-        changed = [k for k in RESUME_MUST_MATCH if ckpt.get("args", {}).get(k) != vars(args)[k]]
-        if changed:
-            raise UserError(f"{ckpt_path} was written with other --{', --'.join(changed).replace('_', '-')}; "
-                            "use the same values to resume, or another --out.")
-    init_process_group(world, device)
-    amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
-                 "fp16": torch.float16, "off": None}[args.amp]
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    local_batch = args.batch_size // world
-    torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = PReCo(args.arch, args.mask_unit, args.drop_path).to(device)
-    ddp_model = DDP(model) if world > 1 else model
-    optimizer = build_optimizer(model, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-
-    dataset = data.ImageDataset(paths, transform=MaskedView(args.img_size, args.mask_unit, args.mask_ratio),
-                                seed=args.seed)
-    sampler = data.EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
-    workers = args.workers if args.workers is not None else min(
-        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker,
-                        generator=torch.Generator().manual_seed(args.seed))  # leaves the global RNG to the model
-    steps_per_epoch = sampler.batches_per_epoch()
-    total_steps = args.epochs * steps_per_epoch
-    last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    if args.benchmark:
-        return benchmark(args, model, ddp_model, optimizer, scaler, amp_dtype, loader, device, world)
-    terms = TERMS if args.prompt else TERMS[:1]
-
-    def save(epoch):
-        if rank == 0:
-            os.makedirs(args.out, exist_ok=True)
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
-                         "arch": args.arch, "method": "preco", "backbone_prefix": "encoder."}, ckpt_path)
-            save_atomic({"arch": args.arch, "method": "preco", "config": {}, "state_dict": model.encoder.state_dict()},
-                        os.path.join(args.out, "backbone.pth"))
-        if world > 1:
-            dist.barrier()
-
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum  # SIGTERM / Ctrl-C: finish the step, save a checkpoint, exit
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        print(f"preco{'' if args.prompt else ' - P-E (no prompt-enhanced branch)'}: {len(paths)} images, "
-              f"{steps_per_epoch} steps/epoch, {world} process(es) on {device.type}, "
-              f"{'resuming at step %d' % step if step else 'starting'}", flush=True)
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
-    model.train()
-    loss_sum, terms_sum = torch.zeros((), device=device), torch.zeros(len(terms), device=device)
-    skipped = torch.zeros((), dtype=torch.long)
-    window_start, window_steps, run_start, run_start_step = time.time(), 0, time.time(), step
-    last_saved, stopping = (step if ckpt is not None else None), False
-    while step < last_step and not stopping:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
-        epoch_skipped, epoch_start_step = torch.zeros((), dtype=torch.long), step
-        for (images, mask), _, n_skipped in loader:
-            images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(args, step, steps_per_epoch)
-            torch.manual_seed((args.seed * 1_000_003 + step) * 1_009 + rank)  # drop path: fixed by (seed, step, rank)
-            loss, step_terms = train_step(ddp_model, images, mask, optimizer, scaler, amp_dtype, args)
-            step += 1
-            window_steps += 1
-            loss_sum += loss
-            terms_sum += step_terms
-            epoch_skipped += n_skipped.sum()
-            end_of_epoch = step % steps_per_epoch == 0
-            signalled = world == 1 and stop["signal"] is not None  # one process stops at once; DDP at a log step
-            if step % args.log_every and not end_of_epoch and step < last_step and not signalled:
-                continue
-            # ---- log step: the only host-device sync of the loop
-            stats = torch.cat([loss_sum.view(1) / window_steps, terms_sum / window_steps,
-                               torch.tensor([float(stop["signal"] is not None)], device=device)])
-            if world > 1:
-                dist.all_reduce(stats)
-                stats /= world
-            mean_loss, *term_values, stop_votes = stats.tolist()
-            if not math.isfinite(mean_loss):
-                where = f"at step {step}" if window_steps == 1 else f"in steps {step - window_steps + 1}-{step}"
-                raise FloatingPointError(
-                    f"the loss became {mean_loss} {where}; the last good "
-                    f"checkpoint is {ckpt_path + ' (step %d)' % last_saved if last_saved else 'none'}, left as it "
-                    "was. Lower --lr or use --amp off.")
-            now = time.time()
-            images_per_s = window_steps * args.batch_size / (now - window_start)
-            if rank == 0:
-                eta = (now - run_start) / max(step - run_start_step, 1) * (last_step - step)
-                record = {"epoch": epoch, "step": step, "loss": round(mean_loss, 5),
-                          **{f"l_{k}": round(v, 5) for k, v in zip(terms, term_values)},
-                          "lr": optimizer.param_groups[0]["lr"], "images_per_s": round(images_per_s, 1),
-                          "peak_mem_gb": round(peak_memory_gb(device), 3)}
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                print(f"preco | ep {epoch + 1}/{args.epochs} | step {step}/{last_step} | loss {mean_loss:.4f} | "
-                      + " ".join(f"{k} {v:.4f}" for k, v in zip(terms, term_values)) +
-                      f" | lr {record['lr']:.4g} | {images_per_s:.1f} img/s | mem {record['peak_mem_gb']:.2f} GB | "
-                      f"eta {format_eta(eta)}", flush=True)
-            loss_sum.zero_()
-            terms_sum.zero_()
-            window_start, window_steps = time.time(), 0
-            stopping = stop_votes > 0
-            if stopping or step >= last_step:
-                break
-        if world > 1:
-            epoch_skipped = epoch_skipped.to(device)  # NCCL reduces CUDA tensors only
-            dist.all_reduce(epoch_skipped)
-        skipped += epoch_skipped.cpu()
-        if rank == 0 and epoch_skipped > 0:
-            log_file.write(json.dumps({"epoch": epoch, "step": step, "skipped_images": int(epoch_skipped)}) + "\n")
-            print(f"preco | epoch {epoch + 1}: skipped {int(epoch_skipped)} unreadable image(s)", flush=True)
-        seen = (step - epoch_start_step) * args.batch_size
-        if epoch_skipped > seen // 2:
-            raise UserError(f"{int(epoch_skipped)} of the {seen} images read in epoch {epoch + 1} could not be "
-                            "opened; check the dataset.")
-        save(epoch)
-        last_saved = step
-        if stopping and rank == 0:
-            print(f"preco | stopped by a signal at step {step}; {ckpt_path} resumes it", flush=True)
-    if rank == 0:
-        if skipped > 0:
-            print(f"preco | {int(skipped)} unreadable image(s) were skipped in this run", flush=True)
-        if not stopping:
-            if args.vis:
-                save_visualisation(model, dataset, args.vis, device)
-                print(f"preco | reconstructions of {min(8, len(dataset))} images in {args.vis}", flush=True)
-            print(f"preco | done at step {step}: backbone in {os.path.join(args.out, 'backbone.pth')}", flush=True)
-        log_file.close()
-    if world > 1:
-        dist.destroy_process_group()
-
-
 def main(argv=None):
+    """Bad input: one sentence and exit code 2; a non-finite loss: exit code 1; the signal handlers are restored."""
     args = get_args(argv)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
     try:
         train(args)
     except UserError as err:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"preco.py: error: {err}", file=sys.stderr)
+            print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as err:
-        print(f"preco.py: error: {err}", file=sys.stderr)
+        print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(1)
     finally:
         for s, handler in handlers.items():

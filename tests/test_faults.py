@@ -15,6 +15,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import data
 import eval_linear
 import finetune_cls
 import gersp
@@ -243,6 +244,7 @@ def bad_cases(folders, tmp):
         ("negative lr", pre, ["--lr", "-0.1"], "--lr must be positive", None),
         ("unknown arch", pre, ["--arch", "resnet9000"], "invalid choice", None),
         ("out is a file", pre, ["--out", str(a_file)], "is a file", None),
+        ("out below a file", pre, ["--out", str(a_file / "run")], "is below the file", None),
         ("garbage checkpoint", pre, [], "move it away to start afresh", garbage_checkpoint),
         ("code in the checkpoint", pre, [], "move it away to start afresh", pickle_checkpoint),
         ("resnet image too small", ("moco", "gersp"), ["--img-size", "16"], "too small", None),
@@ -287,8 +289,15 @@ def test_every_bad_input_of_an_evaluation_script_is_one_sentence_and_touches_not
     empty_class = make_image_folder(tmp_path / "empty_class", classes=2, per_class=4)
     os.makedirs(os.path.join(empty_class, "class9"))
     few = make_image_folder(tmp_path / "few", classes=2, per_class=2)
+    nested = tmp_path / "nested"  # a copy of a dataset split into train/ and test/, each with its class folders
+    for part in ("train", "test"):
+        make_image_folder(nested / part, classes=2, per_class=4)
+    deeper = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [2, 2, 3, 2])  # resnet18 + 1
     weights = {"other_arch": torchvision.models.resnet50().state_dict(),
-               "other_keys": {f"encoder.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}}
+               "other_keys": {f"encoder.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()},
+               "deeper": deeper.state_dict(), "vit": data.build_model("vit_tiny", 32, 8).state_dict(),
+               "dapt": {"arch": "resnet18", "method": "moco+finetune:rs", "state_dict": {
+                   k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}}}
     for name, state in weights.items():
         torch.save(state, tmp_path / f"{name}.pth")
     (tmp_path / "text.pth").write_text("not weights")
@@ -309,7 +318,16 @@ def test_every_bad_input_of_an_evaluation_script_is_one_sentence_and_touches_not
         (["--arch", "resnet9000"], "unknown --arch"),
         (["--runs", "0"], "--runs must be positive"),
         (["--out", str(tmp_path / "a_file.txt")], "is a file"),
-    ]
+        (["--out", str(tmp_path / "a_file.txt" / "run")], "is below the file"),
+        (["--weights", str(tmp_path / "deeper.pth")], "holds 12 tensor(s) that resnet18 does not use (e.g. layer3.2."),
+        (["--weights", str(tmp_path / "vit.pth")], "matches only 0 of the 120 tensors of resnet18"),
+        (["--weights", "imagenet:V2"], "torchvision has no IMAGENET1K_V2 weights for resnet18"),
+        (["--weights", str(tmp_path / "dapt.pth")], "was fine-tuned on rs"),
+        (["--data", str(nested)], "test holds image folders"),
+    ] + {"eval_linear": [], "finetune_cls": [
+        ([], "fewer than one batch of 64"),  # 2 classes x 8 images: a training split of 4
+        (["--save-backbone", str(tmp_path / "a_file.txt" / "backbone.pth")], "--save-backbone's folder"),
+    ]}[script]
     out = tmp_path / "out"
     for extra, fragment in cases:
         with pytest.raises(SystemExit) as exit_info:

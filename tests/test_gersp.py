@@ -18,7 +18,7 @@ from conftest import TINY_RESNET, assert_ran_cleanly, make_image_folder, run_tor
 def per_sample_gersp(num_classes=3, dim=4, queue=8):
     """A GeRSP whose backbone has no BatchNorm, so every output depends on its own image only."""
     torch.manual_seed(0)
-    student = gersp.Student("resnet18", dim, num_classes, bn_splits=1)
+    student = gersp.Student("resnet18", dim, 1, num_classes)
     student.backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 512))
     return gersp.GeRSP(student, queue, dim, momentum=0.9, temperature=0.5)
 
@@ -48,8 +48,8 @@ def test_total_loss_is_l_ct_plus_alpha_l_ce_with_labels_in_their_order(alpha):
 
 def test_alpha_zero_switches_nial_off_and_the_step_equals_mocos():
     torch.manual_seed(0)
-    mo = moco.MoCo(moco.build_encoder("resnet18", "mlp", 16, 2), 32, 16, 0.996, 0.07)
-    student = gersp.Student("resnet18", 16, 5, bn_splits=2)
+    mo = moco.MoCo(moco.Encoder("resnet18", 16, 2), 32, 16, 0.996, 0.07)
+    student = gersp.Student("resnet18", 16, 2, 5)
     student.predictor.requires_grad_(False)
     ge = gersp.GeRSP(student, 32, 16, 0.996, 0.07)
     ge.student.backbone.load_state_dict(mo.encoder_q.backbone.state_dict())
@@ -88,6 +88,26 @@ def test_teacher_gets_no_gradient_and_its_projector_follows_the_ema():
     assert model.queue_ptr == 4
 
 
+@pytest.mark.parametrize("module", [moco, gersp], ids=["moco", "gersp"])
+def test_info_nce_is_float32_under_bf16_autocast(module):
+    """At 1/T = 14, bf16 logits (8 bits of mantissa) would move the loss; the loss leaves autocast."""
+    torch.manual_seed(0)
+    q, k = F.normalize(torch.randn(8, 16), dim=1), F.normalize(torch.randn(8, 16), dim=1)
+    queue = F.normalize(torch.randn(64, 16), dim=1)
+    exact = module.info_nce(q, k, queue, 0.07)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (q @ queue.T).dtype == torch.bfloat16  # what an unguarded loss would compute with
+        loss = module.info_nce(q, k, queue, 0.07)[0]
+    assert loss.dtype == torch.float32 and loss.item() == exact.item()
+
+
+def test_lr_min_above_lr_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gersp.main(["--lr", "0.001", "--lr-min", "0.01", "--out", "/nonexistent/never/written"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "anneal upwards" in err[0], err
+
+
 def test_cosine_annealing_restarts_every_20_epochs():
     args = gersp.get_args([])
     lrs = [gersp.lr_at(args, e) for e in (0, 10, 19, 20, 40, 99)]
@@ -96,15 +116,25 @@ def test_cosine_annealing_restarts_every_20_epochs():
     assert 0.001 < lrs[2] < 0.0011 and lrs[5] == pytest.approx(lrs[2])
 
 
-def test_natural_stream_cycles_and_resumes_at_the_same_batch():
-    dataset = data.ImageDataset([f"{data.SYNTHETIC}://{i}" for i in range(10)], list(range(10)), lambda img: 0)
-    sampler = data.EpochSampler(10, 4, seed=3)  # 2 batches per natural epoch, 2 images never seen in each
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler)
-    stream = gersp.natural_batches(loader, sampler, 0)
-    labels = [next(stream)[1].tolist() for _ in range(5)]
-    assert len(set(sum(labels[:2], []))) == 8 and labels[0] != labels[2]  # a new shuffle each natural epoch
-    resumed = gersp.natural_batches(loader, sampler, 3)
-    assert next(resumed)[1].tolist() == labels[3]
+def test_natural_pairs_cycle_reshuffle_and_resume_at_the_same_pair():
+    rs = data.EpochSampler(12, 4, seed=0)  # 3 steps per RS epoch
+    natural = data.EpochSampler(10, 4, seed=3)  # 2 batches per natural pass, 2 images left out of each
+    pairs = gersp.NaturalPairs(rs, natural)
+    items = []
+    for epoch in range(2):
+        pairs.set_epoch(epoch)
+        items += list(pairs)
+    assert [r for r, _ in items] == [r for e in range(2) for r in (rs.set_epoch(e), list(rs))[1]]  # RS untouched
+    steps = [[n for _, n in items[i:i + 4]] for i in range(0, 24, 4)]  # natural (epoch, index) of each step
+    assert [{e for e, _ in s} for s in steps] == [{0}, {0}, {1}, {1}, {2}, {2}]  # step s = natural batch s, cycled
+    first_pass = [i for s in steps[:2] for _, i in s]
+    assert len(set(first_pass)) == 8 and first_pass != [i for s in steps[2:4] for _, i in s]  # reshuffled each pass
+    pairs.set_epoch(1, start_batch=1)  # a run resumed at step 4
+    assert list(pairs) == items[16:]
+    joined = gersp.WithNatural(data.ImageDataset(["synthetic://0"] * 12, transform=lambda img: [0, 1]),
+                               data.ImageDataset([f"synthetic://{i}" for i in range(10)], list(range(10)),
+                                                 lambda img: 2))
+    assert joined[items[5]] == ((0, 1, 2, items[5][1][1]), items[5][1][1], 0)  # the natural label rides along
 
 
 def gersp_tiny(rs, natural, out, *extra):

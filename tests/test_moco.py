@@ -45,7 +45,7 @@ def test_queue_holds_exactly_the_newest_keys_after_wrap_around():
 
 
 def test_momentum_update_equals_its_formula_for_every_parameter_projector_included():
-    model = moco.MoCo(moco.build_encoder("resnet18", "mlp", 8, 1), 8, 8, 0.99, 0.2)
+    model = moco.MoCo(moco.Encoder("resnet18", 8, 1), 8, 8, 0.99, 0.2)
     for p in model.encoder_q.parameters():
         p.data.add_(torch.randn_like(p))
     before_k = [p.clone() for p in model.encoder_k.parameters()]
@@ -67,6 +67,16 @@ def test_split_batchnorm_normalises_each_interleaved_group_on_its_own():
     group_means = torch.stack([x[g::2].mean(dim=(0, 2, 3)) for g in range(2)]).mean(0)
     torch.testing.assert_close(bn.running_mean, 0.1 * group_means)  # momentum 0.1 from zeros
     assert set(bn.state_dict()) == set(nn.BatchNorm2d(3).state_dict())
+
+
+def test_one_process_keeps_two_bn_groups_when_its_batch_fits_in_one(tmp_path):
+    """Sec. 3.3: with a single group, keys would be normalised over exactly their queries' samples."""
+    assert moco.bn_groups(8, 32, world=1) == 2 and moco.bn_groups(64, 32, world=1) == 2
+    assert moco.bn_groups(8, 32, world=2) == 1  # keys are shuffled across processes: one group each is enough
+    args = moco.get_args(TINY_RESNET + ["--bn-group", "32", "--queue", "16"])
+    ctx = moco.Context(0, 1, torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False))
+    run = moco.wire(args, ctx)
+    assert {m.splits for m in run.model.modules() if isinstance(m, moco.SplitBatchNorm2d)} == {2}
 
 
 def test_shuffled_keys_come_back_in_the_order_of_their_images():
@@ -118,9 +128,13 @@ def test_train_step_updates_the_query_encoder_only_through_sgd():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     k_before = [p.clone() for p in model.encoder_k.parameters()]
     q_before = [p.clone() for p in model.encoder_q.parameters()]
-    loss, logits = moco.train_step(model, model.encoder_q, torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2),
-                                   optimizer, scaler, None)
-    assert logits.shape == (4, 7) and torch.isfinite(loss)
+    im_q, im_k = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    with torch.no_grad():  # Eq. 1 on the weights before the step; the encoder has no BN, so shuffling is invisible
+        expected, logits = moco.info_nce(F.normalize(model.encoder_q(im_q), dim=1),
+                                         F.normalize(model.encoder_k(im_k), dim=1), model.queue.clone(), 0.5)
+    loss, accuracy = moco.train_step(model, model.encoder_q, im_q, im_k, optimizer, scaler, None)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and logits.shape == (4, 7)
+    assert accuracy.item() == pytest.approx((logits.argmax(1) == 0).float().mean().item() * 100)
     assert all(p.grad is None for p in model.encoder_k.parameters())
     for p_k, old_k, p_q, old_q in zip(model.encoder_k.parameters(), k_before, model.encoder_q.parameters(),
                                       q_before):
@@ -194,6 +208,8 @@ def test_corrupt_image_among_good_ones_is_skipped_counted_and_logged(tmp_path, c
     (lambda tmp: make_image_folder(tmp / "ok"), ["--queue", "12"], "not a multiple of --batch-size"),
     (lambda tmp: make_image_folder(tmp / "ok"), ["--epochs", "0"], "--epochs must be positive"),
     (lambda tmp: make_image_folder(tmp / "ok"), ["--out", __file__], "is a file"),
+    (lambda tmp: make_image_folder(tmp / "ok"), ["--lr-steps", "30"], "--lr-steps applies to the step schedule"),
+    (lambda tmp: make_image_folder(tmp / "ok"), ["--batch-size", "3", "--queue", "3"], "odd"),
 ])
 def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys, setup, extra, fragment):
     folder = setup(tmp_path)

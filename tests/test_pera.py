@@ -3,6 +3,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -85,14 +86,15 @@ def test_centering_temperatures_and_schedules_follow_their_formulas():
     pera.update_center(center, t, 0.9)
     torch.testing.assert_close(center, 0.9 * torch.tensor([0.5, 0.0, 1.0]) + 0.1 * t.mean(0))  # Eq. 7
     args = pera.get_args(["--epochs", "100"])
-    assert (args.student_temp, args.mask_ratios, args.out_dim) == (0.1, [0.3, 0.2, 0.5], 65536)
+    assert (args.student_temp, args.mask_ratios, args.out_dim, args.local_size) == (0.1, [0.3, 0.2, 0.5], 131072, 96)
+    assert pera.get_args(["--img-size", "448"]).local_size == 96  # the authors' 448 px global, 96 px local crops
     at = [pera.schedules(args, step * 10, 10) for step in (0, 10, 15, 30, 60, 100)]  # 10 steps per epoch
     assert [s["teacher_temp"] for s in at] == pytest.approx([0.03, 0.03 + 0.02 / 3, 0.04, 0.05, 0.05, 0.05])
     assert [s["lr"] for s in at[:2]] == pytest.approx([0.0, 0.0005])  # 20 warm-up epochs
     assert pera.schedules(args, 200, 10)["lr"] == pytest.approx(1e-3)
     assert at[-1]["lr"] == pytest.approx(1e-6) and at[4]["lr"] == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
-    assert (at[0]["momentum"], at[0]["wd"]) == pytest.approx((0.992, 0.04))
-    assert (at[-1]["momentum"], at[-1]["wd"]) == pytest.approx((1.0, 0.2))
+    assert (at[0]["teacher_momentum"], at[0]["wd"]) == pytest.approx((0.992, 0.04))
+    assert (at[-1]["teacher_momentum"], at[-1]["wd"]) == pytest.approx((1.0, 0.2))
     assert at[3]["wd"] == pytest.approx(0.2 + 0.5 * (0.04 - 0.2) * (1 + math.cos(math.pi * 0.3)))
 
 
@@ -102,6 +104,28 @@ def test_koleo_matches_a_hand_computed_value():
     expected = -(2 * math.log(math.sqrt(0.4)) + math.log(math.sqrt(0.8))) / 3
     assert pera.koleo(x).item() == pytest.approx(expected, abs=1e-6)
     assert pera.koleo(3 * x).item() == pytest.approx(expected, abs=1e-6)  # Eq. 8 acts on unit vectors
+
+
+def test_koleo_finds_the_nearest_neighbour_in_float32_under_bf16_autocast():
+    """Neighbours at dot products 0.9990 and 0.9985 are one value in bf16: an unguarded KoLeo picks the wrong one."""
+    angles = [0.0, 0.0548, -0.0447, 2.0]
+    x = torch.tensor([[math.cos(a), math.sin(a)] for a in angles])
+    nearest = [2, 0, 0, 1]  # by angle: |0 - (-0.0447)|, |0.0548 - 0|, |-0.0447 - 0|, |2.0 - 0.0548|
+    expected = -sum(math.log(2 * math.sin(abs(angles[i] - angles[j]) / 2)) for i, j in enumerate(nearest)) / 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x @ x.T).dtype == torch.bfloat16
+        under_autocast = pera.koleo(x).item()
+    assert under_autocast == pytest.approx(expected, abs=1e-5) and pera.koleo(x).item() == under_autocast
+
+
+def test_pixel_loss_is_the_mse_at_the_learnable_patches_only():
+    images = torch.randn(2, 3, 16, 16)  # 4 patches of 8 px each
+    learnable = torch.tensor([[1, 3], [0, 2]])
+    predicted = torch.zeros(2, 2, 8 * 8 * 3)
+    patches = [[images[b, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] for r in range(2) for c in range(2)]
+               for b in range(2)]
+    expected = torch.stack([patches[b][i] for b in range(2) for i in learnable[b].tolist()]).pow(2).mean()
+    assert pera.pixel_loss(predicted, images, learnable, 8).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_cls_loss_matches_a_hand_computed_value():
@@ -122,7 +146,7 @@ def test_train_step_gives_the_teacher_no_gradient_and_moves_it_by_the_ema():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     teacher_before = [p.clone() for p in model.teacher.parameters()]
     student_before = [p.clone() for p in model.student.parameters()]
-    sched = {"teacher_temp": 0.04, "momentum": 0.9}
+    sched = {"teacher_temp": 0.04, "teacher_momentum": 0.9}
     terms = pera.train_step(model, model, tiny_views(args), args, sched, optimizer, scaler, None)
     loss, l_cls, l_mse, l_koleo = terms.tolist()
     assert math.isfinite(loss) and loss == pytest.approx(l_cls + 0.1 * l_mse + 0.01 * l_koleo, rel=1e-5)
@@ -173,8 +197,10 @@ def test_exported_teacher_loads_into_torchvision_and_eval_linear_and_vis_draws_t
                       str(tmp_path / "eval")])
     results = json.load(open(tmp_path / "eval" / "results.json"))["backbones"][0]
     assert results["method"] == "pera" and len(results["images"]["stages"]) == 4
-    png = Image.open(tmp_path / "vis" / "parts.png")  # 4 images x 6 panels of 32 + 2 px, scaled x4
-    assert png.size == (6 * 34 * 4, 4 * 34 * 4) and png.mode == "RGB"
+    png = Image.open(tmp_path / "vis" / "parts.png")  # 4 images x 6 panels of 32 px scaled x4, 2 px gaps
+    caption_rows = png.size[1] - 4 * (128 + 2)
+    assert png.size[0] == 6 * (128 + 2) + 2 and png.mode == "RGB" and caption_rows > 10
+    assert np.asarray(png)[:caption_rows].min() < 60  # the caption row has text in it
 
 
 def test_two_process_torchrun_on_gloo_trains(tmp_path, image_folder):

@@ -1,0 +1,111 @@
+"""The plumbing block below each method file's banner: the same text in all four, and what it does for every method
+(bf16 autocast, window means in the log, the kNN monitor that never changes the training, a two-node launch)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import gersp
+import moco
+import pera
+import preco
+from conftest import REPO, TINY_RESNET, TINY_SWIN, TINY_VIT, make_image_folder
+
+BANNER = "# " + "=" * 113 + "\n# PLUMBING"
+
+
+def test_the_plumbing_block_is_the_same_text_in_the_four_method_files():
+    blocks = {}
+    for name in ("moco.py", "gersp.py", "pera.py", "preco.py"):
+        text = open(os.path.join(REPO, name)).read()
+        assert text.count(BANNER) == 1, name
+        blocks[name] = text[text.index(BANNER):]
+    assert all(block == blocks["moco.py"] for block in blocks.values()), [n for n, b in blocks.items()
+                                                                           if b != blocks["moco.py"]]
+    assert len(blocks["moco.py"].splitlines()) > 200  # the loop, checkpoints, signals, benchmark and main are in it
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("plumbing") / "images", classes=2, per_class=8)
+
+
+def first_logged(module, argv, out):
+    module.main(argv + ["--out", str(out)])
+    return json.loads(open(out / "log.jsonl").readline())
+
+
+@pytest.mark.parametrize("name", ["moco", "gersp", "pera", "preco"])
+def test_every_method_trains_under_bf16_autocast_and_computes_the_same_loss(name, folder, tmp_path):
+    """CUDA runs use bf16 by default; the CPU runs the same autocast path. Step 1 starts from the same weights and
+    batch, so its loss under bf16 must differ from float32's only by rounding."""
+    module, argv = {"moco": (moco, TINY_RESNET + ["--queue", "16"]),
+                    "gersp": (gersp, TINY_RESNET + ["--queue", "16", "--natural", folder]),
+                    "pera": (pera, TINY_VIT), "preco": (preco, TINY_SWIN + ["--batch-size", "4"])}[name]
+    argv = argv + ["--data", folder, "--max-steps", "1"]
+    exact = first_logged(module, argv + ["--amp", "off"], tmp_path / "fp32")
+    rounded = first_logged(module, argv + ["--amp", "bf16"], tmp_path / "bf16")
+    assert rounded["loss"] != exact["loss"]  # autocast did run in bf16
+    assert rounded["loss"] == pytest.approx(exact["loss"], rel=0.1)
+    weights = torch.load(tmp_path / "bf16" / "checkpoint.pth", weights_only=True)["model"]
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values()
+               if torch.is_tensor(w) and w.is_floating_point())  # the master weights stay float32
+
+
+def test_logged_values_are_means_over_the_window_acc_included(folder, tmp_path):
+    argv = TINY_RESNET + ["--data", folder, "--queue", "16", "--max-steps", "2"]
+    moco.main(argv + ["--out", str(tmp_path / "every"), "--log-every", "1"])
+    moco.main(argv + ["--out", str(tmp_path / "window"), "--log-every", "2"])
+    every = [json.loads(line) for line in open(tmp_path / "every" / "log.jsonl")]
+    window, = [json.loads(line) for line in open(tmp_path / "window" / "log.jsonl")]
+    assert every[0]["acc"] != every[1]["acc"]  # the last step alone would not be the mean
+    for key in ("loss", "acc"):
+        assert window[key] == pytest.approx((every[0][key] + every[1][key]) / 2, abs=1e-4), key
+
+
+def test_the_knn_monitor_logs_the_backbone_and_leaves_a_resumed_run_bit_identical(folder, tmp_path, capsys):
+    argv = TINY_RESNET + ["--data", folder, "--queue", "16", "--epochs", "3"]
+    moco.main(argv + ["--out", str(tmp_path / "plain")])
+    watched = argv + ["--out", str(tmp_path / "watched"), "--monitor", folder]
+    moco.main(watched + ["--max-steps", "3"])  # stopped mid-epoch, then resumed
+    moco.main(watched)
+    plain, resumed = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=True) for d in ("plain", "watched"))
+    for key, value in plain["model"].items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, resumed["model"][key]), key  # BN running statistics included
+    log = [json.loads(line) for line in open(tmp_path / "watched" / "log.jsonl")]
+    knn = [(r["step"], r["knn_top1"]) for r in log if "knn_top1" in r]
+    assert [step for step, _ in knn] == [0, 2, 3, 4, 6] and all(0 <= top1 <= 100 for _, top1 in knn)
+    assert "knn_top1" in capsys.readouterr().out
+    # the first point is the random init: the same kNN on a fresh torchvision ResNet-18 of the same seed
+    import data
+    torch.manual_seed(0)
+    fresh = moco.Encoder("resnet18", 128, 2).backbone
+    assert knn[0][1] == pytest.approx(data.KnnMonitor(folder, 32).top1(fresh, torch.device("cpu")))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_each_train_and_export_a_backbone(folder, tmp_path):
+    """Multi-node is plain torchrun: two launchers meet at a c10d rendezvous, here both on 127.0.0.1."""
+    port = free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+              f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", os.path.join(REPO, "moco.py"),
+              *TINY_RESNET, "--data", folder, "--queue", "16", "--max-steps", "2", "--out", str(tmp_path)]
+    nodes = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert any("2 process(es)" in out and "done at step 2" in out for out in outputs), outputs
+    saved = torch.load(tmp_path / "backbone.pth", weights_only=True)
+    missing = torchvision.models.resnet18().load_state_dict(saved["state_dict"], strict=False).missing_keys
+    assert sorted(missing) == ["fc.bias", "fc.weight"]
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]["_extra_state"]["queue_ptr"] == 0
