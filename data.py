@@ -315,7 +315,9 @@ def evaluation_parser(script, description):
                    "default: the folder name")
     p.add_argument("--weights", action="append", help="random | imagenet (torchvision's IMAGENET1K_V1, the papers' "
                    "baseline) | imagenet:V2 (a newer torchvision recipe) | a backbone.pth / checkpoint.pth of this "
-                   "project | a torchvision state dict; repeat to compare backbones. Default: random")
+                   "project | a torchvision state dict | a published checkpoint (MoCo v1-v3, mmselfsup, Lightning, "
+                   "DINO, DINOv2, timm, torchgeo, Swin, SimMIM: see README); repeat to compare backbones. Default: "
+                   "random")
     p.add_argument("--arch", help="architecture, when the weights file does not say it (e.g. resnet50)")
     p.add_argument("--patch-size", type=int, default=16, help="ViT patch size, when the weights file does not say it")
     p.add_argument("--train-ratio", type=float, default=0.2, help="fraction of each class used for training")
@@ -398,8 +400,8 @@ def strip_head(model):
 
 def load_backbone(weights, arch=None, image_size=224, patch_size=16):
     """(headless model, feature width, arch, method) from 'random', 'imagenet[:V2]', one of our backbone.pth /
-    checkpoint.pth files, or a plain torchvision state dict, which must fit the model exactly (load_exactly).
-    A file's own arch and ViT patch size win over the arguments."""
+    checkpoint.pth files, a plain torchvision state dict or a published checkpoint (published_backbone), which must
+    fit the model exactly (load_exactly). A file's own arch and ViT patch size win over the arguments."""
     state, method, config = None, weights, {}
     imagenet = weights == "imagenet" or weights.startswith("imagenet:")
     if weights != "random" and not imagenet:
@@ -409,18 +411,23 @@ def load_backbone(weights, arch=None, image_size=224, patch_size=16):
         if not isinstance(obj, dict):
             raise UserError(f"--weights {weights} holds a {type(obj).__name__}, not a state dict.")
         arch, method, config = obj.get("arch", arch), obj.get("method", "torchvision"), obj.get("config", {})
-        if "state_dict" in obj:  # backbone.pth of this project
-            state = obj["state_dict"]
-        elif "backbone_prefix" in obj:  # a training checkpoint of this project
+        if "backbone_prefix" in obj:  # a training checkpoint of this project
             n = len(obj["backbone_prefix"])
             state = {k[n:]: v for k, v in obj["model"].items() if k.startswith(obj["backbone_prefix"])}
-        else:  # a plain state dict, maybe saved from DistributedDataParallel
-            state = {k.removeprefix("module."): v for k, v in obj.items()}
+        else:  # our backbone.pth, a plain state dict or a published layout (MoCo, DINO, Swin ...): torchvision's keys
+            state, layout, found = published_backbone(obj, weights)
+            arch, config = found or (arch, config if "method" in obj else {})  # "config" is ours only
+            method = obj.get("method", layout)
+            if "method" not in obj and layout != "torchvision":  # a refusal names the layout it read
+                weights = f"{weights} (read as {layout})"
         if arch is None:
             raise UserError(f"--weights {weights} does not say its architecture; add --arch.")
     elif arch is None:
         raise UserError(f"--weights {weights} needs --arch.")
-    model = build_model(arch, image_size, config.get("patch_size", patch_size))
+    patch_size = config.get("patch_size", patch_size)
+    if arch in VIT_SIZES and image_size % patch_size:  # torchvision would assert
+        raise UserError(f"--img-size {image_size} is not a multiple of the ViT's patch size {patch_size}.")
+    model = build_model(arch, image_size, patch_size)
     if imagenet:
         state, method = imagenet_state(weights, arch)
     width = strip_head(model)
@@ -454,6 +461,9 @@ def load_exactly(model, state, weights, arch, image_size):
     of ResNet-50's tensors and 306 more, and must not load as a ResNet-50 with two thirds of layer3 dropped."""
     if isinstance(model, torchvision.models.VisionTransformer) and "encoder.pos_embedding" in state and \
             state["encoder.pos_embedding"].shape[1] != model.seq_length:
+        if math.isqrt(state["encoder.pos_embedding"].shape[1] - 1) ** 2 != state["encoder.pos_embedding"].shape[1] - 1:
+            raise UserError(f"--weights {weights} has {state['encoder.pos_embedding'].shape[1]} position embeddings, "
+                            "not a class token's and a square grid's (timm's no_embed_class?).")
         state = interpolate_embeddings(image_size, model.patch_size, state)  # ViT at another image size
     own = model.state_dict()
     loaded = [k for k in own if k in state and state[k].shape == own[k].shape]
@@ -472,13 +482,142 @@ def load_exactly(model, state, weights, arch, image_size):
 def load_weights_only(path, fix="give a backbone.pth, a checkpoint.pth or a torchvision state dict"):
     """torch.load with weights_only=True: tensors and plain values load, a pickle that would run code is refused in
     one sentence (torch's warning about a foreign file's pickle protocol is silenced: the refusal says it all)."""
-    try:
-        with warnings.catch_warnings():
+    try:  # argparse.Namespace (DINO's saved args) holds plain values and runs no code
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling error means "not a weights file"
         raise UserError(f"{path} is not a weights or checkpoint file that loads with weights_only=True "
                         f"({type(err).__name__}); {fix}.") from None
+
+
+# ---------------------------------------------------------------- published checkpoints -> torchvision's keys
+# Rules (regex, replacement), applied in order to every key below the backbone's prefix. A key no rule renames keeps
+# its name; load_exactly then refuses whatever does not fit the model exactly, naming it.
+_SEQUENTIAL = [(r"^0\.", "conv1."), (r"^1\.", "bn1."), (r"^([4-7])\.", lambda m: f"layer{int(m[1]) - 3}."),
+               (r"^9\.", "fc.")]  # nn.Sequential(*resnet.children()); 2, 3, 8 (relu, maxpool, avgpool) hold nothing
+_TIMM_VIT = [(r"^cls_token$", "class_token"), (r"^pos_embed$", "encoder.pos_embedding"),
+             (r"^patch_embed\.proj\.", "conv_proj."), (r"^norm\.", "encoder.ln."),
+             (r"^blocks\.(\d+)\.", r"encoder.layers.encoder_layer_\1."), (r"(_\d+)\.norm([12])\.", r"\1.ln_\2."),
+             (r"\.attn\.qkv\.", ".self_attention.in_proj_"),  # both stack q, k, v rows, head-major within each
+             (r"\.attn\.proj\.", ".self_attention.out_proj."), (r"\.mlp\.fc1\.", ".mlp.0."),
+             (r"\.mlp\.fc2\.", ".mlp.3.")]
+_MS_SWIN = [(r"^patch_embed\.proj\.", "features.0.0."), (r"^patch_embed\.norm\.", "features.0.2."),
+            (r"^layers\.(\d)\.blocks\.", lambda m: f"features.{2 * int(m[1]) + 1}."),
+            (r"^layers\.(\d)\.downsample\.", lambda m: f"features.{2 * int(m[1]) + 2}."),  # merging ends stage i
+            (r"\.mlp\.fc1\.", ".mlp.0."), (r"\.mlp\.fc2\.", ".mlp.3.")]  # same merge order (x0 x1 x2 x3), qkv, masks
+
+
+def _timm_vit(state, weights, prefix):
+    """(arch, config) of a timm / DINO / DINOv2 ViT, its LayerScale folded into the layer before it: gamma (W x + b) =
+    (gamma W) x + gamma b. Heads are not in the file: width / 64, as in DINO, DINOv2, DeiT and timm."""
+    odd = next((k for k in state if re.search(r"register_tokens|\.mlp\.w12\.", k)), None)
+    if odd:
+        what = "a SwiGLU feed-forward" if "w12" in odd else "register tokens"
+        raise UserError(f"--weights {weights} is a ViT with {what} ({odd}), which torchvision's VisionTransformer "
+                        "does not have.")
+    for key in [k for k in state if re.search(r"\.ls[12]\.gamma$", k)]:
+        layer = key[:-9] + ("self_attention.out_proj." if ".ls1." in key else "mlp.3.")
+        if layer + "bias" in state:  # otherwise gamma stays, unused, and load_exactly names it
+            gamma = state.pop(key)
+            state[layer + "weight"], state[layer + "bias"] = state[layer + "weight"] * gamma[:, None], \
+                state[layer + "bias"] * gamma
+    width = state["class_token"].shape[-1]
+    depth = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
+    arch = next((a for a, (w, _) in VIT_SIZES.items() if w == width), None)
+    if "base_encoder" in prefix and width == 384:
+        raise UserError(f"--weights {weights} is MoCo v3's vit_small, whose 12 heads (ours has 6) the file does not "
+                        "record.")
+    if arch is None or depth != 12:
+        raise UserError(f"--weights {weights} is a ViT of width {width} with {depth} blocks; only "
+                        f"{' / '.join(VIT_SIZES)} (width 192 / 384 / 768, 12 blocks) are built here.")
+    return arch, {"patch_size": state["conv_proj.weight"].shape[-1]}
+
+
+def _ms_swin(state, weights, prefix):
+    """(arch, config) of a Microsoft Swin: the relative-position tables fix the window (torchvision's is 7), the N x N
+    index becomes torchvision's flat one, and width and stage-3 depth name the torchvision model."""
+    rows = state["features.1.0.attn.relative_position_bias_table"].shape[0]
+    if rows != 169:
+        raise UserError(f"--weights {weights} is a Swin with window {(math.isqrt(rows) + 1) // 2} ({rows}-row "
+                        "relative-position tables); torchvision's Swin has window 7 (169 rows).")
+    for key in [k for k in state if k.endswith("relative_position_index")]:
+        state[key] = state[key].flatten()
+    width = state["features.0.0.weight"].shape[0]
+    depth = len({k.split(".")[2] for k in state if k.startswith("features.5.")})
+    arch = {(96, 6): "swin_t", (96, 18): "swin_s", (128, 18): "swin_b"}.get((width, depth))
+    if arch is None:
+        raise UserError(f"--weights {weights} is a Swin of width {width} with {depth} blocks in stage 3; torchvision "
+                        "has swin_t (96, 6), swin_s (96, 18) and swin_b (128, 18).")
+    return arch, {}
+
+
+LAYOUTS = [  # (the key that marks a backbone, below its prefix; layout; rules; what reads (arch, config) from it)
+    (r"layer1\.0\.conv1\.weight", "torchvision", [], None),  # also timm's, torchgeo's, MoCo's and mmselfsup's ResNets
+    (r"class_token", "torchvision", [], None), (r"features\.0\.0\.weight", "torchvision", [], None),
+    (r"4\.0\.conv1\.weight", "ResNet nn.Sequential", _SEQUENTIAL, None),
+    (r"cls_token", "timm ViT", _TIMM_VIT, _timm_vit),
+    (r"layers\.0\.blocks\.0\.attn\.qkv\.weight", "Microsoft Swin", _MS_SWIN, _ms_swin)]
+
+
+def _tensors(obj, path=""):
+    """Every tensor of a nested checkpoint under its dotted path, e.g. state_dict.module.encoder_q.conv1.weight."""
+    found = {}
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            found.update(_tensors(value, f"{path}{key}."))
+        elif isinstance(value, torch.Tensor):
+            found[f"{path}{key}"] = value
+    return found
+
+
+def _rank(prefix):
+    """Of several networks in a file, the backbone: DINO's teacher, a 'backbone', the others; key / EMA copies last."""
+    if re.search(r"(^|[._])(encoder_k|momentum|target|ema)[._]", prefix):
+        return 3
+    return 0 if "teacher" in prefix else 1 if "backbone" in prefix else 2
+
+
+def published_backbone(obj, weights):
+    """(state dict in torchvision's keys, layout, (arch, config) where the file says them, else None) of any file but
+    our training checkpoint. A LAYOUTS key marks the backbone and its prefix: in a plain state dict '' or DDP's
+    'module.'; in a checkpoint any path (state_dict.module.encoder_q., teacher.backbone., model.encoder.). All else
+    (heads, key encoder, queue, optimizer, mask_token, Swin's attn_mask buffers) is dropped, named in one line."""
+    tensors, nested = _tensors(obj), any(isinstance(v, dict) for v in obj.values())
+    found = sorted({(m[1], i) for k in tensors for i, (mark, *_) in enumerate(LAYOUTS)
+                    if (m := re.fullmatch(rf"((?:.*\.)?){mark}", k)) and (nested or m[1] in ("", "module."))},
+                   key=lambda c: (_rank(c[0]), c))
+    if not found:  # no layout we know: load_exactly names what does not fit
+        return {k.removeprefix("module."): v for k, v in obj.get("state_dict", obj).items()}, "torchvision", None
+    prefix, (_, layout, rules, finish) = found[0][0], LAYOUTS[found[0][1]]
+    if len(found) > 1 and _rank(found[1][0]) == _rank(prefix):
+        raise UserError(f"--weights {weights} holds several backbones ({', '.join(p for p, _ in found)}) and does "
+                        "not say which to evaluate; save that one alone.")
+    state, dropped = {}, {}
+    for key, value in tensors.items():
+        if not key.startswith(prefix):  # another network or entry: named where its path leaves the backbone's
+            name = next((p for p, q in zip(key.split("."), prefix.split(".")) if p != q), key)
+        else:
+            new = key[len(prefix):]
+            for pattern, replacement in rules:
+                new = re.sub(pattern, replacement, new, count=1)
+            name = new.split(".")[0] if new.split(".")[0] in HEADS else new.rsplit(".", 1)[-1]
+            if name not in HEADS + ("mask_token", "attn_mask"):  # DINOv2's / SimMIM's mask token, Swin's masks
+                state[new] = value
+                continue
+        dropped[name] = dropped.get(name, 0) + 1
+    folded = any(re.search(r"\.ls[12]\.gamma$", k) for k in state)
+    try:
+        arch, config = finish(state, weights, prefix) if finish else (None, {})
+    except KeyError as err:
+        raise UserError(f"--weights {weights} ({layout} under '{prefix}') lacks {err}.") from None
+    if "method" not in obj and os.environ.get("RANK", "0") == "0":  # ours need no report; one line per job
+        print(f"--weights {weights}: {layout} layout under '{prefix}'" + (f", {arch}" if arch else "") +
+              "".join(f" {k} {v}" for k, v in config.items()) + (", LayerScale folded" if folded else "") +
+              ("; dropped " + ", ".join(f"{n} ({c} tensor{'s' * (c > 1)})" for n, c in dropped.items()) if dropped
+               else ""))
+    label = f"{layout} {re.sub(r'^((state_dict|model|module)[.])+', '', prefix)}".strip(" .")
+    return state, label, (arch, config) if arch else None
 
 
 @torch.no_grad()
