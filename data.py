@@ -29,7 +29,8 @@ from torchvision.models.vision_transformer import interpolate_embeddings
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SYNTHETIC = "synthetic"
-SYNTHETIC_IMAGES, SYNTHETIC_CLASSES, SYNTHETIC_SIZE = 1024, 4, 64
+SYNTHETIC_IMAGES, SYNTHETIC_SIZE = 2048, 64
+SYNTHETIC_CLASS_NAMES = ("stripes", "checkerboard", "dots", "blobs")
 
 
 class UserError(Exception):
@@ -106,9 +107,9 @@ def labeled_images(root):
     """(paths, labels, class_names) of a class-per-folder dataset; descends through single wrapper folders. macOS's
     __MACOSX/ (zip metadata) is never a class; a class folder holding image folders (a root of train/ and test/
     copies, each with its own class folders) is refused rather than read as one class each."""
-    if root == SYNTHETIC:  # the class of synthetic image i is i mod SYNTHETIC_CLASSES
+    if root == SYNTHETIC:  # the class of synthetic image i is i mod 4
         paths = list_images([SYNTHETIC])
-        return paths, [i % SYNTHETIC_CLASSES for i in range(len(paths))], [f"texture{c}" for c in range(4)]
+        return paths, [i % len(SYNTHETIC_CLASS_NAMES) for i in range(len(paths))], list(SYNTHETIC_CLASS_NAMES)
     if not os.path.isdir(root):
         raise UserError(f"--data {root} is not a folder (give a folder with one sub-folder per class).")
     while True:  # EuroSAT unpacks to 2750/<Class>/, NWPU to NWPU-RESISC45/<class>/
@@ -160,15 +161,31 @@ def stratified_split(labels, train_ratio, seed):
 
 # ---------------------------------------------------------------- images
 def synthetic_image(index, size=SYNTHETIC_SIZE):
-    """A generated texture: its class (index mod 4) fixes the hue and the stripe orientation; the rest is random."""
+    """A generated grey texture whose class (index mod 4) is its pattern: stripes, checkerboard, dots or blobs.
+    Grey levels, polarity, contrast, orientation, scale, phase and noise are random, so a random network's features
+    (dominated by brightness and contrast) separate the classes poorly, while features that are invariant to
+    crops and colour jitter, what contrastive pre-training learns, separate them well: the first command shows
+    learning instead of a task that random features already solve."""
     rng = np.random.default_rng(index)
-    label = index % SYNTHETIC_CLASSES
+    label = index % len(SYNTHETIC_CLASS_NAMES)
     yy, xx = np.mgrid[0:size, 0:size] / size
-    angle = math.pi * label / SYNTHETIC_CLASSES + rng.normal(0, 0.15)
-    freq = rng.uniform(3, 8)
-    wave = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle)) + rng.uniform(0, 6.3))
-    hue = np.array([[1.0, 0.3, 0.2], [0.2, 0.9, 0.3], [0.2, 0.4, 1.0], [0.9, 0.8, 0.2]])[label]
-    rgb = wave[..., None] * (hue + rng.normal(0, 0.1, 3)) + rng.normal(0, 0.08, (size, size, 3))
+    angle, freq, phase = rng.uniform(0, math.pi), rng.uniform(3, 7), rng.uniform(0, 2 * math.pi, 2)
+    u = 2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle)) + phase[0]
+    v = 2 * math.pi * freq * (yy * math.cos(angle) - xx * math.sin(angle)) + phase[1]
+    if label == 0:
+        pattern = np.sin(u) > 0
+    elif label == 1:
+        pattern = np.sin(u) * np.sin(v) > 0
+    elif label == 2:
+        pattern = np.cos(u) + np.cos(v) > 1.0
+    else:  # smooth random field, thresholded: blobs without a period
+        cells = rng.integers(3, 7)
+        field = np.asarray(Image.fromarray(rng.normal(0, 1, (cells, cells)).astype(np.float32))
+                           .resize((size, size), Image.BICUBIC))
+        pattern = field > np.median(field)
+    low, high = rng.permutation([rng.uniform(0, 0.45), rng.uniform(0.55, 1)])  # random polarity and contrast
+    grey = low + (high - low) * pattern + rng.normal(0, rng.uniform(0.02, 0.12), (size, size))
+    rgb = grey[..., None] * rng.uniform(0.85, 1.0, 3)  # a faint random tint, not tied to the class
     return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
 
 
@@ -677,7 +694,7 @@ def write_results(out, protocol, args, entries, datasets, title, extra=""):
     print("\n" + text, flush=True)
 
 
-# ---------------------------------------------------------------- the pre-training scripts' kNN monitor (--monitor)
+# ---------------------------------------------------------------- the pre-training scripts' kNN monitor (--knn-monitor)
 class KnnMonitor:
     """At most `per_class` images of each class of a labeled folder (a fixed random choice), half of each class the
     kNN's memory and half its test, resized and cached once as uint8 tensors. top1() is the weighted kNN accuracy

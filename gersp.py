@@ -44,7 +44,7 @@ Table I's MoCo-MAID, which GeRSP trained as MoCo v1 (moco.py's docstring gives t
     - Augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit.
     - The natural data is cycled, reshuffled every pass; with --alpha 0 it is never read, and the step is MoCo's.
 Everything below the PLUMBING banner (flags every script shares, processes, the loop, checkpoints, --benchmark,
---monitor) is the same text in moco.py, gersp.py, pera.py and preco.py.
+--knn-monitor) is the same text in moco.py, gersp.py, pera.py and preco.py.
 """
 import copy
 import itertools
@@ -314,7 +314,7 @@ class WithNatural(Dataset):
 
 def wire(args, ctx):
     """GeRSP on the loop below: student and teacher, SGD, RS pairs joined by natural images; a step logs L, L_ct,
-    L_ce and NIAL's accuracy; the student's backbone is exported; the floor is the student's and the teacher's passes."""
+    L_ce and NIAL's accuracy; the student's backbone is exported; the floor: the student's and the teacher's passes."""
     paths = data.list_images(args.data)
     data.check_readable(paths, seed=args.seed)
     local_batch = args.batch_size // ctx.world
@@ -390,7 +390,7 @@ class Wiring:
     step: Callable  # step(inputs, step) -> 1-D tensor of the `logged` values, loss first; no host-device sync
     logged: tuple  # the names of those values in log.jsonl
     schedule: Callable  # schedule(step) -> {name: value}, logged beside them
-    backbone: nn.Module  # exported as backbone.pth (torchvision's keys) and probed by --monitor
+    backbone: nn.Module  # exported as backbone.pth (torchvision's keys) and probed by --knn-monitor
     images_per_step: int  # for images/s
     synthetic: Callable  # --benchmark: synthetic() -> the inputs of one step, made on the device
     floor: Callable  # --benchmark: floor(inputs) runs the backbone passes of a step and nothing else
@@ -417,9 +417,9 @@ def add_run_flags(p):
     p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
                    "on CUDA, off on CPU")
-    p.add_argument("--monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): rank 0 "
-                   "logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
-    p.add_argument("--monitor-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
+    p.add_argument("--knn-monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
+                   "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
+    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
                    "and the end)")
     p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
                    "and N steps with the real loader; print one JSON line and exit (nothing is written)")
@@ -427,14 +427,14 @@ def add_run_flags(p):
 
 def check_run_args(args, world):
     """The shared flags, one sentence each, before anything runs; check_args() above checks the method's."""
-    for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "benchmark", "monitor_every"):
+    for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "benchmark", "knn_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
     data.check_out_dir(args.out)
-    if args.monitor:
-        data.labeled_images(args.monitor)  # on every process: a bad folder stops them all
+    if args.knn_monitor:
+        data.labeled_images(args.knn_monitor)  # on every process: a bad folder stops them all
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -590,7 +590,8 @@ def train(args):
     if args.benchmark:
         return benchmark(run, args, ctx)
     run.model.train()
-    monitor = data.KnnMonitor(args.monitor, args.img_size, args.seed) if args.monitor and ctx.rank == 0 else None
+    watch = args.knn_monitor and ctx.rank == 0
+    monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if watch else None
     stop_signal, progress = catch_stop_signals(), Progress(run, args, ctx, step, resumed=ckpt is not None)
     if monitor and step == 0:
         progress.knn(monitor, 0, 0)  # random init: where the curve starts
@@ -608,7 +609,7 @@ def train(args):
             if stopping or step >= progress.last_step:
                 break
         progress.count_skipped(skipped, step, epoch, first_step)
-        if monitor and not stopping and (step >= progress.last_step or (epoch + 1) % args.monitor_every == 0):
+        if monitor and not stopping and (step >= progress.last_step or (epoch + 1) % args.knn_every == 0):
             progress.knn(monitor, step, epoch)
         save(run, args, ctx, step, epoch)
         progress.last_saved = step
@@ -702,7 +703,7 @@ class Progress:
                             "dataset.")
 
     def knn(self, monitor, step, epoch):
-        """--monitor: the kNN top-1 of the backbone now (rank 0; eval mode, no random draw: training is unchanged)."""
+        """--knn-monitor: the backbone's kNN top-1 now (rank 0; eval mode, no random draw: training is unchanged)."""
         start = time.time()
         top1 = monitor.top1(self.run.backbone, self.ctx.device, self.ctx.amp_dtype)
         self.record(epoch=epoch, step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))

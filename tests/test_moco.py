@@ -12,8 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 import moco
-from conftest import (TINY_RESNET, assert_one_sentence_error, assert_ran_cleanly, make_image_folder, run_script,
-                      run_torchrun)
+from conftest import TINY_RESNET, assert_one_sentence_error, make_image_folder, run_script
 
 
 def tiny_moco(queue=6, dim=4, momentum=0.9, temperature=0.5, encoder=None):
@@ -177,17 +176,6 @@ def test_backbone_loads_into_torchvision_with_only_fc_missing(tmp_path, image_fo
     assert (saved["arch"], saved["method"]) == ("resnet18", "moco")
     result = torchvision.models.resnet18().load_state_dict(saved["state_dict"], strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
-
-
-def test_two_process_torchrun_on_gloo_trains_and_fills_the_queue_from_both(tmp_path, image_folder):
-    result = run_torchrun("moco.py", 2, *TINY_RESNET, "--data", image_folder, "--queue", "32", "--max-steps", "3",
-                          "--out", tmp_path)
-    assert_ran_cleanly(result)
-    assert "2 process(es)" in result.stdout and "done at step 3" in result.stdout
-    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert ckpt["model"]["_extra_state"]["queue_ptr"] == 3 * 8 % 32  # 8 keys a step: 4 from each process
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")]
-    assert steps == [1, 2, 3]
 
 
 def test_corrupt_image_among_good_ones_is_skipped_counted_and_logged(tmp_path, capsys):

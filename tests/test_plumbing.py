@@ -1,5 +1,6 @@
 """The plumbing block below each method file's banner: the same text in all four, and what it does for every method
 (bf16 autocast, window means in the log, the kNN monitor that never changes the training, a two-node launch)."""
+import argparse
 import json
 import os
 import socket
@@ -9,7 +10,10 @@ import sys
 import pytest
 import torch
 import torchvision
+from torch.distributed.run import get_args_parser as torchrun_parser
 
+import eval_linear
+import finetune_cls
 import gersp
 import moco
 import pera
@@ -28,6 +32,27 @@ def test_the_plumbing_block_is_the_same_text_in_the_four_method_files():
     assert all(block == blocks["moco.py"] for block in blocks.values()), [n for n, b in blocks.items()
                                                                            if b != blocks["moco.py"]]
     assert len(blocks["moco.py"].splitlines()) > 200  # the loop, checkpoints, signals, benchmark and main are in it
+
+
+@pytest.mark.parametrize("module", [moco, gersp, pera, preco, eval_linear, finetune_cls])
+def test_every_flag_reaches_the_script_through_torchrun(module, monkeypatch):
+    """torchrun parses the whole command line first: a flag of ours that abbreviates one of its options (--monitor
+    for --monitor-interval) stops every torchrun launch with 'ambiguous option' before the script starts."""
+    parsers = []
+
+    def keep_parser(parser, *args, **kwargs):
+        parsers.append(parser)
+        raise SystemExit
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", keep_parser)
+    with pytest.raises(SystemExit):
+        module.get_args([])
+    monkeypatch.undo()
+    flags = [flag for action in parsers[0]._actions for flag in action.option_strings if flag.startswith("--")]
+    assert "--out" in flags and len(flags) > 10
+    for flag in flags:
+        launch = torchrun_parser().parse_args(["--nproc-per-node", "2", "script.py", flag, "x"])
+        assert launch.training_script_args == [flag, "x"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +96,7 @@ def test_logged_values_are_means_over_the_window_acc_included(folder, tmp_path):
 def test_the_knn_monitor_logs_the_backbone_and_leaves_a_resumed_run_bit_identical(folder, tmp_path, capsys):
     argv = TINY_RESNET + ["--data", folder, "--queue", "16", "--epochs", "3"]
     moco.main(argv + ["--out", str(tmp_path / "plain")])
-    watched = argv + ["--out", str(tmp_path / "watched"), "--monitor", folder]
+    watched = argv + ["--out", str(tmp_path / "watched"), "--knn-monitor", folder]
     moco.main(watched + ["--max-steps", "3"])  # stopped mid-epoch, then resumed
     moco.main(watched)
     plain, resumed = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=True) for d in ("plain", "watched"))
@@ -95,17 +120,21 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_nodes_of_one_process_each_train_and_export_a_backbone(folder, tmp_path):
-    """Multi-node is plain torchrun: two launchers meet at a c10d rendezvous, here both on 127.0.0.1."""
+def test_two_nodes_of_one_process_each_train_fill_the_queue_from_both_and_export_a_backbone(folder, tmp_path):
+    """Multi-node is plain torchrun: two launchers meet at a c10d rendezvous, here both on 127.0.0.1. (Also moco.py's
+    two-process test: two gloo processes, each enqueueing its keys.)"""
     port = free_port()
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", os.path.join(REPO, "moco.py"),
-              *TINY_RESNET, "--data", folder, "--queue", "16", "--max-steps", "2", "--out", str(tmp_path)]
+              *TINY_RESNET, "--data", folder, "--queue", "32", "--max-steps", "3", "--out", str(tmp_path)]
     nodes = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
-    assert any("2 process(es)" in out and "done at step 2" in out for out in outputs), outputs
+    assert not any("Warning" in out for out in outputs), outputs
+    assert any("2 process(es)" in out and "done at step 3" in out for out in outputs), outputs
     saved = torch.load(tmp_path / "backbone.pth", weights_only=True)
     missing = torchvision.models.resnet18().load_state_dict(saved["state_dict"], strict=False).missing_keys
     assert sorted(missing) == ["fc.bias", "fc.weight"]
-    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]["_extra_state"]["queue_ptr"] == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["model"]["_extra_state"]["queue_ptr"] == 3 * 8 % 32  # 8 keys a step: 4 from each process
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3]

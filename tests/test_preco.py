@@ -283,6 +283,19 @@ def test_two_processes_log_the_same_first_step_as_one_process_with_the_whole_bat
         assert two[0][key] == pytest.approx(one[key], abs=2e-4), key
 
 
+def test_every_gradient_has_its_parameters_layout_at_32_px_so_ddp_does_not_warn():
+    """At 32 px Swin's last stage is 1 x 1: a 1x1 conv decoder's weight gradient then comes in another memory layout
+    than its parameter, and DDP warns on every run ("Grad strides do not match bucket view strides"); a Linear does
+    not. The layout is what DDP checks, so one process shows it."""
+    torch.manual_seed(0)
+    model = preco.PReCo("swin_t", 8)
+    mask = torch.zeros(8, 4, 4)
+    mask[:, :2] = 1
+    predicted, features = model(torch.randn(8, 3, 32, 32), mask)
+    (predicted.square().mean() + features.square().mean()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()] == []
+
+
 def test_a_non_finite_loss_stops_the_run_with_exit_1(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "images", classes=2, per_class=2)
     with pytest.raises(SystemExit) as exit_info:
