@@ -31,7 +31,8 @@ batch 112 per GPU on 8 GPUs (--batch-size 896 in total); export the encoder. Whe
     - Masking is SimMIM's: --mask-unit 32 px squares, ceil(--mask-ratio 0.6 x units) of them drawn uniformly.
     - At 64 px (EuroSAT, CPU) use --mask-unit 16: a 4 x 4 grid with 10 units masked (8 px would give 64 small units).
     - Mask token (trunc. normal, std 0.02) after torchvision's patch embedding (4x4 conv + LayerNorm), as SimMIM.
-    - Decoder g is SimMIM's: 1x1 conv from the last stage (stride 32) to 32^2 x 3 channels + PixelShuffle(32).
+    - Decoder g is SimMIM's: 1x1 conv (here the same map as a Linear) from the last stage (stride 32) to 32^2 x 3
+      channels + PixelShuffle(32).
     - Augmentation is SimMIM's (random resized crop 0.67-1, ratio 3/4-4/3, flip); both branches get the same image.
     - X ("raw pixel values") is the ImageNet-normalised input, the target of SimMIM's code.
     - ||.|| in Eq. 2 is L1, summed over masked pixels, divided by their number and the 3 channels (SimMIM).
