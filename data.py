@@ -427,15 +427,17 @@ def load_backbone(weights, arch=None, image_size=224, patch_size=16):
         obj = load_weights_only(weights)
         if not isinstance(obj, dict):
             raise UserError(f"--weights {weights} holds a {type(obj).__name__}, not a state dict.")
-        arch, method, config = obj.get("arch", arch), obj.get("method", "torchvision"), obj.get("config", {})
+        ours = "method" in obj  # a backbone.pth or checkpoint.pth of this project: its "config" is ours
+        arch, config = obj.get("arch", arch), obj.get("config", {}) if ours else {}
         if "backbone_prefix" in obj:  # a training checkpoint of this project
             n = len(obj["backbone_prefix"])
             state = {k[n:]: v for k, v in obj["model"].items() if k.startswith(obj["backbone_prefix"])}
+            method = obj.get("method", "torchvision")
         else:  # our backbone.pth, a plain state dict or a published layout (MoCo, DINO, Swin ...): torchvision's keys
             state, layout, found = published_backbone(obj, weights)
-            arch, config = found or (arch, config if "method" in obj else {})  # "config" is ours only
+            arch, config = found or (arch, config)
             method = obj.get("method", layout)
-            if "method" not in obj and layout != "torchvision":  # a refusal names the layout it read
+            if not ours and layout != "torchvision":  # a refusal names the layout it read
                 weights = f"{weights} (read as {layout})"
         if arch is None:
             raise UserError(f"--weights {weights} does not say its architecture; add --arch.")
