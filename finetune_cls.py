@@ -22,14 +22,17 @@ Both: 20 % of each class trains, 80 % tests (--train-ratio), --runs 5 splits (se
 (GeRSP Table I's shape) in results.md; results.json holds every run's accuracy and the confusion matrix of the last
 run. `imagenet` is torchvision's IMAGENET1K_V1 (the papers' baseline), `imagenet:V2` the newer recipe; the method
 column says which. An interrupted evaluation resumes at the epoch where it stopped.
-Images that do not decode are dropped before splitting, by one decoding pass at start-up (data.labeled_datasets);
+Images that do not decode are dropped before splitting, by one decoding pass at start-up (labeled_datasets);
 a file that fails later, at test time, is left out of the count rather than replaced by its neighbour.
 Refused before any work: a training split smaller than one batch (its epochs would train nothing), and a backbone
 fine-tuned on the evaluated dataset (its training images would be in the test split; paper 004 never uses one
 dataset as source and target).
 --save-backbone PATH writes the fine-tuned backbone (last run) as a backbone.pth that every script accepts as
 --weights: domain-adaptive pre-training (paper 004, Sec. IV-D). It is written after that run's test and before the
-run is recorded as done, so a job killed in between writes it when resumed.
+run is recorded as done, so a job killed in between writes it when resumed. Before each checkpoint (after every
+epoch; the last one holds the weights --save-backbone then writes), one pass over the weights checks that they are
+finite: a NaN or inf stops the evaluation with exit code 1, naming the epoch and the tensor, and the files written
+before stay as they were.
 Choices where the papers are silent: weight decay 0 with Adam (paper 004 names none); the lr is stepped per epoch;
 BatchNorm is synchronised across GPUs under torchrun (the papers fine-tune with one batch of 64 / 100); on several CPU
 processes it is not (gloo has no SyncBatchNorm), so every process tests with rank 0's running statistics; the last
@@ -52,6 +55,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 import data
+import eval_linear
 from data import UserError
 
 RECIPES = {
@@ -64,7 +68,7 @@ SCRATCH_LR = {"gersp": 0.01, "risojevic": 3e-3}  # paper 004 trains from scratch
 
 
 def get_args(argv=None):
-    p = data.evaluation_parser(__file__, "Fine-tuning evaluation (see the module docstring).")
+    p = eval_linear.evaluation_parser(__file__, "Fine-tuning evaluation (see the module docstring).")
     p.add_argument("--recipe", choices=RECIPES, default="gersp", help="gersp (paper 000) or risojevic (paper 004)")
     p.add_argument("--epochs", type=int, help="training epochs (recipe: 100)")
     p.add_argument("--batch-size", type=int, help="TOTAL batch over all processes (recipe: 64 / 100)")
@@ -79,8 +83,7 @@ def get_args(argv=None):
                    "on CUDA, off on CPU")
     p.add_argument("--out", default="runs/finetune", help="folder for results, logs and the resumable checkpoint")
     p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
-    args = p.parse_args(argv)
-    args.data, args.weights = args.data or [data.SYNTHETIC], args.weights or ["random"]
+    args = eval_linear.parse_evaluation_args(p, argv)
     recipe = RECIPES[args.recipe]
     if args.epochs and args.epochs != recipe["epochs"]:  # the recipe's schedule at the same fractions of training
         scaled = [math.ceil(m * args.epochs / recipe["epochs"]) for m in recipe["milestones"]]
@@ -100,8 +103,7 @@ def check_args(args, world_size):
         raise UserError(f"--wd must be 0 or more (got {args.wd}).")
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes.")
-    if args.dataset and len(args.dataset) != len(args.data):
-        raise UserError(f"{len(args.dataset)} --dataset names for {len(args.data)} --data folders; give one each.")
+    eval_linear.check_datasets(args)
     data.check_out_dir(args.out)
     if args.save_backbone:
         if len(args.weights) > 1 or len(args.data) > 1:
@@ -134,13 +136,12 @@ class RandomRotation90:
 
 def transforms_for(args):
     """(train, test) pipelines of the recipe, ending in the ImageNet normalisation every backbone expects."""
-    tail = [T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
-    size = args.img_size
+    size, tail = args.img_size, eval_linear.normalised_tensor()
     if args.recipe == "gersp":
-        return T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip()] + tail), data.eval_transform(size)
+        return T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip()] + tail), eval_linear.eval_transform(size)
     big = round(size * 292 / 256)
     return (T.Compose([T.Resize((big, big)), T.RandomCrop(size), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
-                       RandomRotation90()] + tail), data.center_crop_transform(size))
+                       RandomRotation90()] + tail), eval_linear.center_crop_transform(size))
 
 
 def quiet_worker(worker_id):
@@ -156,6 +157,19 @@ def save_atomic(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the rename itself survives a power cut
+    os.fsync(folder)
+    os.close(folder)
+
+
+def first_non_finite(state_dict, world):
+    """The name of the first tensor holding a NaN or inf, else None: one pass over the weights (one host sync), the
+    same answer on every process."""
+    weights = {k: v for k, v in state_dict.items() if v.is_floating_point()}
+    finite = torch.stack([v.isfinite().all() for v in weights.values()]).float()
+    if world > 1:
+        dist.all_reduce(finite, dist.ReduceOp.MIN)
+    return next((k for k, ok in zip(weights, finite.tolist()) if not ok), None)
 
 
 def peak_lr(args, weights):
@@ -231,12 +245,12 @@ def prepare(args, rank, world, workers):
     """Every check before any work and any file: the flags, every weights file (-> its arch and method), the datasets
     (unreadable images dropped, splits drawn), a backbone fine-tuned on the evaluated dataset, a split under a batch."""
     check_args(args, world)
-    checked = {w: data.load_backbone(w, args.arch, args.img_size, args.patch_size)[2:] for w in args.weights}
-    datasets = data.labeled_datasets(args.data, args.dataset, args.train_ratio, args.runs, args.seed,
-                                     verbose=rank == 0, workers=workers)
+    checked = {w: eval_linear.load_backbone(w, args.arch, args.img_size, args.patch_size)[2:] for w in args.weights}
+    datasets = eval_linear.labeled_datasets(args.data, args.dataset, args.train_ratio, args.runs, args.seed,
+                                            verbose=rank == 0, workers=workers)
     for name, _, _, _, splits in datasets:
         for weights, (_, method) in checked.items():
-            data.check_not_source(weights, method, name)
+            eval_linear.check_not_source(weights, method, name)
         if len(splits[0][0]) < args.batch_size:  # the sampler drops the incomplete batch: epochs of 0 steps
             raise UserError(f"the training split of {name} has {len(splits[0][0])} images, fewer than one batch of "
                             f"{args.batch_size}, so no step would train; lower --batch-size or raise --train-ratio.")
@@ -295,7 +309,7 @@ def evaluate(args):
 
     total = len(args.weights) * args.runs * args.epochs * sum(len(d[4][0][0]) // args.batch_size for d in datasets)
     job = {"ctx": ctx, "state": state, "save": save, "stop": stop, "log": log, "transforms": transforms_for(args),
-           "progress": {"steps": 0, "start": time.time(), "total": total}}
+           "checkpoint": ckpt_path, "progress": {"steps": 0, "start": time.time(), "total": total}}
     entries = []
     for weights in args.weights:
         arch, method = checked[weights]  # from the check, so a row whose runs all finished before a resume has them
@@ -330,12 +344,12 @@ def evaluate(args):
                     log.flush()
                     print(f"finetune | {key}: top-1 {accuracy:.2f}", flush=True)
             done = [state["done"][f"{weights} | {name} | run {r}"] for r in range(args.runs)]
-            entry[name] = data.run_summary([d["accuracy"] for d in done], classes=classes,
-                                           confusion_last_run=done[-1]["confusion"])
+            entry[name] = eval_linear.run_summary([d["accuracy"] for d in done], classes=classes,
+                                                  confusion_last_run=done[-1]["confusion"])
         entries.append(entry)
     if rank == 0:
-        data.write_results(args.out, "finetune", args, entries, [d[0] for d in datasets],
-                           f"Fine-tuning ({args.recipe} recipe), {args.runs} run(s), train ratio {args.train_ratio}")
+        eval_linear.write_results(args.out, "finetune", args, entries, [d[0] for d in datasets], f"Fine-tuning "
+                                  f"({args.recipe} recipe), {args.runs} run(s), train ratio {args.train_ratio}")
         log.close()
     if world > 1:
         dist.destroy_process_group()
@@ -348,7 +362,7 @@ def train_run(args, job, key, weights, run, num_classes, paths, labels):
     rank, world, device, amp_dtype, workers = job["ctx"]
     state = job["state"]
     torch.manual_seed(args.seed + run)
-    backbone, width, _, _ = data.load_backbone(weights, args.arch, args.img_size, args.patch_size)
+    backbone, width, _, _ = eval_linear.load_backbone(weights, args.arch, args.img_size, args.patch_size)
     model = Classifier(backbone, width, num_classes).to(device)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -367,12 +381,19 @@ def train_run(args, job, key, weights, run, num_classes, paths, labels):
     train_set = data.ImageDataset(paths, labels, job["transforms"][0], seed=args.seed + run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, rank, world, args.seed + run)
     loader = DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0, worker_init_fn=quiet_worker,
+                        pin_memory=device.type == "cuda", worker_init_fn=quiet_worker,  # fresh workers see set_epoch
                         generator=torch.Generator().manual_seed(run))
     job["progress"]["steps"] += first_epoch * sampler.batches_per_epoch()
     for epoch in range(first_epoch, args.epochs):
         train_epoch(ddp_model, loader, sampler, optimizer, scaler, epoch, peak, key, args, job["ctx"],
                     job["progress"], job["progress"]["total"], job["log"])
+        bad = first_non_finite(model.state_dict(), world)  # before the checkpoint (and then the backbone) holds it
+        if bad:
+            kept = (f"the last good checkpoint is {job['checkpoint']}, left as it was"
+                    if os.path.exists(job["checkpoint"]) else "no checkpoint was written yet")
+            if args.save_backbone:
+                kept += f"; --save-backbone {args.save_backbone} is not written"
+            raise FloatingPointError(f"the weights became non-finite at epoch {epoch + 1} of {key} ({bad}); {kept}.")
         state["current"] = {"key": key, "epoch": epoch + 1, "model": model.state_dict(),
                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                             "rng": torch.get_rng_state()}
@@ -389,6 +410,7 @@ def train_epoch(model, loader, sampler, optimizer, scaler, epoch, peak, key, arg
     for group in optimizer.param_groups:
         group["lr"] = lr_at(args, epoch, peak)
     sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)  # the augmentation of image i is seeded by (seed, epoch, i)
     sums = torch.zeros(3, device=device)  # loss, correct, seen
     start = time.time()
     for i, (images, targets, _) in enumerate(loader, 1):

@@ -18,7 +18,8 @@ Paper -> code
     Sec. 3.3  shuffling BN .............................................. MoCo.keys() across processes, and
               SplitBatchNorm2d within one (one GPU or CPU process normalises like --bn-group-sized GPUs)
     Algorithm 1  one training step ...................................... train_step()
-    v2: MLP projector, blur augmentation, cosine lr ..................... Encoder, data.augmentation(), lr_at()
+    v2: MLP projector, blur augmentation, cosine lr ..................... Encoder, augmentation(), lr_at()
+    the run: data, model, resume, the epoch / batch loop, log, save .... train()
 
 Defaults are those of the official code (facebookresearch/moco): ResNet-50, 200 epochs, total batch 256, SGD lr 0.03
 momentum 0.9 weight decay 1e-4, K = 65,536, m = 0.999, feature dim 128; v1: linear head, T = 0.07, jitter
@@ -35,11 +36,10 @@ for GeRSP itself; add --lr 0.05 to follow it). Choices of this file, where the p
       the key encoder sees exactly the same weights, and the queue needs no clone for autograd.
     - Keys are constants (no gradient), so gathering them from other processes loses nothing.
     - Augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit.
-Everything below the PLUMBING banner (flags every script shares, processes, the loop, checkpoints, --benchmark,
---knn-monitor) is the same text in moco.py, gersp.py, pera.py and preco.py.
+The file reads top to bottom: flags, the method, train(); below the HELPERS banner, what train() calls (processes,
+loader, gather, checkpoints, signals, the log, main), the same text in moco.py, gersp.py, pera.py and preco.py.
 """
 import copy
-import itertools
 import json
 import math
 import os
@@ -47,16 +47,17 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections import namedtuple
 from datetime import timedelta
 from functools import partial
-from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms as T
+from PIL import ImageFilter
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -94,7 +95,17 @@ def get_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay")
     p.add_argument("--img-size", type=int, default=224, help="crop size of the augmented views")
-    add_run_flags(p)
+    p.add_argument("--workers", type=int, help="loader processes per process (default: CPUs / processes, at most 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
+    p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
+    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
+                   "on CUDA, off on CPU")
+    p.add_argument("--knn-monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
+                   "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
+    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
+                   "and the end)")
     args = p.parse_args(argv)
     args.data = args.data or [data.SYNTHETIC]
     for key, value in VERSIONS[args.version].items():
@@ -123,6 +134,33 @@ def check_args(args, world):
         raise UserError(f"the per-process batch {local} is not a multiple of --bn-group {args.bn_group}.")
     if world == 1 and local % 2:
         raise UserError(f"--batch-size {local} is odd: one process splits it into at least 2 BatchNorm groups.")
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+class RandomGaussianBlur:
+    """v2's blur: sigma drawn from [0.1, 2.0], PIL's filter (the official code's)."""
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(0.1, 2.0))))
+
+
+def augmentation(name, size):
+    """The official pipelines 'moco_v1' and 'moco_v2', or GeRSP Sec. III-B's 'gersp' (for its baselines)."""
+    crop = T.RandomResizedCrop(size, scale=(0.2, 1.0))
+    if name == "moco_v1":
+        steps = [crop, T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomHorizontalFlip()]
+    elif name == "moco_v2":
+        steps = [crop, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+                 T.RandomApply([RandomGaussianBlur()], p=0.5), T.RandomHorizontalFlip()]
+    else:  # gersp: crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.16) p=0.8, gray 0.2, flip 0.5, blur 0.5
+        steps = [crop, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.16)], p=0.8), T.RandomGrayscale(p=0.2),
+                 T.RandomHorizontalFlip(), T.RandomApply([RandomGaussianBlur()], p=0.5)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+
+def two_views(transform, img):
+    """A positive pair: two independent augmentations of one image, the query's and the key's."""
+    return [transform(img), transform(img)]
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -248,101 +286,80 @@ def lr_at(args, epoch):
     return args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.lr_steps)
 
 
-def wire(args, ctx):
-    """MoCo on the loop below: the model, SGD, the two-view loader; a step logs the loss and the top-1 of the
-    positive among the queue; the query encoder's backbone is exported; the floor is the two encoders' passes."""
+# ------------------------------------------------------------------------------------------------ the run
+def train(args):
+    """Data, model, optimiser and resume; then the epoch / batch loop: train_step(), log, save. SIGTERM or Ctrl-C
+    stop it cleanly at a step; the exported backbone is the query encoder's."""
+    ctx = setup(args)
     paths = data.list_images(args.data)
     data.check_readable(paths, seed=args.seed)
+    dataset = data.ImageDataset(paths, transform=partial(two_views, augmentation(args.aug, args.img_size)),
+                                seed=args.seed)
+    loader = make_loader(dataset, args, ctx)
+    steps_per_epoch = loader.sampler.batches_per_epoch()
+    last_step = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+
+    torch.manual_seed(args.seed)  # the same initial weights and queue on every process
     local_batch = args.batch_size // ctx.world
     encoder = Encoder(args.arch, args.dim, bn_groups(local_batch, args.bn_group, ctx.world), args.head)
     model = MoCo(encoder, args.queue, args.dim, args.moco_m, args.temperature).to(ctx.device)
-    query_encoder = ddp(model.encoder_q)
+    query_encoder = ddp(model.encoder_q)  # the same weights; a backward through it averages the gradients
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.wd, fused=ctx.device.type == "cuda")  # one kernel for the update
-    dataset = data.ImageDataset(paths, transform=data.TwoViews(data.augmentation(args.aug, args.img_size)),
-                                seed=args.seed)
-    loader = make_loader(dataset, args, ctx, args.seed)
+    torch.manual_seed(args.seed + ctx.rank)  # shuffle-BN permutations: each process its own
+    step = resume(args, ctx, model, optimizer)  # 0 when --out holds no checkpoint
 
-    def schedule(step):
-        return {"lr": lr_at(args, step // loader.sampler.batches_per_epoch())}
-
-    def step(inputs, step):
+    log = Log(args, ctx, f"moco {args.version}", args.batch_size, last_step, step)
+    log(f"{len(paths)} images, {steps_per_epoch} steps/epoch, {ctx.world} process(es) on {ctx.device.type}, "
+        f"{f'resuming at step {step}' if step else 'starting'}")
+    monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if args.knn_monitor and not ctx.rank else None
+    if monitor and step == 0:
+        knn(log, monitor, model.encoder_q.backbone, 0, 0)  # random init: where the curve starts
+    stop_requests, stopping = catch_stop_signals(), False
+    while step < last_step and not stopping:
+        epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
+        lr = lr_at(args, epoch)
         for group in optimizer.param_groups:
-            group["lr"] = schedule(step)["lr"]
-        return train_step(model, query_encoder, *inputs, optimizer, ctx.scaler, ctx.amp_dtype)
-
-    def synthetic():
-        return [torch.randn(local_batch, 3, args.img_size, args.img_size, device=ctx.device) for _ in range(2)]
-
-    def floor(inputs):
-        with autocast(ctx.device, ctx.amp_dtype):
-            model.encoder_q(inputs[0]).float().sum().backward()
-            with torch.no_grad():
-                model.encoder_k(inputs[1])
-
-    return Wiring(name=f"moco {args.version}", summary=f"{len(paths)} images", model=model, optimizer=optimizer,
-                  loader=loader, step=step, logged=("loss", "acc"), schedule=schedule,
-                  backbone=model.encoder_q.backbone, images_per_step=args.batch_size, synthetic=synthetic, floor=floor)
+            group["lr"] = lr
+        dataset.set_epoch(epoch)  # augmentations are seeded by (seed, epoch, image index): resumes are exact
+        loader.sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        for (im_q, im_k), _, n_skipped in loader:
+            log.add(train_step(model, query_encoder, im_q.to(ctx.device, non_blocking=True),
+                               im_k.to(ctx.device, non_blocking=True), optimizer, ctx.scaler, ctx.amp_dtype))
+            step, skipped = step + 1, skipped + n_skipped.sum()
+            signalled = ctx.world == 1 and stop_requests  # one process stops at once; several at a log step
+            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == last_step or signalled:
+                stopping = log.window(step, epoch, ("loss", "acc"), {"lr": lr}, bool(stop_requests))
+                if stopping or step == last_step:
+                    break
+        seen, skipped = (step - first_step) * args.batch_size, log.skipped(skipped, step, epoch)
+        if skipped > seen // 2:
+            raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check "
+                            "the dataset.")
+        if monitor and not stopping and (step == last_step or (epoch + 1) % args.knn_every == 0):
+            knn(log, monitor, model.encoder_q.backbone, step, epoch)
+        save(args, ctx, log, model, optimizer, model.encoder_q.backbone, step, epoch)
+    log.finish(step, stopping)
+    if ctx.world > 1:
+        dist.destroy_process_group()
 
 
 # =================================================================================================================
-# PLUMBING: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
-# equal: a fix lands in all four). The method above meets it in wire(); below are the shared flags, processes, the
-# loop (log, ETA, NaN, unreadable images, kNN monitor), checkpoints and exact resume, signals, --benchmark, main.
+# HELPERS: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
+# equal: a fix lands in all four). train() above calls them: processes, the loader, the gather, stop signals,
+# checkpoints, the log and main. A reader who knows one method file can stop here.
 # =================================================================================================================
 SCRIPT = os.path.basename(__file__)
 METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
+Context = namedtuple("Context", "rank world device amp_dtype scaler")  # this process; amp_dtype None: no autocast
 
 
-@dataclass
-class Wiring:
-    """What a method's wire() hands to the loop."""
-    name: str  # the run's name in the progress line and the benchmark report
-    summary: str  # what it trains on, for the start line
-    model: nn.Module  # its state_dict is the checkpoint's "model": every network, queue, centre
-    optimizer: torch.optim.Optimizer
-    loader: Iterable  # (inputs, labels, unreadable files skipped) batches; loader.sampler is a data.EpochSampler
-    step: Callable  # step(inputs, step) -> 1-D tensor of the `logged` values, loss first; no host-device sync
-    logged: tuple  # the names of those values in log.jsonl
-    schedule: Callable  # schedule(step) -> {name: value}, logged beside them
-    backbone: nn.Module  # exported as backbone.pth (torchvision's keys) and probed by --knn-monitor
-    images_per_step: int  # for images/s
-    synthetic: Callable  # --benchmark: synthetic() -> the inputs of one step, made on the device
-    floor: Callable  # --benchmark: floor(inputs) runs the backbone passes of a step and nothing else
-    config: dict = field(default_factory=dict)  # what data.build_model needs besides the arch (a ViT's sizes)
-    finish: Optional[Callable] = None  # rank 0, after the last step (--vis); returns a line to print
-
-
-class Context(NamedTuple):
-    """This process: its rank among `world` processes, its device, the autocast dtype (None: off) and the scaler."""
-    rank: int
-    world: int
-    device: torch.device
-    amp_dtype: Optional[torch.dtype]
-    scaler: torch.amp.GradScaler
-
-
-def add_run_flags(p):
-    """The flags every pre-training script shares (../shared/CONVENTIONS.md), after the method's own."""
-    p.add_argument("--workers", type=int, help="data-loading processes per process (default: CPUs / processes, "
-                   "at most 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
-    p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
-    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
-                   "on CUDA, off on CPU")
-    p.add_argument("--knn-monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
-                   "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
-    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
-                   "and the end)")
-    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
-                   "and N steps with the real loader; print one JSON line and exit (nothing is written)")
-
-
-def check_run_args(args, world):
-    """The shared flags, one sentence each, before anything runs; check_args() above checks the method's."""
-    for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "benchmark", "knn_every"):
+def setup(args):
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them); NCCL on CUDA, gloo on
+    CPU. Every check of the flags comes first, before anything runs or is written."""
+    rank, world, cuda = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "knn_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
     if args.batch_size % world:
@@ -350,36 +367,22 @@ def check_run_args(args, world):
     data.check_out_dir(args.out)
     if args.knn_monitor:
         data.labeled_images(args.knn_monitor)  # on every process: a bad folder stops them all
-
-
-# ------------------------------------------------------------------------------------------------ processes
-def setup(args):
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them). Every check and the
-    checkpoint to resume come before the process group (NCCL on CUDA, gloo on CPU) and before any file is written."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    check_run_args(args, world)
     check_args(args, world)
-    ckpt = None if args.benchmark else load_checkpoint(args)
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-    amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "off": None}[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Context(rank, world, device, amp_dtype, scaler), ckpt
+    amp = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return Context(rank, world, device, amp, torch.amp.GradScaler(device.type, enabled=amp == torch.float16))
 
 
-def autocast(device, amp_dtype):
-    """bf16 / fp16 autocast on `device`, or none (amp_dtype None)."""
+def autocast(device, amp_dtype):  # amp_dtype None: none
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
 def ddp(module, **kwargs):
-    """`module` wrapped for data parallelism when several processes run, else itself."""
+    """`module` wrapped for data parallelism (its backward averages the gradients over processes), else itself."""
     return DDP(module, **kwargs) if dist.is_initialized() else module
 
 
@@ -394,8 +397,7 @@ class Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every process's loss sends gradient to every process's features
+        dist.all_reduce(grad := grad.contiguous())  # every process's loss sends gradient to every process's features
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
@@ -405,38 +407,46 @@ def gather(x):
     return Gather.apply(x) if dist.is_initialized() else x
 
 
-def make_loader(dataset, args, ctx, seed, sampler=None):
-    """Batches of this process's share of each global batch (by default data.EpochSampler's: a permutation per
-    epoch, the last incomplete batch dropped)."""
-    sampler = sampler or data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, seed)
+def make_loader(dataset, args, ctx, sampler=None):
+    """This process's share of each global batch (data.EpochSampler's by default). The workers start afresh each
+    epoch, so they see the dataset's set_epoch(); they ignore SIGTERM / Ctrl-C, which the main process handles."""
+    sampler = sampler if sampler is not None else data.EpochSampler(len(dataset), args.batch_size, ctx.rank,
+                                                                   ctx.world, args.seed)
+    if sampler.batches_per_epoch() == 0:
+        raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
     workers = args.workers if args.workers is not None else min(
         8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return DataLoader(dataset, batch_size=args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
-                      pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker,
-                      generator=torch.Generator().manual_seed(seed))  # leaves the global RNG to the model
+    return DataLoader(dataset, args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
+                      pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if workers else None,
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
 
 
-def quiet_worker(worker_id):
-    """Data workers ignore SIGTERM / Ctrl-C sent to the whole process group (schedulers, a terminal), so the main
-    process can finish its step and save a checkpoint before it shuts them down."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals(worker_id=None):
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 
-def to_device(batch, device):
-    """A tensor, or lists and tuples of them, on `device` (copied asynchronously from pinned memory)."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    return type(batch)(to_device(x, device) for x in batch)
+def catch_stop_signals():
+    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and stops; a second one: at once.
+    Returns the list that the signals are appended to."""
+    received = []
+
+    def request_stop(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, request_stop)
+    return received
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def load_checkpoint(args):
-    """The checkpoint under --out, or None. weights_only=True: it can hold tensors and plain values, never code."""
+def resume(args, ctx, model, optimizer):
+    """The checkpoint under --out into the model and optimiser, or nothing; returns the step to continue from. Each
+    process continues its own random stream (same world size). weights_only: a checkpoint never runs code."""
     path = os.path.join(args.out, "checkpoint.pth")
     if not os.path.exists(path):
-        return None
+        return 0
     ckpt = data.load_weights_only(path, fix="move it away to start afresh")
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
         raise UserError(f"{path} is not a {SCRIPT} checkpoint; use another --out.")
@@ -444,13 +454,8 @@ def load_checkpoint(args):
     if changed:
         raise UserError(f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
                         "values to resume, or another --out.")
-    return ckpt
-
-
-def restore(run, ckpt, ctx):
-    """The checkpoint's state in the wired run; each process continues its own random stream (same world size)."""
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
     ctx.scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) == ctx.world:
         torch.set_rng_state(ckpt["rng"][ctx.rank]["cpu"])
@@ -459,249 +464,130 @@ def restore(run, ckpt, ctx):
     return ckpt["step"]
 
 
-def save(run, args, ctx, step, epoch):
-    """checkpoint.pth (the whole state, every process's RNG included) and backbone.pth (torchvision's keys: the file
-    users share), written atomically by rank 0."""
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(ctx.device)} if
-                                             ctx.device.type == "cuda" else {})}
+def save(args, ctx, log, model, optimizer, backbone, step, epoch, config=None):
+    """checkpoint.pth (the whole state, every process's RNG) and backbone.pth (torchvision's keys: the file users
+    share), once one pass over the weights finds them finite (else both files stay as they were). Rank 0 writes each
+    to a temp file, fsyncs and renames it: a kill at any moment leaves the old file or the new one, never half."""
+    state = model.state_dict()
+    weights = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+    finite = torch.stack([v.isfinite().all() for v in weights.values()]).float()
+    if ctx.world > 1:
+        dist.all_reduce(finite, dist.ReduceOp.MIN)  # every process stops, or none
+    if not all(finite.tolist()):
+        bad = next(name for name, ok in zip(weights, finite.tolist()) if not ok)
+        raise nan_stop(f"{bad} became non-finite", step, args, log.last_saved)
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if ctx.device.type == "cuda" else {})}
     rngs = [rng] * ctx.world
     if ctx.world > 1:
         dist.all_gather_object(rngs, rng)
     if ctx.rank == 0:
-        prefix = next(name for name, module in run.model.named_modules() if module is run.backbone) + "."
-        save_atomic({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                     "scaler": ctx.scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
-                     "rng": rngs, "arch": args.arch, "method": METHOD, "config": run.config,
-                     "backbone_prefix": prefix}, os.path.join(args.out, "checkpoint.pth"))
-        save_atomic({"arch": args.arch, "method": METHOD, "config": run.config,
-                     "state_dict": run.backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
+        prefix = next(name for name, module in model.named_modules() if module is backbone) + "."
+        mine = {"arch": args.arch, "method": METHOD, "config": config or {}}
+        save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
+                     "step": step, "epoch": epoch, "args": vars(args), "rng": rngs, "backbone_prefix": prefix,
+                     **mine}, os.path.join(args.out, "checkpoint.pth"))
+        save_atomic({**mine, "state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
     if ctx.world > 1:
         dist.barrier()
+    log.last_saved = step
 
 
 def save_atomic(obj, path):
-    """Write to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
     with open(f"{path}.tmp", "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    os.fsync(dir_fd)
-    os.close(dir_fd)
+    os.fsync(folder := os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY))  # the rename itself
+    os.close(folder)
 
 
-# ------------------------------------------------------------------------------------------------ the loop
-def train(args):
-    """Wire the method, resume it, run it to the last step; SIGTERM / Ctrl-C stop it cleanly at a step."""
-    ctx, ckpt = setup(args)
-    torch.manual_seed(args.seed)  # the same initial weights (and queue) on every process
-    run = wire(args, ctx)
-    sampler, steps_per_epoch = run.loader.sampler, run.loader.sampler.batches_per_epoch()
-    if steps_per_epoch == 0:
-        raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
-    torch.manual_seed(args.seed + ctx.rank)  # masks, shuffles, drop path: each process its own
-    step = restore(run, ckpt, ctx) if ckpt else 0
-    if args.benchmark:
-        return benchmark(run, args, ctx)
-    run.model.train()
-    watch = args.knn_monitor and ctx.rank == 0
-    monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if watch else None
-    stop_signal, progress = catch_stop_signals(), Progress(run, args, ctx, step, resumed=ckpt is not None)
-    if monitor and step == 0:
-        progress.knn(monitor, 0, 0)  # random init: where the curve starts
-    stopping = False
-    while step < progress.last_step and not stopping:
-        epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
-        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
-        for inputs, _, n_skipped in run.loader:
-            progress.add(run.step(to_device(inputs, ctx.device), step))
-            step, skipped = step + 1, skipped + n_skipped.sum()
-            signalled = ctx.world == 1 and stop_signal  # one process stops at once; DDP at a log step
-            if step % args.log_every and step % steps_per_epoch and step < progress.last_step and not signalled:
-                continue
-            stopping = progress.report(step, epoch, bool(stop_signal))
-            if stopping or step >= progress.last_step:
-                break
-        progress.count_skipped(skipped, step, epoch, first_step)
-        if monitor and not stopping and (step >= progress.last_step or (epoch + 1) % args.knn_every == 0):
-            progress.knn(monitor, step, epoch)
-        save(run, args, ctx, step, epoch)
-        progress.last_saved = step
-    progress.finish(step, stopping)
-    if ctx.world > 1:
-        dist.destroy_process_group()
+class Log:
+    """args.json, log.jsonl and the progress line, by rank 0: window means of the step's values over all processes
+    (read back at log steps only: the loop's one host-device sync), images/s, peak memory, ETA, skipped files."""
 
-
-def catch_stop_signals():
-    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and exits; a second one: at once.
-    Returns the list the signals are appended to."""
-    received = []
-
-    def request_stop(signum, frame):
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    return received
-
-
-class Progress:
-    """args.json, log.jsonl and the progress line, by rank 0: window means of the step's values (read back at log
-    steps only: the loop's one host-device sync) checked for NaN, images/s, peak memory, ETA; kNN; unreadable files."""
-
-    def __init__(self, run, args, ctx, step, resumed):
-        self.run, self.args, self.ctx, self.last_saved = run, args, ctx, step if resumed else None
-        total = args.epochs * run.loader.sampler.batches_per_epoch()
-        self.last_step = total if args.max_steps is None else min(total, args.max_steps)
-        self.sums, self.steps, self.skipped, self.start_step = 0, 0, 0, step
+    def __init__(self, args, ctx, name, images_per_step, last_step, step):
+        self.args, self.ctx, self.name, self.images_per_step = args, ctx, name, images_per_step
+        self.last_step = last_step
+        self.sums, self.steps, self.start_step, self.last_saved, self.total_skipped = 0, 0, step, step or None, 0
         self.start = self.window_start = time.time()
         if ctx.rank == 0:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "args.json"), "w") as f:
                 json.dump(vars(args), f, indent=2)
-            self.log = open(os.path.join(args.out, "log.jsonl"), "a")
-        self.say(f"{run.summary}, {run.loader.sampler.batches_per_epoch()} steps/epoch, {ctx.world} process(es) on "
-                 f"{ctx.device.type}, {'resuming at step %d' % step if step else 'starting'}", sep=": ")
+            self.file = open(os.path.join(args.out, "log.jsonl"), "a", buffering=1)  # a line is written at once
 
-    def say(self, text, sep=" | "):
-        if self.ctx.rank == 0:
-            print(f"{self.run.name}{sep}{text}", flush=True)
-
-    def record(self, **fields):
-        if self.ctx.rank == 0:
-            self.log.write(json.dumps(fields) + "\n")
-            self.log.flush()
+    def __call__(self, text, **record):
+        if self.ctx.rank == 0:  # the progress line after the run's name; the record in log.jsonl
+            print(f"{self.name} | {text}", flush=True)
+            self.file.write(json.dumps(record) + "\n" if record else "")
 
     def add(self, values):
-        self.sums, self.steps = self.sums + values.detach().float(), self.steps + 1
+        self.sums, self.steps = self.sums + values.float(), self.steps + 1
 
-    def report(self, step, epoch, stop_requested):
-        """Log the window's means; True when any process was asked to stop."""
+    def window(self, step, epoch, names, schedule, stop_requested):
+        """Log the window's means; returns whether any process was asked to stop. A non-finite loss raises."""
         stats = torch.cat([self.sums / self.steps, torch.tensor([float(stop_requested)], device=self.ctx.device)])
         if self.ctx.world > 1:
             dist.all_reduce(stats)
             stats /= self.ctx.world
         *values, stop_votes = stats.tolist()
         if not math.isfinite(values[0]):
-            where = f"at step {step}" if self.steps == 1 else f"in steps {step - self.steps + 1}-{step}"
-            saved = os.path.join(self.args.out, "checkpoint.pth") + f" (step {self.last_saved})"
-            raise FloatingPointError(f"the loss became {values[0]} {where}; the last good checkpoint is "
-                                     f"{saved if self.last_saved else 'none'}, left as it was. Lower --lr or use "
-                                     "--amp off.")
-        now, memory = time.time(), peak_memory_gb(self.ctx.device)
-        images_per_s = self.steps * self.run.images_per_step / (now - self.window_start)
-        eta = (now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)
-        logged, schedule = dict(zip(self.run.logged, values)), self.run.schedule(step - 1)
-        self.record(epoch=epoch, step=step, **{k: round(v, 5) for k, v in logged.items()}, **schedule,
-                    images_per_s=round(images_per_s, 1), peak_mem_gb=round(memory, 3))
-        self.say(f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | " + " | ".join(
-            [f"{k} {v:.5g}" for k, v in logged.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()]) +
-            f" | {images_per_s:.1f} img/s | mem {memory:.2f} GB | eta {format_eta(eta)}")
+            raise nan_stop(f"the loss became {values[0]}", step, self.args, self.last_saved, self.steps)
+        now, cuda = time.time(), self.ctx.device.type == "cuda"
+        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(0).ru_maxrss / 2**20
+        speed, values = self.steps * self.images_per_step / (now - self.window_start), dict(zip(names, values))
+        eta = timedelta(seconds=int((now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)))
+        self(f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | " + " | ".join(
+            [f"{k} {v:.5g}" for k, v in values.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()]) +
+             f" | {speed:.1f} img/s | mem {memory:.2f} GB | eta {eta}", epoch=epoch, step=step, **schedule,
+             **{k: round(v, 5) for k, v in values.items()}, images_per_s=round(speed, 1), peak_mem_gb=round(memory, 3))
         self.sums, self.steps, self.window_start = 0, 0, time.time()
         return stop_votes > 0
 
-    def count_skipped(self, skipped, step, epoch, first_step):
-        """Unreadable images of the epoch, summed over processes; more than half of those read is an error."""
+    def skipped(self, skipped, step, epoch):
+        """Unreadable images of the epoch, summed over processes (NCCL reduces CUDA tensors only)."""
         if self.ctx.world > 1:
-            skipped = skipped.to(self.ctx.device)  # NCCL reduces CUDA tensors only
-            dist.all_reduce(skipped)
-        skipped, seen = int(skipped), (step - first_step) * self.run.images_per_step
-        self.skipped += skipped
-        if skipped:
-            self.record(epoch=epoch, step=step, skipped_images=skipped)
-            self.say(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)")
-        if skipped > seen // 2:
-            raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check the "
-                            "dataset.")
-
-    def knn(self, monitor, step, epoch):
-        """--knn-monitor: the backbone's kNN top-1 now (rank 0; eval mode, no random draw: training is unchanged)."""
-        start = time.time()
-        top1 = monitor.top1(self.run.backbone, self.ctx.device, self.ctx.amp_dtype)
-        self.record(epoch=epoch, step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))
-        self.say(f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)")
+            dist.all_reduce(skipped := skipped.to(self.ctx.device))
+        if skipped := int(skipped):
+            self(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)", epoch=epoch, step=step,
+                 skipped_images=skipped)
+        self.total_skipped += skipped
+        return skipped
 
     def finish(self, step, stopping):
-        checkpoint, backbone = (os.path.join(self.args.out, f) for f in ("checkpoint.pth", "backbone.pth"))
-        if stopping:
-            self.say(f"stopped by a signal at step {step}; {checkpoint} resumes it")
-        if self.skipped:
-            self.say(f"{self.skipped} unreadable image(s) were skipped in this run")
-        if not stopping and self.run.finish and self.ctx.rank == 0:
-            self.say(self.run.finish())
-        if not stopping:
-            self.say(f"done at step {step}: backbone in {backbone}")
+        skipped = f"; {self.total_skipped} unreadable image(s) were skipped in this run" if self.total_skipped else ""
+        self((f"stopped by a signal at step {step}; {self.args.out}/checkpoint.pth resumes it" if stopping else
+              f"done at step {step}: backbone in {self.args.out}/backbone.pth") + skipped)
         if self.ctx.rank == 0:
-            self.log.close()
+            self.file.close()
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+def knn(log, monitor, backbone, step, epoch):
+    """--knn-monitor: the backbone's kNN top-1 now, logged (eval mode, no random draw: the training is unchanged)."""
+    start, top1 = time.time(), monitor.top1(backbone, log.ctx.device, log.ctx.amp_dtype)
+    log(f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)", epoch=epoch,
+        step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))
 
 
-def format_eta(seconds):
-    days, rest = divmod(int(seconds), 86400)
-    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-
-
-# ------------------------------------------------------------------------------------------------ benchmark
-def benchmark(run, args, ctx):
-    """--benchmark N: N steps on synthetic inputs already on the device, N of their compute floor (the backbone
-    passes alone), then N steps fed by the real loader; rank 0 prints one JSON line. Nothing is written."""
-    inputs = run.synthetic()
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    step_s = timed(lambda: run.step(inputs, 0), args.benchmark, ctx.device)
-    peak = peak_memory_gb(ctx.device)
-    floor_s = timed(lambda: run.floor(inputs), args.benchmark, ctx.device)
-    batches = itertools.chain.from_iterable(itertools.repeat(run.loader))  # as many epochs as the timing needs
-    loader_s = timed(lambda: run.step(to_device(next(batches)[0], ctx.device), 0), args.benchmark, ctx.device)
-    if ctx.rank == 0:
-        print(json.dumps({"method": run.name, "arch": args.arch, "img_size": args.img_size,
-                          "batch_size": args.batch_size, "processes": ctx.world, "device": ctx.device.type,
-                          "amp": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "off",
-                          "images_per_s": round(run.images_per_step / step_s, 1), "step_s": round(step_s, 4),
-                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
-                          "peak_mem_gb": round(peak, 3), "workers": run.loader.num_workers,
-                          "loader_images_per_s": round(run.images_per_step / loader_s, 1)}), flush=True)
-
-
-def timed(fn, steps, device):
-    """Seconds per call of fn: 3 warm-up calls, then `steps` timed calls between two synchronisations."""
-    def synchronise():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if dist.is_initialized():
-            dist.barrier()
-
-    for _ in range(3):
-        fn()
-    synchronise()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    synchronise()
-    return (time.perf_counter() - start) / steps
+def nan_stop(what, step, args, last_saved, steps=1):
+    """The error that stops a run whose loss or weights are no longer finite; exit code 1."""
+    where = f"at step {step}" if steps == 1 else f"in steps {step - steps + 1}-{step}"
+    saved = f"{os.path.join(args.out, 'checkpoint.pth')} (step {last_saved})" if last_saved else "none"
+    return FloatingPointError(f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use "
+                              "--amp off.")
 
 
 def main(argv=None):
-    """Bad input: one sentence and exit code 2; a non-finite loss: exit code 1; the signal handlers are restored."""
+    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1; signal handlers restored."""
     args = get_args(argv)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
     try:
         train(args)
-    except UserError as err:
-        if int(os.environ.get("RANK", 0)) == 0:
+    except (UserError, FloatingPointError) as err:
+        if int(os.environ.get("RANK", 0)) == 0 or isinstance(err, FloatingPointError):
             print(f"{SCRIPT}: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as err:
-        print(f"{SCRIPT}: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(1 if isinstance(err, FloatingPointError) else 2)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)

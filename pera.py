@@ -10,21 +10,19 @@ whose pixels the student predicts) and the teacher part t. Both networks run on 
     python pera.py --data /data/million_aid                                   # one GPU, the paper's recipe (ViT-B/16)
     torchrun --nproc_per_node=8 pera.py --data /data/million_aid --img-size 448 --mask-ratios 0.2 0.2 0.6 \
         --mse-weight 7.68 --koleo-weight 0.1      # the authors' ViT-B config (448 px global, 96 px local crops)
-    python pera.py ... --benchmark 20 [--dense]   # step time and memory, sparse or full-length (Table 10)
+    python tests/benchmark.py pera.py --data /data/million_aid --steps 20 [--dense]   # time, memory (Table 10)
 
 Paper -> code
     Eq. 1-3  disjoint masks s / l / t, U = s + l + t .............................. disjoint_masks(), mask_counts()
     Sec. 3.2.2  aligned views: one crop + flips, two colourings ................... AlignedMultiCrop
     Fig. 2b  sparse student, mask tokens join halfway; sparse teacher ............. encode(), PerA
     Eq. 4  pixel MSE of the predictor q at l ...................................... pixel_loss()
-    Eq. 5-6  [cls] cross-entropy with temperatures ................................ cls_loss(), teacher_targets()
-    Eq. 7  centre c <- n c + (1 - n) batch mean of the teacher .................... update_center()
+    Eq. 5-7  [cls] cross-entropy, temperatures, centre ..... cls_loss(), teacher_targets(), update_center()
     Eq. 8  KoLeo (float32, outside autocast) ...................................... koleo()
-    Eq. 9  L = C1 L_cls + C2 L_MSE + C3 L_KoLeo ................................... train_step()
-    Eq. 10  teacher = EMA of the student .......................................... PerA.ema_update()
-    Sec. 3.2.3  the teacher encoder is the backbone ............................... wire(): backbone
+    Eq. 9-10  L = C1 L_cls + C2 L_MSE + C3 L_KoLeo; teacher = EMA of the student .. train_step(), PerA.ema_update()
     Sec. 4.1  warm-up + cosine lr, rising wd / momentum, drop path ................ schedules(), block_forward()
     Fig. 4b  partition and reconstruction pictures (--vis) ........................ save_visualisation()
+    Sec. 3.2.3  the teacher encoder is the backbone; the run: data, loop, save .... train()
 
 Stated by the paper and taken: s/l/t 0.3/0.2/0.5, C1-C3 1.0/0.1/0.01, student temperature 0.1, teacher temperature
 warm-up 30 epochs, lr warm-up 20 epochs, drop path 0.3, 200 epochs, total batch 192, AdamW, patch 16, multi-crop,
@@ -40,6 +38,7 @@ Where the paper is silent or contradicts itself, the authors' code (the flag giv
     - The centre averages all crops of the global batch; KoLeo (eps 1e-8) on each global crop's head outputs, summed.
     - Heads g and q: GELU MLP 2048-2048-384 (--head-hidden, --head-bottleneck), L2 norm, weight-normed last layer.
     - lr 1e-3 at any batch size, warm-up from 0, cosine to --min-lr 1e-6; all schedules stepped per iteration.
+    - Both warm-ups (lr, teacher temperature) are the code's np.linspace(start, peak, W): the peak at step W - 1.
     - Weight decay cosine 0.04 -> 0.2 on every parameter (biases, norms too); teacher momentum cosine 0.992 -> 1.
     - AdamW betas (0.9, 0.999), eps 2e-5; gradient clipping at global norm 3.0 (--clip-grad 0 = off).
     - Drop path uniform over the student's blocks, per sample; none in the teacher.
@@ -56,11 +55,10 @@ Choices of this file:
       lengths for time and memory; not the paper's DINOv2 baseline (teacher on global crops only, an iBOT head).
     - Masks are drawn on the device; crops are seeded by (seed, epoch, image index) and every process's RNG state
       is checkpointed, so a resumed run continues bit-for-bit.
-Everything below the PLUMBING banner (flags every script shares, processes, the loop, checkpoints, --benchmark,
---knn-monitor) is the same text in moco.py, gersp.py, pera.py and preco.py.
+The file reads top to bottom: flags, the method, train(); below the HELPERS banner, what train() calls (processes,
+loader, gather, checkpoints, signals, the log, main), the same text in moco.py, gersp.py, pera.py and preco.py.
 """
 import copy
-import itertools
 import json
 import math
 import os
@@ -68,9 +66,8 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections import namedtuple
 from datetime import timedelta
-from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -80,6 +77,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
+from torchvision.utils import make_grid, save_image
 
 import data
 from data import UserError
@@ -87,6 +85,7 @@ from data import UserError
 ARCHS = tuple(data.VIT_SIZES)  # vit_tiny / vit_small / vit_base: torchvision VisionTransformer, 12 blocks
 OUT_DIMS = {"vit_tiny": 8192, "vit_small": 131072, "vit_base": 131072}  # --out-dim default per arch
 GLOBAL_CROPS = 2
+TO_TENSOR = T.Compose([T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])  # what the ViT reads
 RESUME_MUST_MATCH = ("arch", "patch_size", "img_size", "local_size", "local_crops", "out_dim", "head_hidden",
                      "head_bottleneck", "batch_size", "data", "seed", "dense")
 
@@ -98,8 +97,8 @@ def get_args(argv=None):
     p.add_argument("--arch", choices=ARCHS, default="vit_base", help="torchvision ViT (vit_tiny for CPU)")
     p.add_argument("--patch-size", type=int, default=16, help="ViT patch size (8 suits 64 px images)")
     p.add_argument("--img-size", type=int, default=224, help="size of the global crops (and of the exported ViT)")
-    p.add_argument("--local-size", type=int, help="size of the local crops (default: 96, the authors', or 3/7 of a "
-                   "smaller --img-size; a multiple of --patch-size)")
+    p.add_argument("--local-size", type=int, help="local crop size (default: 96, the code's, or 3/7 of a smaller "
+                   "--img-size)")
     p.add_argument("--local-crops", type=int, default=8, help="local crop pairs per image (multi-crop; 0 = none)")
     p.add_argument("--global-scale", type=float, nargs=2, default=[0.4, 1.0], metavar=("MIN", "MAX"),
                    help="area range of the global crops")
@@ -109,8 +108,7 @@ def get_args(argv=None):
                    help="disjoint mask ratios of the student, learnable and teacher parts (Eq. 1-3); sum 1")
     p.add_argument("--dense", action="store_true", help="full-length PerA: both networks on every patch from "
                    "block 0 (Table 10's comparison of sequence lengths, for time and memory)")
-    p.add_argument("--out-dim", type=int, help="DINO head prototypes (default: 131072, the paper's; 8192 for "
-                   "vit_tiny)")
+    p.add_argument("--out-dim", type=int, help="DINO head prototypes (default: 131072, the paper's; vit_tiny 8192)")
     p.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the head and predictor MLPs")
     p.add_argument("--head-bottleneck", type=int, default=384, help="bottleneck width before the last layer")
     p.add_argument("--drop-path", type=float, default=0.3, help="stochastic depth rate of the student's blocks")
@@ -132,22 +130,24 @@ def get_args(argv=None):
     p.add_argument("--wd-end", type=float, default=0.2, help="weight decay at the end of training")
     p.add_argument("--clip-grad", type=float, default=3.0, help="clip the global gradient norm (0 = off)")
     p.add_argument("--vis", help="at the end, write a PNG of the s / l / t partition and the predicted pixels")
-    add_run_flags(p)
+    p.add_argument("--workers", type=int, help="loader processes per process (default: CPUs / processes, at most 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
+    p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
+    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
+                   "on CUDA, off on CPU")
+    p.add_argument("--knn-monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
+                   "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
+    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
+                   "and the end)")
     args = p.parse_args(argv)
     args.data = args.data or [data.SYNTHETIC]
     args.out_dim = args.out_dim or OUT_DIMS[args.arch]
     if args.local_size is None and args.patch_size > 0:  # 96 px (the code's), at most 3/7 of a small --img-size
-        p = args.patch_size
-        args.local_size = min(round(96 / p), max(2, round(args.img_size * 3 / 7 / p))) * p
+        patch = args.patch_size
+        args.local_size = min(round(96 / patch), max(2, round(args.img_size * 3 / 7 / patch))) * patch
     return args
-
-
-
-def mask_counts(n, ratios):
-    """Sizes of the s, l, t parts of n patches, rounded as the authors' code does."""
-    n_s, n_sl = round(n * ratios[0]), round(n * (ratios[0] + ratios[1]))
-    return n_s, n_sl - n_s, n - n_sl
-
 
 
 def check_args(args, world):
@@ -194,7 +194,6 @@ class AlignedMultiCrop:
     def __init__(self, size, local_size, local_crops, global_scale, local_scale):
         self.crops = [(size, global_scale)] * GLOBAL_CROPS + [(local_size, local_scale)] * local_crops
         self.jitter = T.ColorJitter(0.4, 0.4, 0.2, 0.1)  # Sec. 4.1: brightness ... hue, in a random order
-        self.finish = T.Compose([T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
     def student_colour(self, img):
         """DINOv2-style colour distortion plus random grayscale (code: p=0.8; grayscale for 0.1 of those)."""
@@ -215,10 +214,16 @@ class AlignedMultiCrop:
                 crop = TF.hflip(crop)
             if torch.rand(1) < 0.5:  # RS images have no upright: vertical flips too (code)
                 crop = TF.vflip(crop)
-            student.append(self.finish(self.student_colour(crop)))
-            teacher.append(self.finish(self.teacher_colour(crop)))
+            student.append(TO_TENSOR(self.student_colour(crop)))
+            teacher.append(TO_TENSOR(self.teacher_colour(crop)))
         parts = (student[:GLOBAL_CROPS], teacher[:GLOBAL_CROPS], student[GLOBAL_CROPS:], teacher[GLOBAL_CROPS:])
         return tuple(torch.stack(views) if views else torch.empty(0) for views in parts)  # no local crops: empty
+
+
+def mask_counts(n, ratios):
+    """Sizes of the s, l, t parts of n patches, rounded as the authors' code does."""
+    n_s, n_sl = round(n * ratios[0]), round(n * (ratios[0] + ratios[1]))
+    return n_s, n_sl - n_s, n - n_sl
 
 
 def disjoint_masks(batch, n, ratios, device, generator=None):
@@ -243,10 +248,7 @@ def patchify(images, p):
 # ------------------------------------------------------------------------------------------------ model
 def drop_path(x, rate):
     """Stochastic depth: the residual branch of a whole sample is dropped with probability `rate`."""
-    if rate == 0:
-        return x
-    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - rate)
-    return x * keep / (1 - rate)
+    return x if rate == 0 else x * x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - rate) / (1 - rate)
 
 
 def block_forward(block, x, rate):
@@ -387,29 +389,26 @@ def pixel_loss(predicted, images, learnable, patch_size):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def crop_major(x):
-    """B x crops x ... -> (crops * B) x ...: rows of crop 0 first, so .chunk(crops) splits by crop."""
-    return x.transpose(0, 1).flatten(0, 1)
-
-
 def masked_views(views, args):
-    """The loader's views crop-major, and a fresh partition s / l / t of every crop (Eq. 1-3)."""
-    s_glob, t_glob, s_loc, t_loc = (crop_major(v) for v in views)
+    """The loader's views (B x crops x 3 x H x W) crop-major: (crops * B) x 3 x H x W, rows of crop 0 first, so
+    .chunk(crops) splits by crop; and a fresh partition s / l / t of every crop (Eq. 1-3)."""
+    s_glob, t_glob, s_loc, t_loc = (v.transpose(0, 1).flatten(0, 1) for v in views)
     masks = disjoint_masks(len(s_glob), (args.img_size // args.patch_size) ** 2, args.mask_ratios, s_glob.device)
     if not args.local_crops:
         return s_glob, t_glob, None, None, masks, None
-    local_masks = disjoint_masks(len(s_loc), (args.local_size // args.patch_size) ** 2, args.mask_ratios,
-                                 s_loc.device)
+    local_masks = disjoint_masks(len(s_loc), (args.local_size // args.patch_size) ** 2, args.mask_ratios, s_loc.device)
     return s_glob, t_glob, s_loc, t_loc, masks, local_masks
 
 
-def train_step(model, student, views, args, sched, optimizer, scaler, amp_dtype):
-    """Fig. 2a: disjoint masks, sparse teacher and student, Eq. 9, AdamW with clipping, then Eq. 7 and Eq. 10.
-    Returns the detached [loss, L_cls, L_MSE, L_KoLeo]."""
+def train_step(model, ddp_model, views, args, sched, optimizer, scaler, amp_dtype):
+    """Fig. 2a: disjoint masks, sparse teacher and student, Eq. 9, AdamW with clipping, then Eq. 7 and Eq. 10, at the
+    step's schedule `sched`. `model` is the PerA module; `ddp_model` the same weights wrapped by ddp(): its forward is
+    the student's, and the backward through it averages the gradients over processes. Returns the detached
+    [loss, L_cls, L_MSE, L_KoLeo]."""
     s_glob, t_glob, s_loc, t_loc, masks, local_masks = masked_views(views, args)
     with autocast(s_glob.device, amp_dtype):
         t_out = model.teacher_forward(t_glob, t_loc, masks, local_masks).float()
-        s_out, pred = student(s_glob, s_loc, masks, local_masks)
+        s_out, pred = ddp_model(s_glob, s_loc, masks, local_masks)
     s_out = s_out.float()
     l_cls = cls_loss(s_out, teacher_targets(t_out, model.center, sched["teacher_temp"]), args.student_temp)
     l_mse = pixel_loss(pred, s_glob, masks[1], args.patch_size)
@@ -432,21 +431,26 @@ def cosine(start, end, progress):
 
 
 def schedules(args, step, steps_per_epoch):
-    """Sec. 4.1, per step: lr linear warm-up then cosine; weight decay and teacher momentum rise on a cosine; the
-    teacher temperature rises linearly during its warm-up, then stays."""
+    """Sec. 4.1, the values of step `step`: lr warm-up from 0, then cosine to --min-lr; weight decay and teacher
+    momentum rise on a cosine; the teacher temperature rises during its warm-up, then stays. A warm-up of W steps is
+    the authors' np.linspace(start, peak, W): the peak at step W - 1."""
     total = args.epochs * steps_per_epoch
     warm, warm_t = args.warmup_epochs * steps_per_epoch, args.teacher_temp_epochs * steps_per_epoch
-    lr = args.lr * step / warm if step < warm else cosine(args.lr, args.min_lr, (step - warm) / max(total - warm, 1))
+    lr = args.lr * step / max(warm - 1, 1) if step < warm else \
+        cosine(args.lr, args.min_lr, (step - warm) / max(total - warm, 1))
     temp = args.teacher_temp if step >= warm_t else \
-        args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * step / warm_t
+        args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * step / max(warm_t - 1, 1)
     return {"lr": lr, "wd": cosine(args.wd, args.wd_end, step / total), "teacher_temp": temp,
             "teacher_momentum": cosine(args.teacher_momentum, 1.0, step / total)}
 
+
 @torch.no_grad()
 def save_visualisation(model, paths, args, device, rows=4):
-    """Fig. 4b: per image (resized whole), columns: the image, its partition (s as is, l red, t blue), the student's
-    input, the teacher's input, the true pixels at l and the predicted ones; a caption row names them."""
-    dataset = data.ImageDataset(paths[:rows], transform=data.eval_transform(args.img_size))
+    """Fig. 4b: one row per image (resized whole), six columns: the image | its partition (s as is, l red, t blue) |
+    the student's input s | the teacher's input t | the true pixels at l | the predicted ones (Eq. 4). Tiles are
+    enlarged to at least 128 px. Returns the line that names the columns."""
+    whole = T.Compose([T.Resize((args.img_size, args.img_size)), TO_TENSOR])  # resized, not cropped
+    dataset = data.ImageDataset(paths[:rows], transform=whole)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(device)
     p = args.patch_size
     s, l, t = disjoint_masks(len(images), (args.img_size // p) ** 2, args.mask_ratios, device,
@@ -465,117 +469,94 @@ def save_visualisation(model, paths, args, device, rows=4):
     gray = gray.expand_as(img)
     panels = [img, parts, paste(gray, s, take(img, s)), paste(gray, t, take(img, t)), paste(gray, l, take(img, l)),
               paste(gray, l, (pred.float() * std + mean).clamp(0, 1))]
-    g = args.img_size // p  # patches per side; below: patchify's inverse, to N x H x W x 3 pictures
-    columns = [(x.reshape(-1, g, g, p, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(-1, g * p, g * p, 3) * 255).round()
-               .byte().cpu().numpy() for x in panels]
-    data.save_image_grid(columns, ["image", "s / l / t: s as is, l red, t blue", "student input: s",
-                                   "teacher input: t", "true pixels at l", "predicted at l (Eq. 4)"], args.vis)
-    return f"partition and reconstruction of {len(images)} images in {args.vis}"
+    g = args.img_size // p  # patches per side; below: patchify's inverse, image-major, to (N * 6) x 3 x H x W
+    tiles = torch.stack(panels, 1).reshape(-1, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(-1, 3, g * p, g * p)
+    tiles = F.interpolate(tiles.float().cpu(), scale_factor=-(-128 // (g * p)), mode="nearest")
+    os.makedirs(os.path.dirname(os.path.abspath(args.vis)), exist_ok=True)
+    save_image(make_grid(tiles, nrow=len(panels), padding=2, pad_value=1.0), args.vis)
+    return (f"partition and reconstruction of {len(images)} images in {args.vis}; columns: image | s / l / t (l red, "
+            "t blue) | student input s | teacher input t | true pixels at l | predicted at l")
 
 
-def wire(args, ctx):
-    """PerA on the loop below: the model, AdamW, the aligned multi-crop loader; a step logs L and its three terms
-    beside the schedules; the TEACHER encoder is exported (Sec. 3.2.3); the floor is both encoders' sparse passes."""
+# ------------------------------------------------------------------------------------------------ the run
+def train(args):
+    """Data, model, optimiser and resume; then the epoch / batch loop: schedules, train_step(), log, save. SIGTERM or
+    Ctrl-C stop it cleanly at a step; the exported backbone is the TEACHER encoder (Sec. 3.2.3)."""
+    ctx = setup(args)
     paths = data.list_images(args.data)
     data.check_readable(paths, seed=args.seed)
+    crops = AlignedMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
+    dataset = data.ImageDataset(paths, transform=crops, seed=args.seed)
+    loader = make_loader(dataset, args, ctx)
+    steps_per_epoch = loader.sampler.batches_per_epoch()
+    last_step = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every process
     model = PerA(args).to(ctx.device)
-    student = ddp(model, forward_sync_buffers=False)  # update_center() averages the centre over processes
+    # the same weights; a backward through it averages the gradients over processes (the centre: update_center())
+    ddp_model = ddp(model, forward_sync_buffers=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
                                   eps=2e-5, weight_decay=args.wd, fused=ctx.device.type == "cuda")
-    crops = AlignedMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
-    loader = make_loader(data.ImageDataset(paths, transform=crops, seed=args.seed), args, ctx, args.seed)
-
-    def schedule(step):
-        return schedules(args, step, loader.sampler.batches_per_epoch())
-
-    def step(views, step):
-        sched = schedule(step)
-        for group in optimizer.param_groups:
-            group["lr"], group["weight_decay"] = sched["lr"], sched["wd"]
-        return train_step(model, student, views, args, sched, optimizer, ctx.scaler, ctx.amp_dtype)
-
-    def synthetic():  # the loader's layout: image x crop x 3 x h x w
-        local = args.batch_size // ctx.world
-        return [torch.randn(local, n, 3, side, side, device=ctx.device) for n, side in
-                [(GLOBAL_CROPS, args.img_size)] * 2 + [(args.local_crops, args.local_size)] * 2]
-
-    def floor(views):
-        s_glob, t_glob, s_loc, t_loc, masks, local_masks = masked_views(views, args)
-        with autocast(ctx.device, ctx.amp_dtype):
-            cls, at_l = model.student_encode(s_glob, s_loc, masks, local_masks)
-            (cls.float().sum() + at_l.float().sum()).backward()
-            with torch.no_grad():
-                model.teacher_encode(t_glob, t_loc, masks, local_masks)
+    torch.manual_seed(args.seed + ctx.rank)  # masks and drop path: each process its own
+    step = resume(args, ctx, model, optimizer)  # 0 when --out holds no checkpoint
 
     n = (args.img_size // args.patch_size) ** 2
     n_s, n_l, n_t = (n, 0, n) if args.dense else mask_counts(n, args.mask_ratios)
-    return Wiring(name="pera --dense (full-length)" if args.dense else "pera", model=model, optimizer=optimizer,
-                  summary=f"{len(paths)} images, {n} patches per global crop: student {1 + n_s} -> "
-                          f"{1 + n_s + n_l} tokens, teacher {1 + n_t}",
-                  loader=loader, step=step, logged=("loss", "cls", "mse", "koleo"), schedule=schedule,
-                  backbone=model.teacher.encoder, images_per_step=args.batch_size, synthetic=synthetic, floor=floor,
-                  config={"image_size": args.img_size, "patch_size": args.patch_size},
-                  finish=(lambda: save_visualisation(model, paths, args, ctx.device)) if args.vis else None)
+    log = Log(args, ctx, "pera --dense (full-length)" if args.dense else "pera", args.batch_size, last_step, step)
+    log(f"{len(paths)} images, {n} patches per global crop: student {1 + n_s} -> {1 + n_s + n_l} tokens, teacher "
+        f"{1 + n_t}, {steps_per_epoch} steps/epoch, {ctx.world} process(es) on {ctx.device.type}, "
+        f"{f'resuming at step {step}' if step else 'starting'}")
+    monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if args.knn_monitor and not ctx.rank else None
+    if monitor and step == 0:
+        knn(log, monitor, model.teacher.encoder, 0, 0)  # random init: where the curve starts
+    stop_requests, stopping = catch_stop_signals(), False
+    while step < last_step and not stopping:
+        epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
+        dataset.set_epoch(epoch)  # crops are seeded by (seed, epoch, image index): resumes are exact
+        loader.sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        for views, _, n_skipped in loader:
+            sched = schedules(args, step, steps_per_epoch)  # Sec. 4.1, per step; the log shows its last step's
+            for group in optimizer.param_groups:
+                group["lr"], group["weight_decay"] = sched["lr"], sched["wd"]
+            views = [v.to(ctx.device, non_blocking=True) for v in views]
+            log.add(train_step(model, ddp_model, views, args, sched, optimizer, ctx.scaler, ctx.amp_dtype))
+            step, skipped = step + 1, skipped + n_skipped.sum()
+            signalled = ctx.world == 1 and stop_requests  # one process stops at once; several at a log step
+            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == last_step or signalled:
+                stopping = log.window(step, epoch, ("loss", "cls", "mse", "koleo"), sched, bool(stop_requests))
+                if stopping or step == last_step:
+                    break
+        seen, skipped = (step - first_step) * args.batch_size, log.skipped(skipped, step, epoch)
+        if skipped > seen // 2:
+            raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check "
+                            "the dataset.")
+        if monitor and not stopping and (step == last_step or (epoch + 1) % args.knn_every == 0):
+            knn(log, monitor, model.teacher.encoder, step, epoch)
+        save(args, ctx, log, model, optimizer, model.teacher.encoder, step, epoch,
+             config={"image_size": args.img_size, "patch_size": args.patch_size})
+    if args.vis and not stopping and ctx.rank == 0:
+        log(save_visualisation(model, paths, args, ctx.device))
+    log.finish(step, stopping)
+    if ctx.world > 1:
+        dist.destroy_process_group()
 
 
 # =================================================================================================================
-# PLUMBING: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
-# equal: a fix lands in all four). The method above meets it in wire(); below are the shared flags, processes, the
-# loop (log, ETA, NaN, unreadable images, kNN monitor), checkpoints and exact resume, signals, --benchmark, main.
+# HELPERS: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
+# equal: a fix lands in all four). train() above calls them: processes, the loader, the gather, stop signals,
+# checkpoints, the log and main. A reader who knows one method file can stop here.
 # =================================================================================================================
 SCRIPT = os.path.basename(__file__)
 METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
+Context = namedtuple("Context", "rank world device amp_dtype scaler")  # this process; amp_dtype None: no autocast
 
 
-@dataclass
-class Wiring:
-    """What a method's wire() hands to the loop."""
-    name: str  # the run's name in the progress line and the benchmark report
-    summary: str  # what it trains on, for the start line
-    model: nn.Module  # its state_dict is the checkpoint's "model": every network, queue, centre
-    optimizer: torch.optim.Optimizer
-    loader: Iterable  # (inputs, labels, unreadable files skipped) batches; loader.sampler is a data.EpochSampler
-    step: Callable  # step(inputs, step) -> 1-D tensor of the `logged` values, loss first; no host-device sync
-    logged: tuple  # the names of those values in log.jsonl
-    schedule: Callable  # schedule(step) -> {name: value}, logged beside them
-    backbone: nn.Module  # exported as backbone.pth (torchvision's keys) and probed by --knn-monitor
-    images_per_step: int  # for images/s
-    synthetic: Callable  # --benchmark: synthetic() -> the inputs of one step, made on the device
-    floor: Callable  # --benchmark: floor(inputs) runs the backbone passes of a step and nothing else
-    config: dict = field(default_factory=dict)  # what data.build_model needs besides the arch (a ViT's sizes)
-    finish: Optional[Callable] = None  # rank 0, after the last step (--vis); returns a line to print
-
-
-class Context(NamedTuple):
-    """This process: its rank among `world` processes, its device, the autocast dtype (None: off) and the scaler."""
-    rank: int
-    world: int
-    device: torch.device
-    amp_dtype: Optional[torch.dtype]
-    scaler: torch.amp.GradScaler
-
-
-def add_run_flags(p):
-    """The flags every pre-training script shares (../shared/CONVENTIONS.md), after the method's own."""
-    p.add_argument("--workers", type=int, help="data-loading processes per process (default: CPUs / processes, "
-                   "at most 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
-    p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
-    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
-                   "on CUDA, off on CPU")
-    p.add_argument("--knn-monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
-                   "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
-    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
-                   "and the end)")
-    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
-                   "and N steps with the real loader; print one JSON line and exit (nothing is written)")
-
-
-def check_run_args(args, world):
-    """The shared flags, one sentence each, before anything runs; check_args() above checks the method's."""
-    for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "benchmark", "knn_every"):
+def setup(args):
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them); NCCL on CUDA, gloo on
+    CPU. Every check of the flags comes first, before anything runs or is written."""
+    rank, world, cuda = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "knn_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
     if args.batch_size % world:
@@ -583,36 +564,22 @@ def check_run_args(args, world):
     data.check_out_dir(args.out)
     if args.knn_monitor:
         data.labeled_images(args.knn_monitor)  # on every process: a bad folder stops them all
-
-
-# ------------------------------------------------------------------------------------------------ processes
-def setup(args):
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them). Every check and the
-    checkpoint to resume come before the process group (NCCL on CUDA, gloo on CPU) and before any file is written."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    check_run_args(args, world)
     check_args(args, world)
-    ckpt = None if args.benchmark else load_checkpoint(args)
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-    amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "off": None}[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Context(rank, world, device, amp_dtype, scaler), ckpt
+    amp = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return Context(rank, world, device, amp, torch.amp.GradScaler(device.type, enabled=amp == torch.float16))
 
 
-def autocast(device, amp_dtype):
-    """bf16 / fp16 autocast on `device`, or none (amp_dtype None)."""
+def autocast(device, amp_dtype):  # amp_dtype None: none
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
 def ddp(module, **kwargs):
-    """`module` wrapped for data parallelism when several processes run, else itself."""
+    """`module` wrapped for data parallelism (its backward averages the gradients over processes), else itself."""
     return DDP(module, **kwargs) if dist.is_initialized() else module
 
 
@@ -627,8 +594,7 @@ class Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every process's loss sends gradient to every process's features
+        dist.all_reduce(grad := grad.contiguous())  # every process's loss sends gradient to every process's features
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
@@ -638,38 +604,46 @@ def gather(x):
     return Gather.apply(x) if dist.is_initialized() else x
 
 
-def make_loader(dataset, args, ctx, seed, sampler=None):
-    """Batches of this process's share of each global batch (by default data.EpochSampler's: a permutation per
-    epoch, the last incomplete batch dropped)."""
-    sampler = sampler or data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, seed)
+def make_loader(dataset, args, ctx, sampler=None):
+    """This process's share of each global batch (data.EpochSampler's by default). The workers start afresh each
+    epoch, so they see the dataset's set_epoch(); they ignore SIGTERM / Ctrl-C, which the main process handles."""
+    sampler = sampler if sampler is not None else data.EpochSampler(len(dataset), args.batch_size, ctx.rank,
+                                                                   ctx.world, args.seed)
+    if sampler.batches_per_epoch() == 0:
+        raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
     workers = args.workers if args.workers is not None else min(
         8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return DataLoader(dataset, batch_size=args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
-                      pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker,
-                      generator=torch.Generator().manual_seed(seed))  # leaves the global RNG to the model
+    return DataLoader(dataset, args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
+                      pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if workers else None,
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
 
 
-def quiet_worker(worker_id):
-    """Data workers ignore SIGTERM / Ctrl-C sent to the whole process group (schedulers, a terminal), so the main
-    process can finish its step and save a checkpoint before it shuts them down."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals(worker_id=None):
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 
-def to_device(batch, device):
-    """A tensor, or lists and tuples of them, on `device` (copied asynchronously from pinned memory)."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    return type(batch)(to_device(x, device) for x in batch)
+def catch_stop_signals():
+    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and stops; a second one: at once.
+    Returns the list that the signals are appended to."""
+    received = []
+
+    def request_stop(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, request_stop)
+    return received
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def load_checkpoint(args):
-    """The checkpoint under --out, or None. weights_only=True: it can hold tensors and plain values, never code."""
+def resume(args, ctx, model, optimizer):
+    """The checkpoint under --out into the model and optimiser, or nothing; returns the step to continue from. Each
+    process continues its own random stream (same world size). weights_only: a checkpoint never runs code."""
     path = os.path.join(args.out, "checkpoint.pth")
     if not os.path.exists(path):
-        return None
+        return 0
     ckpt = data.load_weights_only(path, fix="move it away to start afresh")
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
         raise UserError(f"{path} is not a {SCRIPT} checkpoint; use another --out.")
@@ -677,13 +651,8 @@ def load_checkpoint(args):
     if changed:
         raise UserError(f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
                         "values to resume, or another --out.")
-    return ckpt
-
-
-def restore(run, ckpt, ctx):
-    """The checkpoint's state in the wired run; each process continues its own random stream (same world size)."""
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
     ctx.scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) == ctx.world:
         torch.set_rng_state(ckpt["rng"][ctx.rank]["cpu"])
@@ -692,249 +661,130 @@ def restore(run, ckpt, ctx):
     return ckpt["step"]
 
 
-def save(run, args, ctx, step, epoch):
-    """checkpoint.pth (the whole state, every process's RNG included) and backbone.pth (torchvision's keys: the file
-    users share), written atomically by rank 0."""
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(ctx.device)} if
-                                             ctx.device.type == "cuda" else {})}
+def save(args, ctx, log, model, optimizer, backbone, step, epoch, config=None):
+    """checkpoint.pth (the whole state, every process's RNG) and backbone.pth (torchvision's keys: the file users
+    share), once one pass over the weights finds them finite (else both files stay as they were). Rank 0 writes each
+    to a temp file, fsyncs and renames it: a kill at any moment leaves the old file or the new one, never half."""
+    state = model.state_dict()
+    weights = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+    finite = torch.stack([v.isfinite().all() for v in weights.values()]).float()
+    if ctx.world > 1:
+        dist.all_reduce(finite, dist.ReduceOp.MIN)  # every process stops, or none
+    if not all(finite.tolist()):
+        bad = next(name for name, ok in zip(weights, finite.tolist()) if not ok)
+        raise nan_stop(f"{bad} became non-finite", step, args, log.last_saved)
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if ctx.device.type == "cuda" else {})}
     rngs = [rng] * ctx.world
     if ctx.world > 1:
         dist.all_gather_object(rngs, rng)
     if ctx.rank == 0:
-        prefix = next(name for name, module in run.model.named_modules() if module is run.backbone) + "."
-        save_atomic({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                     "scaler": ctx.scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
-                     "rng": rngs, "arch": args.arch, "method": METHOD, "config": run.config,
-                     "backbone_prefix": prefix}, os.path.join(args.out, "checkpoint.pth"))
-        save_atomic({"arch": args.arch, "method": METHOD, "config": run.config,
-                     "state_dict": run.backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
+        prefix = next(name for name, module in model.named_modules() if module is backbone) + "."
+        mine = {"arch": args.arch, "method": METHOD, "config": config or {}}
+        save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
+                     "step": step, "epoch": epoch, "args": vars(args), "rng": rngs, "backbone_prefix": prefix,
+                     **mine}, os.path.join(args.out, "checkpoint.pth"))
+        save_atomic({**mine, "state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
     if ctx.world > 1:
         dist.barrier()
+    log.last_saved = step
 
 
 def save_atomic(obj, path):
-    """Write to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
     with open(f"{path}.tmp", "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    os.fsync(dir_fd)
-    os.close(dir_fd)
+    os.fsync(folder := os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY))  # the rename itself
+    os.close(folder)
 
 
-# ------------------------------------------------------------------------------------------------ the loop
-def train(args):
-    """Wire the method, resume it, run it to the last step; SIGTERM / Ctrl-C stop it cleanly at a step."""
-    ctx, ckpt = setup(args)
-    torch.manual_seed(args.seed)  # the same initial weights (and queue) on every process
-    run = wire(args, ctx)
-    sampler, steps_per_epoch = run.loader.sampler, run.loader.sampler.batches_per_epoch()
-    if steps_per_epoch == 0:
-        raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
-    torch.manual_seed(args.seed + ctx.rank)  # masks, shuffles, drop path: each process its own
-    step = restore(run, ckpt, ctx) if ckpt else 0
-    if args.benchmark:
-        return benchmark(run, args, ctx)
-    run.model.train()
-    watch = args.knn_monitor and ctx.rank == 0
-    monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if watch else None
-    stop_signal, progress = catch_stop_signals(), Progress(run, args, ctx, step, resumed=ckpt is not None)
-    if monitor and step == 0:
-        progress.knn(monitor, 0, 0)  # random init: where the curve starts
-    stopping = False
-    while step < progress.last_step and not stopping:
-        epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
-        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
-        for inputs, _, n_skipped in run.loader:
-            progress.add(run.step(to_device(inputs, ctx.device), step))
-            step, skipped = step + 1, skipped + n_skipped.sum()
-            signalled = ctx.world == 1 and stop_signal  # one process stops at once; DDP at a log step
-            if step % args.log_every and step % steps_per_epoch and step < progress.last_step and not signalled:
-                continue
-            stopping = progress.report(step, epoch, bool(stop_signal))
-            if stopping or step >= progress.last_step:
-                break
-        progress.count_skipped(skipped, step, epoch, first_step)
-        if monitor and not stopping and (step >= progress.last_step or (epoch + 1) % args.knn_every == 0):
-            progress.knn(monitor, step, epoch)
-        save(run, args, ctx, step, epoch)
-        progress.last_saved = step
-    progress.finish(step, stopping)
-    if ctx.world > 1:
-        dist.destroy_process_group()
+class Log:
+    """args.json, log.jsonl and the progress line, by rank 0: window means of the step's values over all processes
+    (read back at log steps only: the loop's one host-device sync), images/s, peak memory, ETA, skipped files."""
 
-
-def catch_stop_signals():
-    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and exits; a second one: at once.
-    Returns the list the signals are appended to."""
-    received = []
-
-    def request_stop(signum, frame):
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    return received
-
-
-class Progress:
-    """args.json, log.jsonl and the progress line, by rank 0: window means of the step's values (read back at log
-    steps only: the loop's one host-device sync) checked for NaN, images/s, peak memory, ETA; kNN; unreadable files."""
-
-    def __init__(self, run, args, ctx, step, resumed):
-        self.run, self.args, self.ctx, self.last_saved = run, args, ctx, step if resumed else None
-        total = args.epochs * run.loader.sampler.batches_per_epoch()
-        self.last_step = total if args.max_steps is None else min(total, args.max_steps)
-        self.sums, self.steps, self.skipped, self.start_step = 0, 0, 0, step
+    def __init__(self, args, ctx, name, images_per_step, last_step, step):
+        self.args, self.ctx, self.name, self.images_per_step = args, ctx, name, images_per_step
+        self.last_step = last_step
+        self.sums, self.steps, self.start_step, self.last_saved, self.total_skipped = 0, 0, step, step or None, 0
         self.start = self.window_start = time.time()
         if ctx.rank == 0:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "args.json"), "w") as f:
                 json.dump(vars(args), f, indent=2)
-            self.log = open(os.path.join(args.out, "log.jsonl"), "a")
-        self.say(f"{run.summary}, {run.loader.sampler.batches_per_epoch()} steps/epoch, {ctx.world} process(es) on "
-                 f"{ctx.device.type}, {'resuming at step %d' % step if step else 'starting'}", sep=": ")
+            self.file = open(os.path.join(args.out, "log.jsonl"), "a", buffering=1)  # a line is written at once
 
-    def say(self, text, sep=" | "):
-        if self.ctx.rank == 0:
-            print(f"{self.run.name}{sep}{text}", flush=True)
-
-    def record(self, **fields):
-        if self.ctx.rank == 0:
-            self.log.write(json.dumps(fields) + "\n")
-            self.log.flush()
+    def __call__(self, text, **record):
+        if self.ctx.rank == 0:  # the progress line after the run's name; the record in log.jsonl
+            print(f"{self.name} | {text}", flush=True)
+            self.file.write(json.dumps(record) + "\n" if record else "")
 
     def add(self, values):
-        self.sums, self.steps = self.sums + values.detach().float(), self.steps + 1
+        self.sums, self.steps = self.sums + values.float(), self.steps + 1
 
-    def report(self, step, epoch, stop_requested):
-        """Log the window's means; True when any process was asked to stop."""
+    def window(self, step, epoch, names, schedule, stop_requested):
+        """Log the window's means; returns whether any process was asked to stop. A non-finite loss raises."""
         stats = torch.cat([self.sums / self.steps, torch.tensor([float(stop_requested)], device=self.ctx.device)])
         if self.ctx.world > 1:
             dist.all_reduce(stats)
             stats /= self.ctx.world
         *values, stop_votes = stats.tolist()
         if not math.isfinite(values[0]):
-            where = f"at step {step}" if self.steps == 1 else f"in steps {step - self.steps + 1}-{step}"
-            saved = os.path.join(self.args.out, "checkpoint.pth") + f" (step {self.last_saved})"
-            raise FloatingPointError(f"the loss became {values[0]} {where}; the last good checkpoint is "
-                                     f"{saved if self.last_saved else 'none'}, left as it was. Lower --lr or use "
-                                     "--amp off.")
-        now, memory = time.time(), peak_memory_gb(self.ctx.device)
-        images_per_s = self.steps * self.run.images_per_step / (now - self.window_start)
-        eta = (now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)
-        logged, schedule = dict(zip(self.run.logged, values)), self.run.schedule(step - 1)
-        self.record(epoch=epoch, step=step, **{k: round(v, 5) for k, v in logged.items()}, **schedule,
-                    images_per_s=round(images_per_s, 1), peak_mem_gb=round(memory, 3))
-        self.say(f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | " + " | ".join(
-            [f"{k} {v:.5g}" for k, v in logged.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()]) +
-            f" | {images_per_s:.1f} img/s | mem {memory:.2f} GB | eta {format_eta(eta)}")
+            raise nan_stop(f"the loss became {values[0]}", step, self.args, self.last_saved, self.steps)
+        now, cuda = time.time(), self.ctx.device.type == "cuda"
+        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(0).ru_maxrss / 2**20
+        speed, values = self.steps * self.images_per_step / (now - self.window_start), dict(zip(names, values))
+        eta = timedelta(seconds=int((now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)))
+        self(f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | " + " | ".join(
+            [f"{k} {v:.5g}" for k, v in values.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()]) +
+             f" | {speed:.1f} img/s | mem {memory:.2f} GB | eta {eta}", epoch=epoch, step=step, **schedule,
+             **{k: round(v, 5) for k, v in values.items()}, images_per_s=round(speed, 1), peak_mem_gb=round(memory, 3))
         self.sums, self.steps, self.window_start = 0, 0, time.time()
         return stop_votes > 0
 
-    def count_skipped(self, skipped, step, epoch, first_step):
-        """Unreadable images of the epoch, summed over processes; more than half of those read is an error."""
+    def skipped(self, skipped, step, epoch):
+        """Unreadable images of the epoch, summed over processes (NCCL reduces CUDA tensors only)."""
         if self.ctx.world > 1:
-            skipped = skipped.to(self.ctx.device)  # NCCL reduces CUDA tensors only
-            dist.all_reduce(skipped)
-        skipped, seen = int(skipped), (step - first_step) * self.run.images_per_step
-        self.skipped += skipped
-        if skipped:
-            self.record(epoch=epoch, step=step, skipped_images=skipped)
-            self.say(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)")
-        if skipped > seen // 2:
-            raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check the "
-                            "dataset.")
-
-    def knn(self, monitor, step, epoch):
-        """--knn-monitor: the backbone's kNN top-1 now (rank 0; eval mode, no random draw: training is unchanged)."""
-        start = time.time()
-        top1 = monitor.top1(self.run.backbone, self.ctx.device, self.ctx.amp_dtype)
-        self.record(epoch=epoch, step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))
-        self.say(f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)")
+            dist.all_reduce(skipped := skipped.to(self.ctx.device))
+        if skipped := int(skipped):
+            self(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)", epoch=epoch, step=step,
+                 skipped_images=skipped)
+        self.total_skipped += skipped
+        return skipped
 
     def finish(self, step, stopping):
-        checkpoint, backbone = (os.path.join(self.args.out, f) for f in ("checkpoint.pth", "backbone.pth"))
-        if stopping:
-            self.say(f"stopped by a signal at step {step}; {checkpoint} resumes it")
-        if self.skipped:
-            self.say(f"{self.skipped} unreadable image(s) were skipped in this run")
-        if not stopping and self.run.finish and self.ctx.rank == 0:
-            self.say(self.run.finish())
-        if not stopping:
-            self.say(f"done at step {step}: backbone in {backbone}")
+        skipped = f"; {self.total_skipped} unreadable image(s) were skipped in this run" if self.total_skipped else ""
+        self((f"stopped by a signal at step {step}; {self.args.out}/checkpoint.pth resumes it" if stopping else
+              f"done at step {step}: backbone in {self.args.out}/backbone.pth") + skipped)
         if self.ctx.rank == 0:
-            self.log.close()
+            self.file.close()
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+def knn(log, monitor, backbone, step, epoch):
+    """--knn-monitor: the backbone's kNN top-1 now, logged (eval mode, no random draw: the training is unchanged)."""
+    start, top1 = time.time(), monitor.top1(backbone, log.ctx.device, log.ctx.amp_dtype)
+    log(f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)", epoch=epoch,
+        step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))
 
 
-def format_eta(seconds):
-    days, rest = divmod(int(seconds), 86400)
-    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-
-
-# ------------------------------------------------------------------------------------------------ benchmark
-def benchmark(run, args, ctx):
-    """--benchmark N: N steps on synthetic inputs already on the device, N of their compute floor (the backbone
-    passes alone), then N steps fed by the real loader; rank 0 prints one JSON line. Nothing is written."""
-    inputs = run.synthetic()
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    step_s = timed(lambda: run.step(inputs, 0), args.benchmark, ctx.device)
-    peak = peak_memory_gb(ctx.device)
-    floor_s = timed(lambda: run.floor(inputs), args.benchmark, ctx.device)
-    batches = itertools.chain.from_iterable(itertools.repeat(run.loader))  # as many epochs as the timing needs
-    loader_s = timed(lambda: run.step(to_device(next(batches)[0], ctx.device), 0), args.benchmark, ctx.device)
-    if ctx.rank == 0:
-        print(json.dumps({"method": run.name, "arch": args.arch, "img_size": args.img_size,
-                          "batch_size": args.batch_size, "processes": ctx.world, "device": ctx.device.type,
-                          "amp": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "off",
-                          "images_per_s": round(run.images_per_step / step_s, 1), "step_s": round(step_s, 4),
-                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
-                          "peak_mem_gb": round(peak, 3), "workers": run.loader.num_workers,
-                          "loader_images_per_s": round(run.images_per_step / loader_s, 1)}), flush=True)
-
-
-def timed(fn, steps, device):
-    """Seconds per call of fn: 3 warm-up calls, then `steps` timed calls between two synchronisations."""
-    def synchronise():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if dist.is_initialized():
-            dist.barrier()
-
-    for _ in range(3):
-        fn()
-    synchronise()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    synchronise()
-    return (time.perf_counter() - start) / steps
+def nan_stop(what, step, args, last_saved, steps=1):
+    """The error that stops a run whose loss or weights are no longer finite; exit code 1."""
+    where = f"at step {step}" if steps == 1 else f"in steps {step - steps + 1}-{step}"
+    saved = f"{os.path.join(args.out, 'checkpoint.pth')} (step {last_saved})" if last_saved else "none"
+    return FloatingPointError(f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use "
+                              "--amp off.")
 
 
 def main(argv=None):
-    """Bad input: one sentence and exit code 2; a non-finite loss: exit code 1; the signal handlers are restored."""
+    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1; signal handlers restored."""
     args = get_args(argv)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
     try:
         train(args)
-    except UserError as err:
-        if int(os.environ.get("RANK", 0)) == 0:
+    except (UserError, FloatingPointError) as err:
+        if int(os.environ.get("RANK", 0)) == 0 or isinstance(err, FloatingPointError):
             print(f"{SCRIPT}: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as err:
-        print(f"{SCRIPT}: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(1 if isinstance(err, FloatingPointError) else 2)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)

@@ -25,14 +25,14 @@ Paper -> code
                                                         --lambda-con 0 is Eq. 4 as printed)
     Sec. 4.1  AdamW (0.9, 0.999, 1e-8), lr 1e-5 ....... build_optimizer(), lr_at()
     Table 7  "- P-E" (no prompt-enhanced branch) ...... --no-prompt
+    the run: data, model, resume, loop, log, save ..... train() (sets the lr every step; --vis at the end)
 
 Stated by the paper (defaults): Swin-B, 192 x 192 inputs, AdamW betas (0.9, 0.999) eps 1e-8, lr 1e-5, 200 epochs,
 batch 112 per GPU on 8 GPUs (--batch-size 896 in total); export the encoder. Where the paper is silent or vague:
     - Masking is SimMIM's: --mask-unit 32 px squares, ceil(--mask-ratio 0.6 x units) of them drawn uniformly.
     - At 64 px (EuroSAT, CPU) use --mask-unit 16: a 4 x 4 grid with 10 units masked (8 px would give 64 small units).
     - Mask token (trunc. normal, std 0.02) after torchvision's patch embedding (4x4 conv + LayerNorm), as SimMIM.
-    - Decoder g is SimMIM's: 1x1 conv (here the same map as a Linear) from the last stage (stride 32) to 32^2 x 3
-      channels + PixelShuffle(32).
+    - Decoder g is SimMIM's: 1x1 conv (here as a Linear) from the last stage (stride 32) to 32^2 x 3, PixelShuffle.
     - Augmentation is SimMIM's (random resized crop 0.67-1, ratio 3/4-4/3, flip); both branches get the same image.
     - X ("raw pixel values") is the ImageNet-normalised input, the target of SimMIM's code.
     - ||.|| in Eq. 2 is L1, summed over masked pixels, divided by their number and the 3 channels (SimMIM).
@@ -57,13 +57,11 @@ batch 112 per GPU on 8 GPUs (--batch-size 896 in total); export the encoder. Whe
     - torchvision pads each stage to the window: at 64 px the stages are 16, 8, 4, 2 tokens wide (padded to 21,
       14, 7, 7) and the last one still has stride 32, so the decoder returns 64 px.
     - Both branches run as ONE forward of [masked; unmasked] (one DDP forward; no batch statistics in Swin).
-    - Crops and masks are seeded by (seed, epoch, index) and every process's RNG state (drop path) is checkpointed:
-      resume is bit-for-bit.
-Everything below the PLUMBING banner (flags every script shares, processes, the loop, checkpoints, --benchmark,
---knn-monitor) is the same text in moco.py, gersp.py, pera.py and preco.py.
+    - Crops and masks are seeded by (seed, epoch, index), every process's RNG (drop path) is saved: exact resume.
+The file reads top to bottom: flags, the method, train(); below the HELPERS banner, what train() calls (processes,
+loader, gather, checkpoints, signals, the log, main), the same text in moco.py, gersp.py, pera.py and preco.py.
 """
 import argparse
-import itertools
 import json
 import math
 import os
@@ -71,18 +69,17 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections import namedtuple
 from datetime import timedelta
-from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms as T
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from torchvision import transforms as T
 
 import data
 from data import UserError
@@ -90,7 +87,7 @@ from data import UserError
 ARCHS = ("swin_t", "swin_s", "swin_b")
 PATCH, STRIDE = 4, 32  # Swin's patch size and the stride of its last stage (SimMIM's encoder_stride)
 WARMUP_START, MIN_LR_RATIO = 1 / 200, 1 / 20  # SimMIM's WARMUP_LR / BASE_LR and MIN_LR / BASE_LR
-TERMS = ("re", "pr", "sc", "con")  # the logged loss terms; --no-prompt has only "re"
+LOGGED = ("loss", "l_re", "l_pr", "l_sc", "l_con")  # what train_step() returns; --no-prompt: the first two
 RESUME_MUST_MATCH = ("arch", "batch_size", "data", "img_size", "mask_unit", "mask_ratio", "prompt", "seed")
 
 
@@ -124,14 +121,22 @@ def get_args(argv=None):
     p.add_argument("--clip-grad", type=float, default=5.0, help="gradient norm clipping; 0 = off")
     p.add_argument("--img-size", type=int, default=192, help="crop size (a multiple of 32 and of --mask-unit)")
     p.add_argument("--vis", metavar="PATH", help="at the end, write a PNG grid: masked input | Y_Re | Y_Pr | input")
-    add_run_flags(p)
+    p.add_argument("--workers", type=int, help="loader processes per process (default: CPUs / processes, at most 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
+    p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
+    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
+                   "on CUDA, off on CPU")
+    p.add_argument("--knn-monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
+                   "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
+    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
+                   "and the end)")
     args = p.parse_args(argv)
     args.data = args.data or [data.SYNTHETIC]
     if args.min_lr is None:
         args.min_lr = args.lr * MIN_LR_RATIO
     return args
-
-
 
 
 def check_args(args, world):
@@ -268,7 +273,7 @@ def preco_losses(model, images, mask, mask_unit, prompt=True, pr_pixels="all", s
 
 # ------------------------------------------------------------------------------------------------ training
 def train_step(model, images, mask, optimizer, scaler, amp_dtype, args):
-    """One AdamW step on Eq. 4; returns (loss, the terms) as tensors, without a host-device sync."""
+    """One AdamW step on Eq. 4; returns [loss, L_Re, L_Pr, L_Sc, L_Con] ([loss, L_Re] with --no-prompt), no sync."""
     with autocast(images.device, amp_dtype):
         terms = preco_losses(model, images, mask, args.mask_unit, args.prompt, args.pr_pixels, args.sc_dist,
                              args.sc_stop_grad, args.temperature)
@@ -281,12 +286,12 @@ def train_step(model, images, mask, optimizer, scaler, amp_dtype, args):
         nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach(), torch.stack(terms).detach()
+    return torch.stack([loss, *terms]).detach()
 
 
 def build_optimizer(model, args):
     """Sec. 4.1: AdamW (0.9, 0.999), eps 1e-8; no weight decay on norms, biases, the mask token and the relative
-    position bias tables (SimMIM's no_weight_decay and no_weight_decay_keywords)."""
+    position bias tables (SimMIM's no_weight_decay and no_weight_decay_keywords). `model`: the plain PReCo."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         skip = param.ndim == 1 or name.endswith(".bias") or name == "mask_token" or "relative_position_bias" in name
@@ -309,8 +314,10 @@ def lr_at(args, step, steps_per_epoch):
 
 @torch.no_grad()
 def save_visualisation(model, dataset, path, device, count=8):
-    """--vis: one row per image of [masked input | Y_Re in the masked units | Y_Pr | input], with captions."""
-    items = [dataset[(0, i)][0] for i in range(min(count, len(dataset)))]
+    """--vis: a PNG, one row per image (epoch 0's crop and mask) of four columns: the masked input x_hat (masked
+    units in the mean colour) | Y_Re pasted into the masked units (Eq. 1) | Y_Pr, the prompt branch's output | the
+    input x; tiles enlarged to at least 128 px. Returns the line that names the columns."""
+    items = [dataset.load(i, 0)[0] for i in range(min(count, len(dataset)))]
     images = torch.stack([image for image, _ in items]).to(device)
     mask = torch.stack([m for _, m in items]).to(device)
     model.eval()
@@ -318,112 +325,91 @@ def save_visualisation(model, dataset, path, device, count=8):
     y_pr, _ = model(images, torch.zeros_like(mask))
     model.train()
     m = upsample_mask(mask, images.shape[-1] // mask.shape[-1]).unsqueeze(1).float()
-    mean = torch.tensor(data.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD, device=device).view(1, 3, 1, 1)
     columns = [images * (1 - m), images * (1 - m) + y_re.float() * m, y_pr.float(), images]  # masked = mean colour
-    data.save_image_grid([((c * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-                          for c in columns], ["masked input (x_hat)", "Y_Re in the masked units (Eq. 1)",
-                                              "Y_Pr, the prompt branch", "input (x)"], path)
-    return f"reconstructions of {len(images)} images in {path}"
+    mean = torch.tensor(data.IMAGENET_MEAN, device=device).view(1, 1, 3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
+    tiles = (torch.stack(columns, dim=1) * std + mean).clamp(0, 1).flatten(0, 1)  # row by row
+    tiles = F.interpolate(tiles, scale_factor=math.ceil(128 / images.shape[-1]), mode="nearest")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torchvision.utils.save_image(torchvision.utils.make_grid(tiles.cpu(), nrow=len(columns), pad_value=1.0), path)
+    return (f"reconstructions of {len(images)} images in {path}; columns: masked input (x_hat) | Y_Re in the masked "
+            "units (Eq. 1) | Y_Pr, the prompt branch | input (x)")
 
 
-def wire(args, ctx):
-    """PReCo on the loop below: Swin + decoder, AdamW, the masked-view loader; a step logs L and its terms; the
-    Swin encoder is exported; the floor is the encoder's passes over the masked and the unmasked batch."""
+# ------------------------------------------------------------------------------------------------ the run
+def train(args):
+    """Data, model, optimiser and resume; then the epoch / batch loop: lr, train_step(), log, save; --vis at the
+    end. SIGTERM or Ctrl-C stop it cleanly at a step; the exported backbone is the Swin encoder."""
+    ctx = setup(args)
     paths = data.list_images(args.data)
     data.check_readable(paths, seed=args.seed)
-    model = PReCo(args.arch, args.mask_unit, args.drop_path).to(ctx.device)
-    ddp_model = ddp(model)
-    optimizer = build_optimizer(model, args)
     dataset = data.ImageDataset(paths, transform=MaskedView(args.img_size, args.mask_unit, args.mask_ratio),
                                 seed=args.seed)
-    loader = make_loader(dataset, args, ctx, args.seed)
+    loader = make_loader(dataset, args, ctx)
+    steps_per_epoch = loader.sampler.batches_per_epoch()
+    last_step = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
-    def schedule(step):
-        return {"lr": lr_at(args, step, loader.sampler.batches_per_epoch())}
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    model = PReCo(args.arch, args.mask_unit, args.drop_path).to(ctx.device)
+    ddp_model = ddp(model)  # the same weights; a backward through it averages the gradients over processes
+    optimizer = build_optimizer(model, args)
+    torch.manual_seed(args.seed + ctx.rank)  # drop path: each process its own
+    step = resume(args, ctx, model, optimizer)  # 0 when --out holds no checkpoint
 
-    def step(inputs, step):
-        for group in optimizer.param_groups:
-            group["lr"] = schedule(step)["lr"]
-        loss, terms = train_step(ddp_model, *inputs, optimizer, ctx.scaler, ctx.amp_dtype, args)
-        return torch.cat([loss.view(1), terms])
-
-    def synthetic():
-        local, grid = args.batch_size // ctx.world, args.img_size // args.mask_unit
-        images = torch.randn(local, 3, args.img_size, args.img_size, device=ctx.device)
-        return [images, torch.stack([random_mask(grid, args.mask_ratio) for _ in range(local)]).to(ctx.device)]
-
-    def floor(inputs):
-        both = torch.cat([inputs[0], inputs[0]]) if args.prompt else inputs[0]  # --no-prompt: the masked branch
-        with autocast(ctx.device, ctx.amp_dtype):
-            model.encoder(both).float().sum().backward()
-
-    terms = TERMS if args.prompt else TERMS[:1]
-    return Wiring(name="preco" if args.prompt else "preco - P-E", model=model, optimizer=optimizer,
-                  summary=f"{len(paths)} images{'' if args.prompt else ', no prompt-enhanced branch'}",
-                  loader=loader, step=step, logged=("loss", *(f"l_{t}" for t in terms)), schedule=schedule,
-                  backbone=model.encoder, images_per_step=args.batch_size, synthetic=synthetic, floor=floor,
-                  finish=(lambda: save_visualisation(model, dataset, args.vis, ctx.device)) if args.vis else None)
+    log = Log(args, ctx, "preco" if args.prompt else "preco - P-E", args.batch_size, last_step, step)
+    log(f"{len(paths)} images{'' if args.prompt else ', no prompt-enhanced branch'}, {steps_per_epoch} steps/epoch, "
+        f"{ctx.world} process(es) on {ctx.device.type}, {f'resuming at step {step}' if step else 'starting'}")
+    monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if args.knn_monitor and not ctx.rank else None
+    if monitor and step == 0:
+        knn(log, monitor, model.encoder, 0, 0)  # random init: where the curve starts
+    logged = LOGGED if args.prompt else LOGGED[:2]  # the names of train_step()'s values
+    stop_requests, stopping = catch_stop_signals(), False
+    while step < last_step and not stopping:
+        epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
+        dataset.set_epoch(epoch)  # crops and masks are seeded by (seed, epoch, image index): resumes are exact
+        loader.sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        for (images, mask), _, n_skipped in loader:
+            lr = lr_at(args, step, steps_per_epoch)  # per step, as SimMIM
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            log.add(train_step(ddp_model, images.to(ctx.device, non_blocking=True),
+                               mask.to(ctx.device, non_blocking=True), optimizer, ctx.scaler, ctx.amp_dtype, args))
+            step, skipped = step + 1, skipped + n_skipped.sum()
+            signalled = ctx.world == 1 and stop_requests  # one process stops at once; several at a log step
+            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == last_step or signalled:
+                stopping = log.window(step, epoch, logged, {"lr": lr}, bool(stop_requests))
+                if stopping or step == last_step:
+                    break
+        seen, skipped = (step - first_step) * args.batch_size, log.skipped(skipped, step, epoch)
+        if skipped > seen // 2:
+            raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check "
+                            "the dataset.")
+        if monitor and not stopping and (step == last_step or (epoch + 1) % args.knn_every == 0):
+            knn(log, monitor, model.encoder, step, epoch)
+        save(args, ctx, log, model, optimizer, model.encoder, step, epoch)
+    if args.vis and not stopping and ctx.rank == 0:
+        log(save_visualisation(model, dataset, args.vis, ctx.device))
+    log.finish(step, stopping)
+    if ctx.world > 1:
+        dist.destroy_process_group()
 
 
 # =================================================================================================================
-# PLUMBING: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
-# equal: a fix lands in all four). The method above meets it in wire(); below are the shared flags, processes, the
-# loop (log, ETA, NaN, unreadable images, kNN monitor), checkpoints and exact resume, signals, --benchmark, main.
+# HELPERS: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
+# equal: a fix lands in all four). train() above calls them: processes, the loader, the gather, stop signals,
+# checkpoints, the log and main. A reader who knows one method file can stop here.
 # =================================================================================================================
 SCRIPT = os.path.basename(__file__)
 METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
+Context = namedtuple("Context", "rank world device amp_dtype scaler")  # this process; amp_dtype None: no autocast
 
 
-@dataclass
-class Wiring:
-    """What a method's wire() hands to the loop."""
-    name: str  # the run's name in the progress line and the benchmark report
-    summary: str  # what it trains on, for the start line
-    model: nn.Module  # its state_dict is the checkpoint's "model": every network, queue, centre
-    optimizer: torch.optim.Optimizer
-    loader: Iterable  # (inputs, labels, unreadable files skipped) batches; loader.sampler is a data.EpochSampler
-    step: Callable  # step(inputs, step) -> 1-D tensor of the `logged` values, loss first; no host-device sync
-    logged: tuple  # the names of those values in log.jsonl
-    schedule: Callable  # schedule(step) -> {name: value}, logged beside them
-    backbone: nn.Module  # exported as backbone.pth (torchvision's keys) and probed by --knn-monitor
-    images_per_step: int  # for images/s
-    synthetic: Callable  # --benchmark: synthetic() -> the inputs of one step, made on the device
-    floor: Callable  # --benchmark: floor(inputs) runs the backbone passes of a step and nothing else
-    config: dict = field(default_factory=dict)  # what data.build_model needs besides the arch (a ViT's sizes)
-    finish: Optional[Callable] = None  # rank 0, after the last step (--vis); returns a line to print
-
-
-class Context(NamedTuple):
-    """This process: its rank among `world` processes, its device, the autocast dtype (None: off) and the scaler."""
-    rank: int
-    world: int
-    device: torch.device
-    amp_dtype: Optional[torch.dtype]
-    scaler: torch.amp.GradScaler
-
-
-def add_run_flags(p):
-    """The flags every pre-training script shares (../shared/CONVENTIONS.md), after the method's own."""
-    p.add_argument("--workers", type=int, help="data-loading processes per process (default: CPUs / processes, "
-                   "at most 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
-    p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
-    p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
-                   "on CUDA, off on CPU")
-    p.add_argument("--knn-monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
-                   "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
-    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
-                   "and the end)")
-    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on synthetic tensors, the compute floor "
-                   "and N steps with the real loader; print one JSON line and exit (nothing is written)")
-
-
-def check_run_args(args, world):
-    """The shared flags, one sentence each, before anything runs; check_args() above checks the method's."""
-    for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "benchmark", "knn_every"):
+def setup(args):
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them); NCCL on CUDA, gloo on
+    CPU. Every check of the flags comes first, before anything runs or is written."""
+    rank, world, cuda = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "knn_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
     if args.batch_size % world:
@@ -431,36 +417,22 @@ def check_run_args(args, world):
     data.check_out_dir(args.out)
     if args.knn_monitor:
         data.labeled_images(args.knn_monitor)  # on every process: a bad folder stops them all
-
-
-# ------------------------------------------------------------------------------------------------ processes
-def setup(args):
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them). Every check and the
-    checkpoint to resume come before the process group (NCCL on CUDA, gloo on CPU) and before any file is written."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    check_run_args(args, world)
     check_args(args, world)
-    ckpt = None if args.benchmark else load_checkpoint(args)
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-    amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "off": None}[args.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Context(rank, world, device, amp_dtype, scaler), ckpt
+    amp = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return Context(rank, world, device, amp, torch.amp.GradScaler(device.type, enabled=amp == torch.float16))
 
 
-def autocast(device, amp_dtype):
-    """bf16 / fp16 autocast on `device`, or none (amp_dtype None)."""
+def autocast(device, amp_dtype):  # amp_dtype None: none
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
 def ddp(module, **kwargs):
-    """`module` wrapped for data parallelism when several processes run, else itself."""
+    """`module` wrapped for data parallelism (its backward averages the gradients over processes), else itself."""
     return DDP(module, **kwargs) if dist.is_initialized() else module
 
 
@@ -475,8 +447,7 @@ class Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every process's loss sends gradient to every process's features
+        dist.all_reduce(grad := grad.contiguous())  # every process's loss sends gradient to every process's features
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
@@ -486,38 +457,46 @@ def gather(x):
     return Gather.apply(x) if dist.is_initialized() else x
 
 
-def make_loader(dataset, args, ctx, seed, sampler=None):
-    """Batches of this process's share of each global batch (by default data.EpochSampler's: a permutation per
-    epoch, the last incomplete batch dropped)."""
-    sampler = sampler or data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, seed)
+def make_loader(dataset, args, ctx, sampler=None):
+    """This process's share of each global batch (data.EpochSampler's by default). The workers start afresh each
+    epoch, so they see the dataset's set_epoch(); they ignore SIGTERM / Ctrl-C, which the main process handles."""
+    sampler = sampler if sampler is not None else data.EpochSampler(len(dataset), args.batch_size, ctx.rank,
+                                                                   ctx.world, args.seed)
+    if sampler.batches_per_epoch() == 0:
+        raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
     workers = args.workers if args.workers is not None else min(
         8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return DataLoader(dataset, batch_size=args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
-                      pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker,
-                      generator=torch.Generator().manual_seed(seed))  # leaves the global RNG to the model
+    return DataLoader(dataset, args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
+                      pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if workers else None,
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
 
 
-def quiet_worker(worker_id):
-    """Data workers ignore SIGTERM / Ctrl-C sent to the whole process group (schedulers, a terminal), so the main
-    process can finish its step and save a checkpoint before it shuts them down."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals(worker_id=None):
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 
-def to_device(batch, device):
-    """A tensor, or lists and tuples of them, on `device` (copied asynchronously from pinned memory)."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    return type(batch)(to_device(x, device) for x in batch)
+def catch_stop_signals():
+    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and stops; a second one: at once.
+    Returns the list that the signals are appended to."""
+    received = []
+
+    def request_stop(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, request_stop)
+    return received
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def load_checkpoint(args):
-    """The checkpoint under --out, or None. weights_only=True: it can hold tensors and plain values, never code."""
+def resume(args, ctx, model, optimizer):
+    """The checkpoint under --out into the model and optimiser, or nothing; returns the step to continue from. Each
+    process continues its own random stream (same world size). weights_only: a checkpoint never runs code."""
     path = os.path.join(args.out, "checkpoint.pth")
     if not os.path.exists(path):
-        return None
+        return 0
     ckpt = data.load_weights_only(path, fix="move it away to start afresh")
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
         raise UserError(f"{path} is not a {SCRIPT} checkpoint; use another --out.")
@@ -525,13 +504,8 @@ def load_checkpoint(args):
     if changed:
         raise UserError(f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
                         "values to resume, or another --out.")
-    return ckpt
-
-
-def restore(run, ckpt, ctx):
-    """The checkpoint's state in the wired run; each process continues its own random stream (same world size)."""
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
     ctx.scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) == ctx.world:
         torch.set_rng_state(ckpt["rng"][ctx.rank]["cpu"])
@@ -540,249 +514,130 @@ def restore(run, ckpt, ctx):
     return ckpt["step"]
 
 
-def save(run, args, ctx, step, epoch):
-    """checkpoint.pth (the whole state, every process's RNG included) and backbone.pth (torchvision's keys: the file
-    users share), written atomically by rank 0."""
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(ctx.device)} if
-                                             ctx.device.type == "cuda" else {})}
+def save(args, ctx, log, model, optimizer, backbone, step, epoch, config=None):
+    """checkpoint.pth (the whole state, every process's RNG) and backbone.pth (torchvision's keys: the file users
+    share), once one pass over the weights finds them finite (else both files stay as they were). Rank 0 writes each
+    to a temp file, fsyncs and renames it: a kill at any moment leaves the old file or the new one, never half."""
+    state = model.state_dict()
+    weights = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+    finite = torch.stack([v.isfinite().all() for v in weights.values()]).float()
+    if ctx.world > 1:
+        dist.all_reduce(finite, dist.ReduceOp.MIN)  # every process stops, or none
+    if not all(finite.tolist()):
+        bad = next(name for name, ok in zip(weights, finite.tolist()) if not ok)
+        raise nan_stop(f"{bad} became non-finite", step, args, log.last_saved)
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if ctx.device.type == "cuda" else {})}
     rngs = [rng] * ctx.world
     if ctx.world > 1:
         dist.all_gather_object(rngs, rng)
     if ctx.rank == 0:
-        prefix = next(name for name, module in run.model.named_modules() if module is run.backbone) + "."
-        save_atomic({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                     "scaler": ctx.scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
-                     "rng": rngs, "arch": args.arch, "method": METHOD, "config": run.config,
-                     "backbone_prefix": prefix}, os.path.join(args.out, "checkpoint.pth"))
-        save_atomic({"arch": args.arch, "method": METHOD, "config": run.config,
-                     "state_dict": run.backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
+        prefix = next(name for name, module in model.named_modules() if module is backbone) + "."
+        mine = {"arch": args.arch, "method": METHOD, "config": config or {}}
+        save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
+                     "step": step, "epoch": epoch, "args": vars(args), "rng": rngs, "backbone_prefix": prefix,
+                     **mine}, os.path.join(args.out, "checkpoint.pth"))
+        save_atomic({**mine, "state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
     if ctx.world > 1:
         dist.barrier()
+    log.last_saved = step
 
 
 def save_atomic(obj, path):
-    """Write to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
     with open(f"{path}.tmp", "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    os.fsync(dir_fd)
-    os.close(dir_fd)
+    os.fsync(folder := os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY))  # the rename itself
+    os.close(folder)
 
 
-# ------------------------------------------------------------------------------------------------ the loop
-def train(args):
-    """Wire the method, resume it, run it to the last step; SIGTERM / Ctrl-C stop it cleanly at a step."""
-    ctx, ckpt = setup(args)
-    torch.manual_seed(args.seed)  # the same initial weights (and queue) on every process
-    run = wire(args, ctx)
-    sampler, steps_per_epoch = run.loader.sampler, run.loader.sampler.batches_per_epoch()
-    if steps_per_epoch == 0:
-        raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
-    torch.manual_seed(args.seed + ctx.rank)  # masks, shuffles, drop path: each process its own
-    step = restore(run, ckpt, ctx) if ckpt else 0
-    if args.benchmark:
-        return benchmark(run, args, ctx)
-    run.model.train()
-    watch = args.knn_monitor and ctx.rank == 0
-    monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if watch else None
-    stop_signal, progress = catch_stop_signals(), Progress(run, args, ctx, step, resumed=ckpt is not None)
-    if monitor and step == 0:
-        progress.knn(monitor, 0, 0)  # random init: where the curve starts
-    stopping = False
-    while step < progress.last_step and not stopping:
-        epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
-        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
-        for inputs, _, n_skipped in run.loader:
-            progress.add(run.step(to_device(inputs, ctx.device), step))
-            step, skipped = step + 1, skipped + n_skipped.sum()
-            signalled = ctx.world == 1 and stop_signal  # one process stops at once; DDP at a log step
-            if step % args.log_every and step % steps_per_epoch and step < progress.last_step and not signalled:
-                continue
-            stopping = progress.report(step, epoch, bool(stop_signal))
-            if stopping or step >= progress.last_step:
-                break
-        progress.count_skipped(skipped, step, epoch, first_step)
-        if monitor and not stopping and (step >= progress.last_step or (epoch + 1) % args.knn_every == 0):
-            progress.knn(monitor, step, epoch)
-        save(run, args, ctx, step, epoch)
-        progress.last_saved = step
-    progress.finish(step, stopping)
-    if ctx.world > 1:
-        dist.destroy_process_group()
+class Log:
+    """args.json, log.jsonl and the progress line, by rank 0: window means of the step's values over all processes
+    (read back at log steps only: the loop's one host-device sync), images/s, peak memory, ETA, skipped files."""
 
-
-def catch_stop_signals():
-    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and exits; a second one: at once.
-    Returns the list the signals are appended to."""
-    received = []
-
-    def request_stop(signum, frame):
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    return received
-
-
-class Progress:
-    """args.json, log.jsonl and the progress line, by rank 0: window means of the step's values (read back at log
-    steps only: the loop's one host-device sync) checked for NaN, images/s, peak memory, ETA; kNN; unreadable files."""
-
-    def __init__(self, run, args, ctx, step, resumed):
-        self.run, self.args, self.ctx, self.last_saved = run, args, ctx, step if resumed else None
-        total = args.epochs * run.loader.sampler.batches_per_epoch()
-        self.last_step = total if args.max_steps is None else min(total, args.max_steps)
-        self.sums, self.steps, self.skipped, self.start_step = 0, 0, 0, step
+    def __init__(self, args, ctx, name, images_per_step, last_step, step):
+        self.args, self.ctx, self.name, self.images_per_step = args, ctx, name, images_per_step
+        self.last_step = last_step
+        self.sums, self.steps, self.start_step, self.last_saved, self.total_skipped = 0, 0, step, step or None, 0
         self.start = self.window_start = time.time()
         if ctx.rank == 0:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "args.json"), "w") as f:
                 json.dump(vars(args), f, indent=2)
-            self.log = open(os.path.join(args.out, "log.jsonl"), "a")
-        self.say(f"{run.summary}, {run.loader.sampler.batches_per_epoch()} steps/epoch, {ctx.world} process(es) on "
-                 f"{ctx.device.type}, {'resuming at step %d' % step if step else 'starting'}", sep=": ")
+            self.file = open(os.path.join(args.out, "log.jsonl"), "a", buffering=1)  # a line is written at once
 
-    def say(self, text, sep=" | "):
-        if self.ctx.rank == 0:
-            print(f"{self.run.name}{sep}{text}", flush=True)
-
-    def record(self, **fields):
-        if self.ctx.rank == 0:
-            self.log.write(json.dumps(fields) + "\n")
-            self.log.flush()
+    def __call__(self, text, **record):
+        if self.ctx.rank == 0:  # the progress line after the run's name; the record in log.jsonl
+            print(f"{self.name} | {text}", flush=True)
+            self.file.write(json.dumps(record) + "\n" if record else "")
 
     def add(self, values):
-        self.sums, self.steps = self.sums + values.detach().float(), self.steps + 1
+        self.sums, self.steps = self.sums + values.float(), self.steps + 1
 
-    def report(self, step, epoch, stop_requested):
-        """Log the window's means; True when any process was asked to stop."""
+    def window(self, step, epoch, names, schedule, stop_requested):
+        """Log the window's means; returns whether any process was asked to stop. A non-finite loss raises."""
         stats = torch.cat([self.sums / self.steps, torch.tensor([float(stop_requested)], device=self.ctx.device)])
         if self.ctx.world > 1:
             dist.all_reduce(stats)
             stats /= self.ctx.world
         *values, stop_votes = stats.tolist()
         if not math.isfinite(values[0]):
-            where = f"at step {step}" if self.steps == 1 else f"in steps {step - self.steps + 1}-{step}"
-            saved = os.path.join(self.args.out, "checkpoint.pth") + f" (step {self.last_saved})"
-            raise FloatingPointError(f"the loss became {values[0]} {where}; the last good checkpoint is "
-                                     f"{saved if self.last_saved else 'none'}, left as it was. Lower --lr or use "
-                                     "--amp off.")
-        now, memory = time.time(), peak_memory_gb(self.ctx.device)
-        images_per_s = self.steps * self.run.images_per_step / (now - self.window_start)
-        eta = (now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)
-        logged, schedule = dict(zip(self.run.logged, values)), self.run.schedule(step - 1)
-        self.record(epoch=epoch, step=step, **{k: round(v, 5) for k, v in logged.items()}, **schedule,
-                    images_per_s=round(images_per_s, 1), peak_mem_gb=round(memory, 3))
-        self.say(f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | " + " | ".join(
-            [f"{k} {v:.5g}" for k, v in logged.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()]) +
-            f" | {images_per_s:.1f} img/s | mem {memory:.2f} GB | eta {format_eta(eta)}")
+            raise nan_stop(f"the loss became {values[0]}", step, self.args, self.last_saved, self.steps)
+        now, cuda = time.time(), self.ctx.device.type == "cuda"
+        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(0).ru_maxrss / 2**20
+        speed, values = self.steps * self.images_per_step / (now - self.window_start), dict(zip(names, values))
+        eta = timedelta(seconds=int((now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)))
+        self(f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | " + " | ".join(
+            [f"{k} {v:.5g}" for k, v in values.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()]) +
+             f" | {speed:.1f} img/s | mem {memory:.2f} GB | eta {eta}", epoch=epoch, step=step, **schedule,
+             **{k: round(v, 5) for k, v in values.items()}, images_per_s=round(speed, 1), peak_mem_gb=round(memory, 3))
         self.sums, self.steps, self.window_start = 0, 0, time.time()
         return stop_votes > 0
 
-    def count_skipped(self, skipped, step, epoch, first_step):
-        """Unreadable images of the epoch, summed over processes; more than half of those read is an error."""
+    def skipped(self, skipped, step, epoch):
+        """Unreadable images of the epoch, summed over processes (NCCL reduces CUDA tensors only)."""
         if self.ctx.world > 1:
-            skipped = skipped.to(self.ctx.device)  # NCCL reduces CUDA tensors only
-            dist.all_reduce(skipped)
-        skipped, seen = int(skipped), (step - first_step) * self.run.images_per_step
-        self.skipped += skipped
-        if skipped:
-            self.record(epoch=epoch, step=step, skipped_images=skipped)
-            self.say(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)")
-        if skipped > seen // 2:
-            raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check the "
-                            "dataset.")
-
-    def knn(self, monitor, step, epoch):
-        """--knn-monitor: the backbone's kNN top-1 now (rank 0; eval mode, no random draw: training is unchanged)."""
-        start = time.time()
-        top1 = monitor.top1(self.run.backbone, self.ctx.device, self.ctx.amp_dtype)
-        self.record(epoch=epoch, step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))
-        self.say(f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)")
+            dist.all_reduce(skipped := skipped.to(self.ctx.device))
+        if skipped := int(skipped):
+            self(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)", epoch=epoch, step=step,
+                 skipped_images=skipped)
+        self.total_skipped += skipped
+        return skipped
 
     def finish(self, step, stopping):
-        checkpoint, backbone = (os.path.join(self.args.out, f) for f in ("checkpoint.pth", "backbone.pth"))
-        if stopping:
-            self.say(f"stopped by a signal at step {step}; {checkpoint} resumes it")
-        if self.skipped:
-            self.say(f"{self.skipped} unreadable image(s) were skipped in this run")
-        if not stopping and self.run.finish and self.ctx.rank == 0:
-            self.say(self.run.finish())
-        if not stopping:
-            self.say(f"done at step {step}: backbone in {backbone}")
+        skipped = f"; {self.total_skipped} unreadable image(s) were skipped in this run" if self.total_skipped else ""
+        self((f"stopped by a signal at step {step}; {self.args.out}/checkpoint.pth resumes it" if stopping else
+              f"done at step {step}: backbone in {self.args.out}/backbone.pth") + skipped)
         if self.ctx.rank == 0:
-            self.log.close()
+            self.file.close()
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+def knn(log, monitor, backbone, step, epoch):
+    """--knn-monitor: the backbone's kNN top-1 now, logged (eval mode, no random draw: the training is unchanged)."""
+    start, top1 = time.time(), monitor.top1(backbone, log.ctx.device, log.ctx.amp_dtype)
+    log(f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)", epoch=epoch,
+        step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))
 
 
-def format_eta(seconds):
-    days, rest = divmod(int(seconds), 86400)
-    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-
-
-# ------------------------------------------------------------------------------------------------ benchmark
-def benchmark(run, args, ctx):
-    """--benchmark N: N steps on synthetic inputs already on the device, N of their compute floor (the backbone
-    passes alone), then N steps fed by the real loader; rank 0 prints one JSON line. Nothing is written."""
-    inputs = run.synthetic()
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    step_s = timed(lambda: run.step(inputs, 0), args.benchmark, ctx.device)
-    peak = peak_memory_gb(ctx.device)
-    floor_s = timed(lambda: run.floor(inputs), args.benchmark, ctx.device)
-    batches = itertools.chain.from_iterable(itertools.repeat(run.loader))  # as many epochs as the timing needs
-    loader_s = timed(lambda: run.step(to_device(next(batches)[0], ctx.device), 0), args.benchmark, ctx.device)
-    if ctx.rank == 0:
-        print(json.dumps({"method": run.name, "arch": args.arch, "img_size": args.img_size,
-                          "batch_size": args.batch_size, "processes": ctx.world, "device": ctx.device.type,
-                          "amp": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "off",
-                          "images_per_s": round(run.images_per_step / step_s, 1), "step_s": round(step_s, 4),
-                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
-                          "peak_mem_gb": round(peak, 3), "workers": run.loader.num_workers,
-                          "loader_images_per_s": round(run.images_per_step / loader_s, 1)}), flush=True)
-
-
-def timed(fn, steps, device):
-    """Seconds per call of fn: 3 warm-up calls, then `steps` timed calls between two synchronisations."""
-    def synchronise():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if dist.is_initialized():
-            dist.barrier()
-
-    for _ in range(3):
-        fn()
-    synchronise()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    synchronise()
-    return (time.perf_counter() - start) / steps
+def nan_stop(what, step, args, last_saved, steps=1):
+    """The error that stops a run whose loss or weights are no longer finite; exit code 1."""
+    where = f"at step {step}" if steps == 1 else f"in steps {step - steps + 1}-{step}"
+    saved = f"{os.path.join(args.out, 'checkpoint.pth')} (step {last_saved})" if last_saved else "none"
+    return FloatingPointError(f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use "
+                              "--amp off.")
 
 
 def main(argv=None):
-    """Bad input: one sentence and exit code 2; a non-finite loss: exit code 1; the signal handlers are restored."""
+    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1; signal handlers restored."""
     args = get_args(argv)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
     try:
         train(args)
-    except UserError as err:
-        if int(os.environ.get("RANK", 0)) == 0:
+    except (UserError, FloatingPointError) as err:
+        if int(os.environ.get("RANK", 0)) == 0 or isinstance(err, FloatingPointError):
             print(f"{SCRIPT}: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as err:
-        print(f"{SCRIPT}: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(1 if isinstance(err, FloatingPointError) else 2)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)

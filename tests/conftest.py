@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny generated image folders in a temp dir (never ../shared) and script runners."""
+"""Shared test helpers: tiny generated image folders in a temp dir (never a real dataset) and script runners."""
 import os
 import subprocess
 import sys
@@ -6,6 +6,12 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "smoke: the quick subset, `python -m pytest -q -m smoke` (under a minute on 2 "
+                            "cores): a real training step of each method, each evaluation program, one resume")
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

@@ -1,10 +1,12 @@
-"""data.py: discovery, labeled folders, splits, RGB conversion, skipping unreadable files, deterministic views."""
+"""data.py: discovery, labeled folders, RGB conversion, skipping unreadable files, deterministic augmentations, the
+sampler, the float flags, the kNN."""
 import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 import data
 from conftest import make_image_folder
@@ -53,21 +55,6 @@ def test_labeled_images_rejects_one_class_and_empty_classes(tmp_path):
         data.labeled_images(str(tmp_path / "two"))
 
 
-def test_stratified_split_is_deterministic_disjoint_complete_and_per_class():
-    labels = [0] * 50 + [1] * 30 + [2] * 20
-    train, test = data.stratified_split(labels, 0.2, seed=3)
-    again, _ = data.stratified_split(labels, 0.2, seed=3)
-    other, _ = data.stratified_split(labels, 0.2, seed=4)
-    assert np.array_equal(train, again) and not np.array_equal(train, other)
-    assert not set(train) & set(test) and sorted(set(train) | set(test)) == list(range(100))
-    assert np.bincount(np.asarray(labels)[train]).tolist() == [10, 6, 4]
-
-
-def test_stratified_split_refuses_a_class_left_without_training_images():
-    with pytest.raises(data.UserError, match="class 1 has 2 images"):
-        data.stratified_split([0] * 10 + [1] * 2, 0.2, seed=0)
-
-
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])
 def test_open_rgb_converts_every_mode_to_8bit_rgb(tmp_path, mode):
     pixels = (np.arange(24 * 20) % 251).reshape(20, 24)
@@ -89,7 +76,7 @@ def test_dataset_skips_and_counts_an_unreadable_file(tmp_path, capsys):
     with open(bad, "wb") as f:
         f.write(b"\x89PNG truncated")
     paths = data.list_images([folder])
-    dataset = data.ImageDataset(paths, transform=data.eval_transform(16))
+    dataset = data.ImageDataset(paths, transform=T.Compose([T.Resize((16, 16)), T.ToTensor()]))
     skipped = [dataset[i][2] for i in range(len(dataset))]
     assert skipped == [0, 1, 0]  # the corrupt 1.png is replaced by 2.png and counted once
     assert "skipping unreadable image" in capsys.readouterr().out
@@ -98,20 +85,21 @@ def test_dataset_skips_and_counts_an_unreadable_file(tmp_path, capsys):
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index():
-    dataset = data.ImageDataset(data.list_images(["synthetic"]), transform=data.augmentation("moco_v2", 32), seed=7)
+    crop = T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])
+    dataset = data.ImageDataset(data.list_images(["synthetic"]), transform=crop, seed=7)
+    dataset.set_epoch(2)
     torch.manual_seed(123)
-    a = dataset[(2, 5)][0]
+    a = dataset[5][0]
     torch.manual_seed(456)  # the global RNG does not matter, and is left untouched
     state = torch.get_rng_state()
-    b = dataset[(2, 5)][0]
+    b = dataset[5][0]
     assert torch.equal(a, b) and torch.equal(state, torch.get_rng_state())
-    assert not torch.equal(a, dataset[(3, 5)][0]) and not torch.equal(a, dataset[(2, 6)][0])
-
-
-@pytest.mark.parametrize("name", ["moco_v1", "moco_v2", "gersp"])
-def test_augmentations_produce_normalised_crops_of_the_requested_size(name):
-    x = data.augmentation(name, 48)(data.synthetic_image(0))
-    assert x.shape == (3, 48, 48) and x.min() < 0 < x.max()
+    assert torch.equal(a, dataset.load(5, 2)[0])  # what a loader's item is: load(index, the epoch set)
+    assert not torch.equal(a, dataset.load(5, 3)[0]) and not torch.equal(a, dataset[6][0])
+    dataset.set_epoch(3)
+    assert torch.equal(dataset[5][0], dataset.load(5, 3)[0]) and not torch.equal(dataset[5][0], a)
+    other_seed = data.ImageDataset(dataset.paths, transform=crop, seed=8)
+    assert not torch.equal(a, other_seed.load(5, 2)[0])
 
 
 def test_epoch_sampler_splits_global_batches_between_ranks_and_resumes_mid_epoch():
@@ -119,13 +107,15 @@ def test_epoch_sampler_splits_global_batches_between_ranks_and_resumes_mid_epoch
     per_rank = [list(data.EpochSampler(size, batch, rank, world, seed=1)) for rank in range(world)]
     assert all(len(r) == 24 for r in per_rank)  # 6 full global batches of 8, the last 2 images dropped
     batches = [per_rank[0][b * 4:(b + 1) * 4] + per_rank[1][b * 4:(b + 1) * 4] for b in range(6)]
-    indices = [i for b in batches for _, i in b]
+    indices = [i for b in batches for i in b]
     assert len(set(indices)) == 48  # no image twice in an epoch
     sampler = data.EpochSampler(size, batch, 1, world, seed=1)
     sampler.set_epoch(0, start_batch=4)
     assert list(sampler) == per_rank[1][16:] and len(sampler) == 8
     sampler.set_epoch(1)
-    assert [i for _, i in sampler] != [i for _, i in per_rank[1]] and all(e == 1 for e, _ in sampler)
+    again = data.EpochSampler(size, batch, 1, world, seed=1)
+    again.set_epoch(1)
+    assert list(sampler) != per_rank[1] and list(sampler) == list(again)  # a new order per epoch, fixed by it
 
 
 def test_list_images_reads_each_folder_once_through_a_link_loop_and_a_second_link(tmp_path):
@@ -147,25 +137,6 @@ def test_labeled_images_refuses_class_folders_that_hold_image_folders_and_ignore
     assert data.labeled_images(str(tmp_path / "zip"))[2] == ["class0", "class1", "class2"]
 
 
-def test_labeled_datasets_names_the_classes_and_drops_unreadable_images_before_splitting(tmp_path, capsys):
-    folder = make_image_folder(tmp_path / "scenes", classes=3, per_class=10)
-    for bad in ("class0/9.png", "class1/3.png"):  # the last image of class 0 would stand in for class 1's first
-        (tmp_path / "scenes" / bad).write_bytes(b"\x89PNG truncated")
-    [(name, paths, labels, classes, splits)] = data.labeled_datasets([folder], None, 0.2, 2, seed=0)
-    out = capsys.readouterr().out
-    assert "scenes: 3 classes: class0, class1, class2" in out
-    assert "28 images (2 unreadable image(s) dropped before splitting, e.g." in out
-    assert len(paths) == len(labels) == 28 and not any(p.endswith(("class0/9.png", "class1/3.png")) for p in paths)
-    assert labels == [0] * 9 + [1] * 9 + [2] * 10
-    for train, test in splits:  # drawn over the readable images: 2 + 2 + 2 train, 7 + 7 + 8 test
-        assert len(train) == 6 and len(test) == 22
-    (tmp_path / "scenes" / "class2").mkdir(exist_ok=True)
-    for path in (tmp_path / "scenes" / "class2").iterdir():
-        path.write_bytes(b"not an image")
-    with pytest.raises(data.UserError, match="no image of class class2 could be read"):
-        data.labeled_datasets([folder], None, 0.2, 1, seed=0, workers=1)  # the decoding pass in a worker
-
-
 def test_knn_predict_weights_the_k_nearest_by_exp_cosine_over_temperature():
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     labels = torch.tensor([0, 1, 1])
@@ -180,3 +151,35 @@ def test_knn_predict_weights_the_k_nearest_by_exp_cosine_over_temperature():
     assert data.knn_predict(torch.tensor([[0.1, 0.0], [5.0, 2.0]]), torch.tensor([0, 1]), query, 2, k=1,
                             temperature=1.0).tolist() == [0]
     assert data.knn_predict(train, labels, torch.tensor([[0.0, 1.0], [1.0, 0.0]]), 2, k=20).tolist() == [1, 0]
+
+
+def test_knn_monitor_halves_each_class_by_seed_leaves_out_unreadable_files_and_measures_without_side_effects(
+        tmp_path):
+    folder = make_image_folder(tmp_path / "scenes", classes=2, per_class=5, size=8)
+    (tmp_path / "scenes" / "class1" / "4.png").write_bytes(b"not an image")
+    monitor = data.KnnMonitor(folder, 8, seed=3)
+    assert monitor.images.shape == (9, 3, 8, 8) and monitor.images.dtype == torch.uint8
+    assert monitor.labels.tolist() == [0] * 5 + [1] * 4 and torch.equal(monitor.test, ~monitor.train)
+    assert monitor.train[:5].sum() == 3 and monitor.description == f"{int(monitor.test.sum())} test images of 2 classes"
+    again, other = data.KnnMonitor(folder, 8, seed=3), data.KnnMonitor(folder, 8, seed=4)
+    assert torch.equal(again.images, monitor.images) and torch.equal(again.train, monitor.train)
+    assert not torch.equal(other.images, monitor.images)  # another seed, another choice and order
+    mean_colour = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).train()
+    state = torch.get_rng_state()
+    assert monitor.top1(mean_colour, torch.device("cpu")) == 100.0  # the classes differ in mean colour
+    assert mean_colour.training and torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("argv, shown", [(["--lr", "nan"], "--lr: must be a finite number (got nan)"),
+                                         (["--lr=-inf"], "--lr: must be a finite number (got -inf)"),
+                                         (["--betas", "0.9", "inf"], "--betas: must be a finite number (got [0.9, inf])")])
+def test_the_parser_refuses_nan_and_inf_for_every_float_flag_in_one_line(argv, shown, capsys):
+    parser = data.ArgumentParser(prog="script.py")
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--betas", type=float, nargs=2)
+    parser.add_argument("--name")
+    assert parser.parse_args(["--lr", "1e-3", "--betas", "0.9", "0.99", "--name", "nan"]).lr == 1e-3
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"script.py: error: argument {shown} (see --help).\n"

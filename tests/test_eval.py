@@ -18,9 +18,7 @@ from PIL import Image
 import data
 import eval_linear
 import finetune_cls
-import moco
-from conftest import (TINY_RESNET, assert_one_sentence_error, assert_ran_cleanly, make_image_folder, run_script,
-                      run_torchrun)
+from conftest import assert_one_sentence_error, assert_ran_cleanly, make_image_folder, run_script, run_torchrun
 
 FAST_PROBE = ["--img-size", "32", "--epochs", "3", "--workers", "0", "--extract-batch-size", "16"]
 FAST_FINETUNE = ["--img-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
@@ -28,23 +26,78 @@ FAST_FINETUNE = ["--img-size", "32", "--epochs", "1", "--batch-size", "8", "--wo
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A labeled folder and a 2-step moco.py run on it (its backbone.pth and checkpoint.pth)."""
+    """A labeled folder and the two files a moco.py run writes, built here as moco.py saves them, so that these tests
+    do not run a method file: backbone.pth (torchvision's keys, fc removed) and checkpoint.pth (the whole MoCo model:
+    the backbone under its backbone_prefix, beside a projector and a key encoder of other values, and the queue)."""
     root = tmp_path_factory.mktemp("eval")
     folder = make_image_folder(root / "scenes", classes=3, per_class=10)
-    moco.main(TINY_RESNET + ["--data", folder, "--queue", "16", "--max-steps", "2", "--out", str(root / "moco")])
-    return folder, root / "moco"
+    torch.manual_seed(0)
+    backbone = torchvision.models.resnet18()
+    backbone.fc = nn.Identity()
+    for m in backbone.modules():  # trained statistics, not 0 / 1: a loader that dropped the buffers would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    state = backbone.state_dict()
+    encoder = {f"backbone.{k}": v for k, v in state.items()} | {
+        "projector.0.weight": torch.randn(512, 512), "projector.0.bias": torch.randn(512),
+        "projector.2.weight": torch.randn(16, 512), "projector.2.bias": torch.randn(16)}
+    model = {f"encoder_q.{k}": v for k, v in encoder.items()} | {
+        f"encoder_k.{k}": torch.randn_like(v) if v.is_floating_point() else v for k, v in encoder.items()} | {
+        "queue": torch.randn(16, 16), "_extra_state": {"queue_ptr": 0}}
+    run, written = root / "moco", {"arch": "resnet18", "method": "moco", "config": {}}
+    run.mkdir()
+    torch.save({**written, "state_dict": state}, run / "backbone.pth")
+    torch.save({**written, "model": model, "optimizer": {"state": {}, "param_groups": []}, "step": 2, "epoch": 0,
+                "args": {"arch": "resnet18", "queue": 16}, "backbone_prefix": "encoder_q.backbone."},
+               run / "checkpoint.pth")
+    return folder, run
 
 
 def test_mean_and_std_over_runs():
-    assert data.mean_std([90.0, 92.0, 94.0]) == pytest.approx((92.0, 2.0))  # sample std
-    assert data.mean_std([75.0]) == (75.0, 0.0)
+    assert eval_linear.mean_std([90.0, 92.0, 94.0]) == pytest.approx((92.0, 2.0))  # sample std
+    assert eval_linear.mean_std([75.0]) == (75.0, 0.0)
+
+
+def test_stratified_split_is_deterministic_disjoint_complete_and_per_class():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    train, test = eval_linear.stratified_split(labels, 0.2, seed=3)
+    again, _ = eval_linear.stratified_split(labels, 0.2, seed=3)
+    other, _ = eval_linear.stratified_split(labels, 0.2, seed=4)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+    assert not set(train) & set(test) and sorted(set(train) | set(test)) == list(range(100))
+    assert np.bincount(np.asarray(labels)[train]).tolist() == [10, 6, 4]
+
+
+def test_stratified_split_refuses_a_class_left_without_training_images():
+    with pytest.raises(data.UserError, match="class 1 has 2 images"):
+        eval_linear.stratified_split([0] * 10 + [1] * 2, 0.2, seed=0)
+
+
+def test_labeled_datasets_names_the_classes_and_drops_unreadable_images_before_splitting(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "scenes", classes=3, per_class=10)
+    for bad in ("class0/9.png", "class1/3.png"):  # the last image of class 0 would stand in for class 1's first
+        (tmp_path / "scenes" / bad).write_bytes(b"\x89PNG truncated")
+    [(name, paths, labels, classes, splits)] = eval_linear.labeled_datasets([folder], None, 0.2, 2, seed=0)
+    out = capsys.readouterr().out
+    assert "scenes: 3 classes: class0, class1, class2" in out
+    assert "28 images (2 unreadable image(s) dropped before splitting, e.g." in out
+    assert len(paths) == len(labels) == 28 and not any(p.endswith(("class0/9.png", "class1/3.png")) for p in paths)
+    assert labels == [0] * 9 + [1] * 9 + [2] * 10
+    for train, test in splits:  # drawn over the readable images: 2 + 2 + 2 train, 7 + 7 + 8 test
+        assert len(train) == 6 and len(test) == 22
+    (tmp_path / "scenes" / "class2").mkdir(exist_ok=True)
+    for path in (tmp_path / "scenes" / "class2").iterdir():
+        path.write_bytes(b"not an image")
+    with pytest.raises(data.UserError, match="no image of class class2 could be read"):
+        eval_linear.labeled_datasets([folder], None, 0.2, 1, seed=0, workers=1)  # the decoding pass in a worker
 
 
 def test_probe_separates_separable_features_and_reports_the_confusion_matrix():
     torch.manual_seed(0)
     labels = torch.arange(3).repeat_interleave(20)
     features = torch.nn.functional.one_hot(labels, 3).float() * 5 + torch.randn(60, 3) * 0.3
-    train, test = (torch.from_numpy(i) for i in data.stratified_split(labels.tolist(), 0.5, seed=0))
+    train, test = (torch.from_numpy(i) for i in eval_linear.stratified_split(labels.tolist(), 0.5, seed=0))
     args = eval_linear.get_args(["--epochs", "50", "--lr", "0.05"])
     accuracy, confusion = eval_linear.train_probe(features, labels, train, test, 3, args, seed=0)
     assert accuracy == 100.0 and confusion == [[10, 0, 0], [0, 10, 0], [0, 0, 10]]
@@ -56,7 +109,7 @@ def test_backbone_file_and_checkpoint_give_the_same_frozen_features(trained):
     args = eval_linear.get_args(FAST_PROBE + ["--stages"])
     feats = []
     for name in ("backbone.pth", "checkpoint.pth"):
-        model, width, arch, method = data.load_backbone(str(run / name))
+        model, width, arch, method = eval_linear.load_backbone(str(run / name))
         assert (width, arch, method) == (512, "resnet18", "moco")
         before = eval_linear.fingerprint(model)
         feats.append(eval_linear.extract_features(model, paths, args, torch.device("cpu")))
@@ -75,7 +128,7 @@ def test_linear_evaluation_of_several_backbones_writes_one_table(trained, tmp_pa
     for r in results:
         scenes = r["scenes"]
         assert len(scenes["accuracies"]) == 2 and (scenes["mean"], scenes["std"]) == pytest.approx(
-            data.mean_std(scenes["accuracies"]))
+            eval_linear.mean_std(scenes["accuracies"]))
         assert sum(map(sum, scenes["confusion_last_run"])) == 15 and set(scenes["stages"]) == {
             "stage1", "stage2", "stage3", "stage4"}
     table = (tmp_path / "results.md").read_text().splitlines()
@@ -95,8 +148,8 @@ def test_knn_protocol_uses_the_same_features_and_splits_and_has_its_own_rows(tra
     argv = FAST_PROBE + ["--data", folder, "--weights", str(run / "backbone.pth"), "--runs", "2", "--train-ratio",
                          "0.5", "--knn", "--knn-k", "5", "--out", str(tmp_path)]
     [result] = eval_linear.evaluate(eval_linear.get_args(argv))
-    [(_, paths, labels, classes, splits)] = data.labeled_datasets([folder], None, 0.5, 2, seed=0)
-    features = eval_linear.extract_features(data.load_backbone(str(run / "backbone.pth"))[0], paths,
+    [(_, paths, labels, classes, splits)] = eval_linear.labeled_datasets([folder], None, 0.5, 2, seed=0)
+    features = eval_linear.extract_features(eval_linear.load_backbone(str(run / "backbone.pth"))[0], paths,
                                             eval_linear.get_args(argv), torch.device("cpu"))["final"]
     labels = torch.tensor(labels)
     expected = [float((data.knn_predict(features[tr], labels[tr], features[te], 3, k=5, temperature=0.07)
@@ -144,7 +197,7 @@ def test_paper004_preprocessing_resizes_to_292_and_crops_the_centre_256_and_extr
     assert args.amp == "off"  # float32 features by default, as in the papers (bf16 only when asked for)
     calls = []
     monkeypatch.setattr(torch, "autocast", lambda device, dtype, enabled: calls.append(enabled) or nullcontext())
-    model = data.load_backbone("random", "resnet18")[0]
+    model = eval_linear.load_backbone("random", "resnet18")[0]
     for amp in ("off", "bf16"):
         eval_linear.extract_features(model, ["synthetic://0"], eval_linear.get_args(FAST_PROBE + ["--amp", amp]),
                                      torch.device("cpu"))
@@ -194,7 +247,7 @@ def test_domain_adaptive_chain_saved_backbone_reloads_everywhere_but_on_its_sour
     assert obj["arch"] == "resnet18" and obj["method"] == "moco+finetune:scenes"
     result = torchvision.models.resnet18().load_state_dict(obj["state_dict"], strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
-    model, _, _, method = data.load_backbone(str(saved))
+    model, _, _, method = eval_linear.load_backbone(str(saved))
     torch.testing.assert_close(model.conv1.weight, obj["state_dict"]["conv1.weight"])
     for module in (eval_linear, finetune_cls):  # its source's test split holds its training images (paper 004)
         with pytest.raises(SystemExit) as exit_info:
@@ -277,7 +330,7 @@ def _test_with_own_batchnorm_statistics(rank, folder, init, out):
     nn.init.eye_(model[3].weight)  # the class is the strongest normalised colour channel
     model[0].running_mean[1] = 5.0 * rank  # rank 1's own statistics (as after training on its share): never green
     paths, labels, _ = data.labeled_images(folder)
-    args, cpu, transform = SimpleNamespace(batch_size=4), torch.device("cpu"), data.eval_transform(16)
+    args, cpu, transform = SimpleNamespace(batch_size=4), torch.device("cpu"), eval_linear.eval_transform(16)
     shared = finetune_cls.test_confusion(model, paths, labels, 3, transform, args, (rank, 2, cpu, None, 0))
     if rank == 0:
         alone = finetune_cls.test_confusion(model, paths, labels, 3, transform, args, (0, 1, cpu, None, 0))

@@ -124,17 +124,36 @@ def test_natural_pairs_cycle_reshuffle_and_resume_at_the_same_pair():
     for epoch in range(2):
         pairs.set_epoch(epoch)
         items += list(pairs)
-    assert [r for r, _ in items] == [r for e in range(2) for r in (rs.set_epoch(e), list(rs))[1]]  # RS untouched
-    steps = [[n for _, n in items[i:i + 4]] for i in range(0, 24, 4)]  # natural (epoch, index) of each step
+    assert [r for r, _, _ in items] == [r for e in range(2) for r in (rs.set_epoch(e), list(rs))[1]]  # RS untouched
+    steps = [[(e, n) for _, e, n in items[i:i + 4]] for i in range(0, 24, 4)]  # natural (pass, index) of each step
     assert [{e for e, _ in s} for s in steps] == [{0}, {0}, {1}, {1}, {2}, {2}]  # step s = natural batch s, cycled
     first_pass = [i for s in steps[:2] for _, i in s]
     assert len(set(first_pass)) == 8 and first_pass != [i for s in steps[2:4] for _, i in s]  # reshuffled each pass
     pairs.set_epoch(1, start_batch=1)  # a run resumed at step 4
     assert list(pairs) == items[16:]
-    joined = gersp.WithNatural(data.ImageDataset(["synthetic://0"] * 12, transform=lambda img: [0, 1]),
-                               data.ImageDataset([f"synthetic://{i}" for i in range(10)], list(range(10)),
-                                                 lambda img: 2))
-    assert joined[items[5]] == ((0, 1, 2, items[5][1][1]), items[5][1][1], 0)  # the natural label rides along
+    natural = data.ImageDataset([f"synthetic://{i}" for i in range(10)], list(range(10)),
+                                lambda img: torch.randint(1000, ()).item(), seed=1)
+    joined = gersp.WithNatural(data.ImageDataset(["synthetic://0"] * 12, transform=lambda img: [0, 1]), natural)
+    rs_index, natural_epoch, natural_index = items[17]  # natural pass 2
+    (rs_q, rs_k, image), label, skipped = joined[items[17]]
+    assert (rs_q, rs_k, label, skipped) == (0, 1, natural_index, 0)  # the natural label rides along
+    assert image == natural.load(natural_index, 2)[0] != natural.load(natural_index, 0)[0]  # seeded by its pass
+
+
+def test_a_real_data_folder_without_natural_is_refused_unless_alpha_is_0(tmp_path, capsys):
+    """Issue 25: a real --data run without --natural used to train NIAL on the built-in textures without a word."""
+    rs = make_image_folder(tmp_path / "rs", classes=2, per_class=4)
+    with pytest.raises(SystemExit) as exit_info:
+        gersp.main(TINY_RESNET + ["--data", rs, "--queue", "16", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    for fragment in ("needs --natural", "ImageNet's train/ layout (one folder per class)", "--alpha 0 trains without",
+                     "--natural synthetic uses the built-in textures, for smoke runs only"):
+        assert fragment in err[0], err
+    assert not (tmp_path / "out").exists()
+    gersp.check_args(gersp.get_args(["--data", rs, "--alpha", "0"]), 1)  # NIAL off: --natural is never read
+    assert gersp.get_args([]).natural == gersp.get_args(["--data", "synthetic"]).natural == "synthetic"
+    assert gersp.get_args(["--data", "synthetic", "--data", rs]).natural is None
 
 
 def gersp_tiny(rs, natural, out, *extra):
@@ -164,7 +183,7 @@ def test_resume_continues_exactly_and_the_backbone_reaches_torchvision_and_eval_
     result = torchvision.models.resnet18().load_state_dict(saved["state_dict"], strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
     for weights in ("backbone.pth", "checkpoint.pth"):
-        model, width, arch, method = data.load_backbone(str(tmp_path / "b" / weights))
+        model, width, arch, method = eval_linear.load_backbone(str(tmp_path / "b" / weights))
         assert (width, arch, method) == (512, "resnet18", "gersp")
         torch.testing.assert_close(model.conv1.weight, saved["state_dict"]["conv1.weight"])
     results = eval_linear.evaluate(eval_linear.get_args(

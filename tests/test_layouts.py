@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import data
 import eval_linear
 import finetune_cls
 from conftest import make_image_folder
@@ -132,7 +131,7 @@ def test_resnet_layouts_load_exactly_and_compute_the_original_network(layout, tm
     writer, prefix, dropped = RESNET_LAYOUTS[layout]
     original = resnet18()
     torch.save(writer(original.state_dict()), tmp_path / "weights.pth")
-    model, width, arch, method = data.load_backbone(str(tmp_path / "weights.pth"), "resnet18", image_size=32)
+    model, width, arch, method = eval_linear.load_backbone(str(tmp_path / "weights.pth"), "resnet18", image_size=32)
     line = capsys.readouterr().out.strip().splitlines()
     assert (width, arch) == (512, "resnet18") and len(line) == 1 and prefix in line[0], line
     assert all(d in line[0] for d in dropped) and ("dropped" in line[0]) == bool(dropped), line
@@ -150,7 +149,7 @@ def test_a_published_checkpoint_runs_through_the_linear_probe(tmp_path, capsys):
         "--data", folder, "--weights", str(tmp_path / "moco_v2_800ep_pretrain.pth.tar"), "--img-size", "32",
         "--epochs", "1", "--runs", "1", "--train-ratio", "0.5", "--workers", "0", "--out", str(tmp_path / "out")]))
     assert (entry["arch"], entry["method"]) == ("resnet18", "torchvision encoder_q") and entry["backbone_unchanged"]
-    assert "torchvision layout under 'state_dict.module.encoder_q.'" in capsys.readouterr().out
+    assert "torchvision key names under 'state_dict.module.encoder_q.'" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ ViT layouts
@@ -203,7 +202,7 @@ def vit_reference(sd, x, heads, patch):
 def test_dinov2_layerscale_is_folded_exactly_and_its_mask_token_dropped(tmp_path, capsys):
     sd = timm_vit(patch=14, grid=2, layerscale=True) | {"mask_token": torch.randn(1, 192)}  # dinov2_vit*14_pretrain
     torch.save(sd, tmp_path / "dinov2_vitt14_pretrain.pth")
-    model, width, arch, method = data.load_backbone(str(tmp_path / "dinov2_vitt14_pretrain.pth"), image_size=28)
+    model, width, arch, method = eval_linear.load_backbone(str(tmp_path / "dinov2_vitt14_pretrain.pth"), image_size=28)
     line = capsys.readouterr().out
     assert (width, arch, method, model.patch_size) == (192, "vit_tiny", "timm ViT", 14)
     assert "LayerScale folded" in line and "dropped mask_token (1 tensor)" in line
@@ -232,7 +231,7 @@ def test_dino_teacher_and_timm_vits_load_exactly(layout, patch, grid, prefix, dr
     sd = timm_vit(patch, grid)
     torch.save({"dino_full_checkpoint": dino_full_checkpoint, "timm_with_classifier": timm_with_classifier}[layout](sd),
                tmp_path / "weights.pth")
-    model, _, arch, _ = data.load_backbone(str(tmp_path / "weights.pth"), image_size=patch * grid)
+    model, _, arch, _ = eval_linear.load_backbone(str(tmp_path / "weights.pth"), image_size=patch * grid)
     line = capsys.readouterr().out
     assert arch == "vit_tiny" and model.patch_size == patch and prefix in line and all(d in line for d in dropped)
     x = torch.randn(2, 3, patch * grid, patch * grid)
@@ -243,7 +242,7 @@ def test_dino_teacher_and_timm_vits_load_exactly(layout, patch, grid, prefix, dr
 def test_dinov2_37_by_37_positions_are_interpolated_to_the_evaluation_grid(tmp_path):
     sd = timm_vit(patch=14, grid=37, layerscale=True)  # dinov2 at 518 px; evaluated at 224 px: 16 x 16
     torch.save(sd, tmp_path / "dinov2.pth")
-    model, _, _, _ = data.load_backbone(str(tmp_path / "dinov2.pth"), image_size=224)
+    model, _, _, _ = eval_linear.load_backbone(str(tmp_path / "dinov2.pth"), image_size=224)
     positions = model.encoder.pos_embedding.detach()
     assert positions.shape == (1, 1 + 16 * 16, 192)
     torch.testing.assert_close(positions[0, 0], sd["pos_embed"][0, 0])  # the class token's is kept
@@ -350,7 +349,7 @@ def simmim(sd):  # SimMIM's checkpoint: model = SimMIM(encoder=SwinTransformerFo
 def test_microsoft_swin_and_simmim_load_exactly_into_torchvision_swin_t(layout, tmp_path, capsys):
     sd = ms_swin()
     torch.save({"model": sd} if layout == "swin_official" else simmim(sd), tmp_path / "swin.pth")
-    model, width, arch, method = data.load_backbone(str(tmp_path / "swin.pth"))
+    model, width, arch, method = eval_linear.load_backbone(str(tmp_path / "swin.pth"))
     line = capsys.readouterr().out
     assert (width, arch) == (768, "swin_t") and "attn_mask (5 tensors)" in line, line  # shifted: 1 + 1 + 3
     assert ("head (2 tensors)" if layout == "swin_official" else "mask_token (1 tensor), decoder (2") in line, line

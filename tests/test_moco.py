@@ -68,14 +68,15 @@ def test_split_batchnorm_normalises_each_interleaved_group_on_its_own():
     assert set(bn.state_dict()) == set(nn.BatchNorm2d(3).state_dict())
 
 
-def test_one_process_keeps_two_bn_groups_when_its_batch_fits_in_one(tmp_path):
+def test_one_process_keeps_two_bn_groups_when_its_batch_fits_in_one(tmp_path, image_folder, monkeypatch):
     """Sec. 3.3: with a single group, keys would be normalised over exactly their queries' samples."""
     assert moco.bn_groups(8, 32, world=1) == 2 and moco.bn_groups(64, 32, world=1) == 2
     assert moco.bn_groups(8, 32, world=2) == 1  # keys are shuffled across processes: one group each is enough
-    args = moco.get_args(TINY_RESNET + ["--bn-group", "32", "--queue", "16"])
-    ctx = moco.Context(0, 1, torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False))
-    run = moco.wire(args, ctx)
-    assert {m.splits for m in run.model.modules() if isinstance(m, moco.SplitBatchNorm2d)} == {2}
+    built, encoder = [], moco.Encoder
+    monkeypatch.setattr(moco, "Encoder", lambda *a, **k: built.append(encoder(*a, **k)) or built[-1])
+    moco.main(TINY_RESNET + ["--bn-group", "32", "--queue", "16", "--data", image_folder, "--max-steps", "1",
+                             "--out", str(tmp_path)])
+    assert {m.splits for m in built[0].modules() if isinstance(m, moco.SplitBatchNorm2d)} == {2}
 
 
 def test_shuffled_keys_come_back_in_the_order_of_their_images():
@@ -155,6 +156,7 @@ def train_tiny(folder, out, *extra):
     return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
 
 
+@pytest.mark.smoke  # real training steps and one exact resume
 def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path, image_folder):
     straight = train_tiny(image_folder, tmp_path / "a", "--epochs", "2", "--max-steps", "5")
     train_tiny(image_folder, tmp_path / "b", "--epochs", "2", "--max-steps", "2")  # stopped mid-epoch
@@ -226,3 +228,24 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "the loss became nan at step 5" in err
     assert "checkpoint.pth (step 3)" in err and (tmp_path / "checkpoint.pth").read_bytes() == before
+
+
+def test_an_update_that_breaks_the_weights_on_the_last_step_writes_nothing(tmp_path, image_folder, capsys, monkeypatch):
+    """The loss of a step is computed before its update: only the check before each save catches this."""
+    train_tiny(image_folder, tmp_path, "--epochs", "3", "--max-steps", "2")
+    before = {name: (tmp_path / name).read_bytes() for name in ("checkpoint.pth", "backbone.pth")}
+    step = moco.train_step
+
+    def breaking_step(model, *args):
+        values = step(model, *args)
+        with torch.no_grad():
+            model.encoder_q.backbone.layer1[0].conv1.weight[0, 0, 0, 0] = math.inf
+        return values
+
+    monkeypatch.setattr(moco, "train_step", breaking_step)
+    with pytest.raises(SystemExit) as exit_info:
+        train_tiny(image_folder, tmp_path, "--epochs", "3", "--max-steps", "3")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "encoder_q.backbone.layer1.0.conv1.weight became non-finite at step 3" in err
+    assert "checkpoint.pth (step 2), left as it was" in err
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before

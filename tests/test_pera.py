@@ -9,7 +9,6 @@ import torch
 import torchvision
 from PIL import Image
 
-import data
 import eval_linear
 import pera
 from conftest import TINY_VIT, assert_ran_cleanly, make_image_folder, run_torchrun
@@ -46,9 +45,8 @@ def test_student_and_teacher_sequences_are_the_short_ones(dense):
         for block in (0, 6):
             ln = model.get_submodule(f"{net}.encoder.encoder.layers.encoder_layer_{block}.ln_1")
             ln.register_forward_hook(lambda m, i, o, key=(net, block): lengths.setdefault(key, []).append(o.shape[1]))
-    views = [pera.crop_major(v) for v in tiny_views(args)]
-    masks = pera.disjoint_masks(8, 16, args.mask_ratios, torch.device("cpu"))
-    local_masks = pera.disjoint_masks(8, 4, args.mask_ratios, torch.device("cpu"))
+    *views, masks, local_masks = pera.masked_views(tiny_views(args), args)  # crop-major, 8 rows of 16 / 4 patches
+    assert [m.shape for m in masks + local_masks] == [(8, 5), (8, 3), (8, 8), (8, 1), (8, 1), (8, 2)]
     s_out, pred = model(views[0], views[2], masks, local_masks)
     t_out = model.teacher_forward(views[1], views[3], masks, local_masks)
     assert s_out.shape == t_out.shape == (8 + 8, 64) and pred.shape == (8, 3, 8 * 8 * 3)
@@ -89,9 +87,15 @@ def test_centering_temperatures_and_schedules_follow_their_formulas():
     assert (args.student_temp, args.mask_ratios, args.out_dim, args.local_size) == (0.1, [0.3, 0.2, 0.5], 131072, 96)
     assert pera.get_args(["--img-size", "448"]).local_size == 96  # the authors' 448 px global, 96 px local crops
     at = [pera.schedules(args, step * 10, 10) for step in (0, 10, 15, 30, 60, 100)]  # 10 steps per epoch
-    assert [s["teacher_temp"] for s in at] == pytest.approx([0.03, 0.03 + 0.02 / 3, 0.04, 0.05, 0.05, 0.05])
-    assert [s["lr"] for s in at[:2]] == pytest.approx([0.0, 0.0005])  # 20 warm-up epochs
-    assert pera.schedules(args, 200, 10)["lr"] == pytest.approx(1e-3)
+    # warm-ups as the authors' np.linspace(start, peak, W): W = 300 steps for the temperature, 200 for the lr
+    assert [s["teacher_temp"] for s in at] == pytest.approx([0.03, 0.03 + 0.02 * 100 / 299, 0.03 + 0.02 * 150 / 299,
+                                                             0.05, 0.05, 0.05])
+    assert [s["lr"] for s in at[:2]] == pytest.approx([0.0, 1e-3 * 100 / 199])
+    assert pera.schedules(args, 299, 10)["teacher_temp"] == pytest.approx(0.05)  # the peak at step W - 1
+    assert pera.schedules(args, 199, 10)["lr"] == pera.schedules(args, 200, 10)["lr"] == pytest.approx(1e-3)
+    assert pera.schedules(pera.get_args(["--epochs", "10", "--warmup-epochs", "2"]), 13, 7)["lr"] == pytest.approx(1e-3)
+    one_step = pera.get_args(["--epochs", "10", "--warmup-epochs", "1", "--teacher-temp-epochs", "1"])
+    assert pera.schedules(one_step, 0, 1)["lr"] == 0.0 and pera.schedules(one_step, 0, 1)["teacher_temp"] == 0.03
     assert at[-1]["lr"] == pytest.approx(1e-6) and at[4]["lr"] == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
     assert (at[0]["teacher_momentum"], at[0]["wd"]) == pytest.approx((0.992, 0.04))
     assert (at[-1]["teacher_momentum"], at[-1]["wd"]) == pytest.approx((1.0, 0.2))
@@ -164,6 +168,7 @@ def train_tiny(folder, out, *extra):
     return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
 
 
+@pytest.mark.smoke  # real training steps and one exact resume
 def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path):
     folder = make_image_folder(tmp_path / "imgs", classes=3, per_class=4)  # 12 images: 3 steps per epoch
     straight = train_tiny(folder, tmp_path / "a", "--epochs", "2", "--max-steps", "5")
@@ -177,10 +182,18 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and all(r["images_per_s"] > 0 for r in log)
     assert {"cls", "mse", "koleo", "lr", "wd", "teacher_momentum", "teacher_temp", "peak_mem_gb"} <= set(log[0])
+    # the logged schedule is the one its step used (steps 0-4 for lines 1-5): a 3-step warm-up, 0.05 at step 2
+    assert [r["teacher_temp"] for r in log] == pytest.approx([0.03, 0.04, 0.05, 0.05, 0.05])
+    args = pera.get_args(TINY + ["--epochs", "2"])
+    for r in log:
+        assert {k: r[k] for k in ("lr", "wd", "teacher_momentum")} == pytest.approx(
+            {k: v for k, v in pera.schedules(args, r["step"] - 1, 3).items() if k != "teacher_temp"})
 
 
-def test_exported_teacher_loads_into_torchvision_and_eval_linear_and_vis_draws_the_parts(tmp_path, image_folder):
+def test_exported_teacher_loads_into_torchvision_and_eval_linear_and_vis_draws_the_parts(tmp_path, image_folder,
+                                                                                          capsys):
     ckpt = train_tiny(image_folder, tmp_path / "run", "--max-steps", "2", "--vis", str(tmp_path / "vis" / "parts.png"))
+    assert "columns: image | s / l / t (l red, t blue) | student input s | teacher input t" in capsys.readouterr().out
     saved = torch.load(tmp_path / "run" / "backbone.pth", weights_only=True)
     assert (saved["arch"], saved["method"], saved["config"]) == ("vit_tiny", "pera", {"image_size": 32,
                                                                                       "patch_size": 8})
@@ -190,7 +203,7 @@ def test_exported_teacher_loads_into_torchvision_and_eval_linear_and_vis_draws_t
     result = vit.load_state_dict(saved["state_dict"], strict=False)
     assert sorted(result.missing_keys) == ["heads.head.bias", "heads.head.weight"] and not result.unexpected_keys
     for weights in ("backbone.pth", "checkpoint.pth"):
-        model, width, arch, method = data.load_backbone(str(tmp_path / "run" / weights), image_size=48)
+        model, width, arch, method = eval_linear.load_backbone(str(tmp_path / "run" / weights), image_size=48)
         assert (width, arch, method) == (192, "vit_tiny", "pera")
     eval_linear.main(["--data", image_folder, "--weights", str(tmp_path / "run" / "backbone.pth"), "--img-size",
                       "32", "--runs", "1", "--epochs", "2", "--workers", "0", "--stages", "--out",
@@ -198,9 +211,12 @@ def test_exported_teacher_loads_into_torchvision_and_eval_linear_and_vis_draws_t
     results = json.load(open(tmp_path / "eval" / "results.json"))["backbones"][0]
     assert results["method"] == "pera" and len(results["images"]["stages"]) == 4
     png = Image.open(tmp_path / "vis" / "parts.png")  # 4 images x 6 panels of 32 px scaled x4, 2 px gaps
-    caption_rows = png.size[1] - 4 * (128 + 2)
-    assert png.size[0] == 6 * (128 + 2) + 2 and png.mode == "RGB" and caption_rows > 10
-    assert np.asarray(png)[:caption_rows].min() < 60  # the caption row has text in it
+    assert png.size == (6 * (128 + 2) + 2, 4 * (128 + 2) + 2) and png.mode == "RGB"
+    pixels = np.asarray(png).astype(int)
+    parts, student_input = (pixels[2:130, 2 + c * 130:c * 130 + 130] for c in (1, 2))  # first image, columns 2, 3
+    assert (parts[..., 0] - parts[..., 1:].max(-1) > 40).any()  # l: tinted red
+    assert (parts[..., 2] - parts[..., :2].max(-1) > 40).any()  # t: tinted blue
+    assert ((student_input == 128).all(-1).sum() / 128 ** 2) == pytest.approx(11 / 16)  # only s (5 of 16) shown
 
 
 def test_two_process_torchrun_on_gloo_trains(tmp_path, image_folder):

@@ -1,6 +1,8 @@
-"""The plumbing block below each method file's banner: the same text in all four, and what it does for every method
-(bf16 autocast, window means in the log, the kNN monitor that never changes the training, a two-node launch)."""
+"""The helper block below each method file's banner: the same text in all four, each file's own train() above it, and
+what the helpers do for every method (bf16 autocast, window means in the log, the kNN monitor that never changes the
+training, a two-node launch)."""
 import argparse
+import ast
 import json
 import os
 import socket
@@ -20,10 +22,10 @@ import pera
 import preco
 from conftest import REPO, TINY_RESNET, TINY_SWIN, TINY_VIT, make_image_folder
 
-BANNER = "# " + "=" * 113 + "\n# PLUMBING"
+BANNER = "# " + "=" * 113 + "\n# HELPERS"
 
 
-def test_the_plumbing_block_is_the_same_text_in_the_four_method_files():
+def test_the_helper_block_is_the_same_text_in_the_four_method_files():
     blocks = {}
     for name in ("moco.py", "gersp.py", "pera.py", "preco.py"):
         text = open(os.path.join(REPO, name)).read()
@@ -31,7 +33,24 @@ def test_the_plumbing_block_is_the_same_text_in_the_four_method_files():
         blocks[name] = text[text.index(BANNER):]
     assert all(block == blocks["moco.py"] for block in blocks.values()), [n for n, b in blocks.items()
                                                                            if b != blocks["moco.py"]]
-    assert len(blocks["moco.py"].splitlines()) > 200  # the loop, checkpoints, signals, benchmark and main are in it
+    assert "def setup(" in blocks["moco.py"] and "def train(" not in blocks["moco.py"]  # the loop is above
+
+
+@pytest.mark.parametrize("name", ["moco.py", "gersp.py", "pera.py", "preco.py"])
+def test_each_method_file_runs_its_own_loop_above_the_banner(name):
+    """README, Reading a method file: the method, then its train() that calls train_step() directly, then the
+    helpers; no function longer than 70 lines, no class longer than 60."""
+    text = open(os.path.join(REPO, name)).read()
+    above = text[:text.index(BANNER)]
+    tree = ast.parse(text)
+    train, = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train"]
+    assert train.lineno < above.count("\n") + 1 and train.end_lineno - train.lineno + 1 <= 70
+    called = {n.func.id for n in ast.walk(train) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert {"train_step", "setup", "make_loader", "save"} <= called, called
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            limit = 60 if isinstance(node, ast.ClassDef) else 70
+            assert node.end_lineno - node.lineno + 1 <= limit, (name, node.name)
 
 
 @pytest.mark.parametrize("module", [moco, gersp, pera, preco, eval_linear, finetune_cls])

@@ -1,4 +1,5 @@
 """preco.py: masking, each loss term against a hand computation, then real steps of a tiny swin_t (32 px)."""
+import contextlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import torchvision
 from PIL import Image
 
 import data
+import eval_linear
 import preco
 from conftest import TINY_SWIN, assert_ran_cleanly, make_image_folder, run_torchrun
 
@@ -39,11 +41,12 @@ def test_mask_covers_the_ratio_in_whole_units_and_upsamples_to_tokens_and_pixels
 
 def test_masked_view_is_fixed_by_seed_epoch_and_index():
     dataset = data.ImageDataset(["synthetic://0", "synthetic://1"], transform=preco.MaskedView(64, 16, 0.6), seed=3)
-    (image, mask), _, _ = dataset[(2, 1)]
-    (image2, mask2), _, _ = dataset[(2, 1)]
+    (image, mask), _, _ = dataset.load(1, 2)
+    dataset.set_epoch(2)
+    (image2, mask2), _, _ = dataset[1]  # what the loader gets in epoch 2
     assert image.shape == (3, 64, 64) and mask.shape == (4, 4) and mask.sum() == 10
     assert torch.equal(image, image2) and torch.equal(mask, mask2)
-    masks = {tuple(dataset[(e, 1)][0][1].flatten().tolist()) for e in range(6)}
+    masks = {tuple(dataset.load(1, e)[0][1].flatten().tolist()) for e in range(6)}
     assert len(masks) > 1  # another epoch draws another mask
 
 
@@ -184,8 +187,9 @@ def test_both_branches_train_one_shared_encoder_and_decoder():
     optimizer = preco.build_optimizer(model, tiny_args())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     only_prompt = tiny_args("--lambda-re", "0", "--lambda-sc", "0", "--lambda-con", "0")  # L_Pr alone
-    preco.train_step(model, images, mask, optimizer, scaler, None, only_prompt)
+    logged = preco.train_step(model, images, mask, optimizer, scaler, None, only_prompt)
     assert batches == [4]  # masked and unmasked images in one pass
+    assert logged.shape == (5,) and not logged.requires_grad and logged[0] == logged[2]  # loss, then the terms
     for name in ("encoder.features.0.0.weight", "encoder.features.7.1.mlp.0.weight", "decoder.0.weight"):
         assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name  # the prompt branch trains them
     assert not model.mask_token.grad.any()  # ... but not the mask token, which it never sees
@@ -221,10 +225,12 @@ def run(folder, out, *extra):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """3 steps over 4 images (2 steps an epoch) with --vis: shared by the export, log and resume tests."""
+    """3 steps over 4 images (2 steps an epoch) with --vis: shared by the export, log and resume tests. What it
+    prints is in root / "stdout.txt"."""
     root = tmp_path_factory.mktemp("preco")
     folder = make_image_folder(root / "images", classes=2, per_class=2)
-    ckpt = run(folder, root / "run", "--max-steps", "3", "--vis", root / "vis.png")
+    with open(root / "stdout.txt", "w") as stdout, contextlib.redirect_stdout(stdout):
+        ckpt = run(folder, root / "run", "--max-steps", "3", "--vis", root / "vis.png")
     return folder, root, ckpt
 
 
@@ -242,7 +248,7 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path, trained):
 
 
 def test_log_has_every_term_and_the_visualisation_has_four_columns(trained):
-    _, root, _ = trained
+    folder, root, _ = trained
     log = [json.loads(line) for line in open(root / "run" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3] and [r["epoch"] for r in log] == [0, 0, 1]
     for record in log:
@@ -250,10 +256,20 @@ def test_log_has_every_term_and_the_visualisation_has_four_columns(trained):
         assert record["loss"] == pytest.approx(record["l_re"] + record["l_pr"] + record["l_sc"] + record["l_con"],
                                                abs=1e-4)
     assert json.load(open(root / "run" / "args.json"))["mask_unit"] == 8
-    png = Image.open(root / "vis.png")  # 4 images x 4 columns of 32 px zoomed 4x, 2 px gaps, a caption row on top
-    caption_rows = png.size[1] - 4 * (128 + 2)
-    assert png.size[0] == 4 * (128 + 2) + 2 and caption_rows > 10
-    assert np.asarray(png.convert("L"))[:caption_rows].min() < 60  # the captions are drawn
+    png = np.asarray(Image.open(root / "vis.png").convert("RGB"))  # 4 images x 4 columns of 32 px zoomed 4x, 2 px gaps
+    assert png.shape == (4 * (128 + 2) + 2, 4 * (128 + 2) + 2, 3)
+    captions = "columns: masked input (x_hat) | Y_Re in the masked units (Eq. 1) | Y_Pr, the prompt branch | input (x)"
+    assert f"reconstructions of 4 images in {root / 'vis.png'}; {captions}" in open(root / "stdout.txt").read()
+    dataset = data.ImageDataset(data.list_images([folder]), transform=preco.MaskedView(32, 8, 0.6))
+    (image, mask), _, _ = dataset.load(1, 0)  # row 1: epoch 0's crop and mask of image 1
+    pixels = (image * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1))
+    expected = (pixels.clamp(0, 1) * 255).round().permute(1, 2, 0).numpy()
+    row, last_column = 2 + 130, 2 + 3 * 130
+    input_tile = png[row:row + 128:4, last_column:last_column + 128:4].astype(float)
+    assert np.abs(input_tile - expected).max() <= 1  # the last column is the input x
+    masked_tile = png[row:row + 128:4, 2:2 + 128:4].astype(float)
+    unmasked = ~preco.upsample_mask(mask, 8).numpy()
+    assert np.abs(masked_tile - expected)[unmasked].max() <= 1 and np.abs(masked_tile - expected).max() > 10
 
 
 def test_backbone_and_checkpoint_load_into_torchvision_swin_t_and_eval_linears_loader(trained):
@@ -263,7 +279,7 @@ def test_backbone_and_checkpoint_load_into_torchvision_swin_t_and_eval_linears_l
     result = torchvision.models.swin_t().load_state_dict(saved["state_dict"], strict=False)
     assert sorted(result.missing_keys) == ["head.bias", "head.weight"] and not result.unexpected_keys
     for weights in ("backbone.pth", "checkpoint.pth"):
-        model, width, arch, method = data.load_backbone(str(root / "run" / weights), image_size=32)
+        model, width, arch, method = eval_linear.load_backbone(str(root / "run" / weights), image_size=32)
         assert (width, arch, method) == (768, "swin_t", "preco")
         torch.testing.assert_close(model.features[0][0].weight, ckpt["model"]["encoder.features.0.0.weight"])
 

@@ -1,0 +1,205 @@
+"""One pre-training step against its compute floor, as one JSON line (not collected by pytest: no test_ prefix).
+
+    python tests/benchmark.py moco.py --arch resnet18 --img-size 32 --batch-size 64 --queue 4096 --steps 20
+    torchrun --nproc_per_node=8 tests/benchmark.py gersp.py --data /data/million_aid --natural synthetic --steps 50
+
+The method is built through its own file's classes and train_step, with the file's flags (defaults included). Three
+timings, each after 3 warm-up steps: N steps on synthetic tensors already on the device (images/s, peak memory);
+N of the step's compute floor (the backbone passes alone: forward + backward of the trained encoder, forward of
+the other); N steps fed by the file's real loader on --data. step_over_floor near 1 means the method adds little
+around its backbones. Nothing is written.
+"""
+import argparse
+import importlib
+import itertools
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+
+def moco_run(m, args, ctx):
+    """MoCo: queries with gradient, shuffled keys without; the floor is the two encoders' passes."""
+    local = args.batch_size // ctx.world
+    encoder = m.Encoder(args.arch, args.dim, m.bn_groups(local, args.bn_group, ctx.world), args.head)
+    model = m.MoCo(encoder, args.queue, args.dim, args.moco_m, args.temperature).to(ctx.device)
+    query_encoder = m.ddp(model.encoder_q)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.wd, fused=ctx.device.type == "cuda")
+    dataset = data.ImageDataset(data.list_images(args.data), seed=args.seed,
+                                transform=partial(m.two_views, m.augmentation(args.aug, args.img_size)))
+
+    def step(batch):
+        return m.train_step(model, query_encoder, *batch, optimizer, ctx.scaler, ctx.amp_dtype)
+
+    def floor(batch):
+        with m.autocast(ctx.device, ctx.amp_dtype):
+            model.encoder_q(batch[0]).float().sum().backward()
+            with torch.no_grad():
+                model.encoder_k(batch[1])
+
+    synthetic = [torch.randn(local, 3, args.img_size, args.img_size, device=ctx.device) for _ in range(2)]
+    return dict(name=f"moco {args.version}", images=args.batch_size, step=step, floor=floor, synthetic=synthetic,
+                dataset=dataset, batch=lambda b: [x.to(ctx.device, non_blocking=True) for x in b[0]])
+
+
+def gersp_run(m, args, ctx):
+    """GeRSP: the student on RS queries and natural images, the teacher on keys; the floor is those passes."""
+    local = args.batch_size // ctx.world
+    augment = m.augmentation(args.aug, args.img_size)
+    dataset = data.ImageDataset(data.list_images(args.data), transform=partial(m.two_views, augment), seed=args.seed)
+    natural, classes = m.natural_data(args, augment) if args.alpha > 0 else (None, 1)
+    student = m.Student(args.arch, args.dim, m.bn_groups(local, args.bn_group, ctx.world), classes,
+                        joint=args.nial_forward == "joint")
+    student.predictor.requires_grad_(args.alpha > 0)
+    model = m.GeRSP(student, args.queue, args.dim, args.teacher_m, args.temperature).to(ctx.device)
+    ddp_student = m.ddp(model.student)
+    optimizer = torch.optim.SGD([p for p in model.student.parameters() if p.requires_grad], lr=args.lr,
+                                momentum=args.momentum, weight_decay=args.wd, fused=ctx.device.type == "cuda")
+
+    def step(batch):
+        return m.train_step(model, ddp_student, *batch, optimizer, ctx.scaler, ctx.amp_dtype, args.alpha)
+
+    def floor(batch):
+        with m.autocast(ctx.device, ctx.amp_dtype):
+            z, logits = model.student(batch[0], batch[2])
+            (z.float().sum() + (0 if logits is None else logits.float().sum())).backward()
+            with torch.no_grad():
+                model.teacher(batch[1])
+
+    def batch(b):
+        rs_q, rs_k, *nat = [x.to(ctx.device, non_blocking=True) for x in b[0]]
+        return [rs_q, rs_k, *((nat[0], b[1].to(ctx.device)) if natural else (None, None))]
+
+    images = [torch.randn(local, 3, args.img_size, args.img_size, device=ctx.device) for _ in range(3)]
+    synthetic = images + [torch.randint(classes, (local,), device=ctx.device)] if natural else images[:2] + [None] * 2
+    run = dict(name="gersp", images=args.batch_size * (2 if natural else 1), step=step, floor=floor,
+               synthetic=synthetic, dataset=dataset, batch=batch)
+    if natural:
+        run.update(dataset=m.WithNatural(dataset, natural), sampler=m.NaturalPairs(
+            data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, args.seed),
+            data.EpochSampler(len(natural), args.batch_size, ctx.rank, ctx.world, args.seed + 1)))
+    return run
+
+
+def pera_run(m, args, ctx):
+    """PerA: sparse (or --dense) student and teacher; the floor is both encoders' passes on the same masks."""
+    model = m.PerA(args).to(ctx.device)
+    ddp_model = m.ddp(model, forward_sync_buffers=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
+                                  eps=2e-5, weight_decay=args.wd, fused=ctx.device.type == "cuda")
+    crops = m.AlignedMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
+    dataset = data.ImageDataset(data.list_images(args.data), transform=crops, seed=args.seed)
+    sched = m.schedules(args, 0, 1)
+
+    def step(views):
+        for group in optimizer.param_groups:
+            group["lr"], group["weight_decay"] = args.lr, sched["wd"]  # the peak lr: warm-up's 0 would skip no work
+        return m.train_step(model, ddp_model, views, args, sched, optimizer, ctx.scaler, ctx.amp_dtype)
+
+    def floor(views):
+        s_glob, t_glob, s_loc, t_loc, masks, local_masks = m.masked_views(views, args)
+        with m.autocast(ctx.device, ctx.amp_dtype):
+            cls, at_l = model.student_encode(s_glob, s_loc, masks, local_masks)
+            (cls.float().sum() + at_l.float().sum()).backward()
+            with torch.no_grad():
+                model.teacher_encode(t_glob, t_loc, masks, local_masks)
+
+    local = args.batch_size // ctx.world  # the loader's layout: image x crop x 3 x h x w
+    synthetic = [torch.randn(local, n, 3, side, side, device=ctx.device) for n, side in
+                 [(m.GLOBAL_CROPS, args.img_size)] * 2 + [(args.local_crops, args.local_size)] * 2]
+    return dict(name="pera --dense (full-length)" if args.dense else "pera", images=args.batch_size, step=step,
+                floor=floor, synthetic=synthetic, dataset=dataset,
+                batch=lambda b: [v.to(ctx.device, non_blocking=True) for v in b[0]])
+
+
+def preco_run(m, args, ctx):
+    """PReCo: [masked; unmasked] through one Swin + decoder (--no-prompt: the masked batch); the floor is the
+    encoder's forward + backward over the same images."""
+    model = m.PReCo(args.arch, args.mask_unit, args.drop_path).to(ctx.device)
+    ddp_model = m.ddp(model)
+    optimizer = m.build_optimizer(model, args)
+    dataset = data.ImageDataset(data.list_images(args.data), seed=args.seed,
+                                transform=m.MaskedView(args.img_size, args.mask_unit, args.mask_ratio))
+
+    def step(batch):
+        return m.train_step(ddp_model, *batch, optimizer, ctx.scaler, ctx.amp_dtype, args)
+
+    def floor(batch):
+        both = torch.cat([batch[0], batch[0]]) if args.prompt else batch[0]
+        with m.autocast(ctx.device, ctx.amp_dtype):
+            model.encoder(both).float().sum().backward()
+
+    local, grid = args.batch_size // ctx.world, args.img_size // args.mask_unit
+    synthetic = [torch.randn(local, 3, args.img_size, args.img_size, device=ctx.device),
+                 torch.stack([m.random_mask(grid, args.mask_ratio) for _ in range(local)]).to(ctx.device)]
+    return dict(name="preco" if args.prompt else "preco - P-E", images=args.batch_size, step=step, floor=floor,
+                synthetic=synthetic, dataset=dataset, batch=lambda b: [x.to(ctx.device, non_blocking=True) for x in b[0]])
+
+
+RUNS = {"moco": moco_run, "gersp": gersp_run, "pera": pera_run, "preco": preco_run}
+
+
+def timed(fn, steps, device):
+    """Seconds per call of fn: 3 warm-up calls, then `steps` timed calls between two synchronisations."""
+    for i in range(steps + 3):
+        if i == 3:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if dist.is_initialized():
+                dist.barrier()
+            start = time.perf_counter()
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized():
+        dist.barrier()
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("script", help="moco.py, gersp.py, pera.py or preco.py")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
+    ours, rest = parser.parse_known_args(argv)
+    m = importlib.import_module(os.path.basename(ours.script).removesuffix(".py"))
+    with tempfile.TemporaryDirectory() as out:  # setup() checks --out and finds no checkpoint there
+        args = m.get_args(rest + ["--out", out])
+        try:
+            ctx = m.setup(args)
+        except data.UserError as err:
+            sys.exit(f"{ours.script}: error: {err}")
+    torch.manual_seed(args.seed)
+    run = RUNS[m.METHOD](m, args, ctx)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    step_s = timed(lambda: run["step"](run["synthetic"]), ours.steps, ctx.device)
+    peak = (torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # Linux: KiB
+    floor_s = timed(lambda: run["floor"](run["synthetic"]), ours.steps, ctx.device)
+    loader = m.make_loader(run["dataset"], args, ctx, run.get("sampler"))
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # as many epochs as the timing needs
+    loader_s = timed(lambda: run["step"](run["batch"](next(batches))), ours.steps, ctx.device)
+    if ctx.rank == 0:
+        print(json.dumps({"method": run["name"], "arch": args.arch, "img_size": args.img_size,
+                          "batch_size": args.batch_size, "processes": ctx.world, "device": ctx.device.type,
+                          "amp": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "off",
+                          "images_per_s": round(run["images"] / step_s, 1), "step_s": round(step_s, 4),
+                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
+                          "peak_mem_gb": round(peak, 3), "workers": loader.num_workers,
+                          "loader_images_per_s": round(run["images"] / loader_s, 1)}), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
