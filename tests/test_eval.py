@@ -119,6 +119,7 @@ def test_backbone_file_and_checkpoint_give_the_same_frozen_features(trained):
     torch.testing.assert_close(feats[0]["stage4"], feats[0]["final"])  # layer4 pooled is the ResNet feature
 
 
+@pytest.mark.smoke
 def test_linear_evaluation_of_several_backbones_writes_one_table(trained, tmp_path):
     folder, run = trained
     results = eval_linear.evaluate(eval_linear.get_args(FAST_PROBE + [
@@ -216,6 +217,7 @@ def test_unreadable_images_are_dropped_before_the_split_in_both_scripts(tmp_path
         assert sum(map(sum, confusion)) == 23 and sum(confusion[0]) == 7
 
 
+@pytest.mark.smoke
 def test_finetuning_resumes_after_a_signal_and_matches_an_uninterrupted_evaluation(trained, tmp_path, monkeypatch):
     folder, run = trained
     argv = FAST_FINETUNE + ["--data", folder, "--weights", str(run / "backbone.pth"), "--runs", "2",

@@ -168,6 +168,7 @@ def folders(tmp_path_factory):
                                                                                      per_class=4, seed=1)
 
 
+@pytest.mark.smoke
 def test_resume_continues_exactly_and_the_backbone_reaches_torchvision_and_eval_linear(tmp_path, folders):
     rs, natural = folders
     straight = gersp_tiny(rs, natural, tmp_path / "a", "--epochs", "2", "--max-steps", "3")

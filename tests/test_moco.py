@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import data
 import moco
 from conftest import TINY_RESNET, assert_one_sentence_error, make_image_folder, run_script
 
@@ -249,3 +250,9 @@ def test_an_update_that_breaks_the_weights_on_the_last_step_writes_nothing(tmp_p
     assert exit_info.value.code == 1 and "encoder_q.backbone.layer1.0.conv1.weight became non-finite at step 3" in err
     assert "checkpoint.pth (step 2), left as it was" in err
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize("name", ["moco_v1", "moco_v2", "gersp"])
+def test_augmentations_produce_normalised_crops_of_the_requested_size(name):
+    x = moco.augmentation(name, 48)(data.synthetic_image(0))
+    assert x.shape == (3, 48, 48) and x.min() < 0 < x.max()

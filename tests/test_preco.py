@@ -272,6 +272,7 @@ def test_log_has_every_term_and_the_visualisation_has_four_columns(trained):
     assert np.abs(masked_tile - expected)[unmasked].max() <= 1 and np.abs(masked_tile - expected).max() > 10
 
 
+@pytest.mark.smoke
 def test_backbone_and_checkpoint_load_into_torchvision_swin_t_and_eval_linears_loader(trained):
     _, root, ckpt = trained
     saved = torch.load(root / "run" / "backbone.pth", weights_only=True)
