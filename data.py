@@ -5,6 +5,7 @@ import argparse
 import math
 import os
 import random
+import signal
 import warnings
 
 import numpy as np
@@ -262,6 +263,24 @@ def load_weights_only(path, fix="give a backbone.pth, a checkpoint.pth or a torc
     except Exception as err:  # noqa: BLE001 - any unpickling error means "not a weights file"
         raise UserError(f"{path} is not a weights or checkpoint file that loads with weights_only=True "
                         f"({type(err).__name__}); {fix(err) if callable(fix) else fix}.") from None
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
+    with open(f"{path}.tmp", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
+    os.fsync(folder := os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY))  # the rename survives a crash
+    os.close(folder)
+
+
+def ignore_stop_signals(worker_id=None):
+    """A loader worker's init: SIGTERM / Ctrl-C sent to the whole process group (a scheduler, a terminal) reach the
+    main process, which finishes its step and saves, while its workers keep serving it."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 
 @torch.no_grad()

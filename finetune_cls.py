@@ -144,24 +144,6 @@ def transforms_for(args):
                        RandomRotation90()] + tail), eval_linear.center_crop_transform(size))
 
 
-def quiet_worker(worker_id):
-    """Data workers ignore SIGTERM / Ctrl-C sent to the whole process group, so the main process can save first."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def save_atomic(obj, path):
-    """Write to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
-    with open(f"{path}.tmp", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the rename itself survives a power cut
-    os.fsync(folder)
-    os.close(folder)
-
-
 def first_non_finite(state_dict, world):
     """The name of the first tensor holding a NaN or inf, else None: one pass over the weights (one host sync), the
     same answer on every process."""
@@ -228,7 +210,7 @@ def test_confusion(model, paths, labels, num_classes, transform, args, ctx):
             dist.broadcast(buffer, 0)
     share = data.ImageDataset(paths[rank::world], labels[rank::world], transform)
     loader = DataLoader(share, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=quiet_worker)
+                        worker_init_fn=data.ignore_stop_signals)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     for images, targets, skipped in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -303,7 +285,7 @@ def evaluate(args):
 
     def save():
         if rank == 0:
-            save_atomic({**state, "args": vars(args)}, ckpt_path)
+            data.save_atomic({**state, "args": vars(args)}, ckpt_path)
         if world > 1:
             dist.barrier()
 
@@ -331,7 +313,7 @@ def evaluate(args):
                                            len(classes), job["transforms"][1], args, ctx)
                 if args.save_backbone and rank == 0 and run == args.runs - 1:  # before the run counts as done
                     os.makedirs(os.path.dirname(os.path.abspath(args.save_backbone)), exist_ok=True)
-                    save_atomic({"arch": arch, "method": f"{method}+finetune:{name}",
+                    data.save_atomic({"arch": arch, "method": f"{method}+finetune:{name}",
                                  "config": model_config(model.backbone, args.img_size),
                                  "state_dict": model.backbone.state_dict()}, args.save_backbone)
                     print(f"finetune | fine-tuned backbone saved to {args.save_backbone}", flush=True)
@@ -381,8 +363,8 @@ def train_run(args, job, key, weights, run, num_classes, paths, labels):
     train_set = data.ImageDataset(paths, labels, job["transforms"][0], seed=args.seed + run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, rank, world, args.seed + run)
     loader = DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=quiet_worker,  # fresh workers see set_epoch
-                        generator=torch.Generator().manual_seed(run))
+                        pin_memory=device.type == "cuda", worker_init_fn=data.ignore_stop_signals,
+                        generator=torch.Generator().manual_seed(run))  # workers start afresh: they see set_epoch()
     job["progress"]["steps"] += first_epoch * sampler.batches_per_epoch()
     for epoch in range(first_epoch, args.epochs):
         train_epoch(ddp_model, loader, sampler, optimizer, scaler, epoch, peak, key, args, job["ctx"],

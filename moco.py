@@ -69,6 +69,7 @@ VERSIONS = {  # what --version switches (Sec. 2 of the MoCo v2 report)
     "v2": dict(head="mlp", temperature=0.2, aug="moco_v2", schedule="cosine"),
 }
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+LOGGED = ("loss", "acc")  # what train_step() returns, in log.jsonl
 RESUME_MUST_MATCH = ("arch", "head", "dim", "queue", "batch_size", "data", "img_size", "seed")
 
 
@@ -138,7 +139,7 @@ def check_args(args, world):
 
 # ------------------------------------------------------------------------------------------------ augmentation
 class RandomGaussianBlur:
-    """v2's blur: sigma drawn from [0.1, 2.0], PIL's filter (the official code's)."""
+    """Gaussian blur with sigma drawn from [0.1, 2.0]: PIL's filter, as in MoCo v2's official code."""
 
     def __call__(self, img):
         return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(0.1, 2.0))))
@@ -289,7 +290,7 @@ def lr_at(args, epoch):
 # ------------------------------------------------------------------------------------------------ the run
 def train(args):
     """Data, model, optimiser and resume; then the epoch / batch loop: train_step(), log, save. SIGTERM or Ctrl-C
-    stop it cleanly at a step; the exported backbone is the query encoder's."""
+    stop it cleanly at a step."""
     ctx = setup(args)
     paths = data.list_images(args.data)
     data.check_readable(paths, seed=args.seed)
@@ -304,6 +305,7 @@ def train(args):
     encoder = Encoder(args.arch, args.dim, bn_groups(local_batch, args.bn_group, ctx.world), args.head)
     model = MoCo(encoder, args.queue, args.dim, args.moco_m, args.temperature).to(ctx.device)
     query_encoder = ddp(model.encoder_q)  # the same weights; a backward through it averages the gradients
+    backbone = model.encoder_q.backbone  # exported as backbone.pth, probed by --knn-monitor
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.wd, fused=ctx.device.type == "cuda")  # one kernel for the update
     torch.manual_seed(args.seed + ctx.rank)  # shuffle-BN permutations: each process its own
@@ -314,7 +316,7 @@ def train(args):
         f"{f'resuming at step {step}' if step else 'starting'}")
     monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if args.knn_monitor and not ctx.rank else None
     if monitor and step == 0:
-        knn(log, monitor, model.encoder_q.backbone, 0, 0)  # random init: where the curve starts
+        knn(log, monitor, backbone, 0, 0)  # random init: where the curve starts
     stop_requests, stopping = catch_stop_signals(), False
     while step < last_step and not stopping:
         epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
@@ -329,7 +331,7 @@ def train(args):
             step, skipped = step + 1, skipped + n_skipped.sum()
             signalled = ctx.world == 1 and stop_requests  # one process stops at once; several at a log step
             if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == last_step or signalled:
-                stopping = log.window(step, epoch, ("loss", "acc"), {"lr": lr}, bool(stop_requests))
+                stopping = log.window(step, epoch, LOGGED, {"lr": lr}, bool(stop_requests))
                 if stopping or step == last_step:
                     break
         seen, skipped = (step - first_step) * args.batch_size, log.skipped(skipped, step, epoch)
@@ -337,8 +339,8 @@ def train(args):
             raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check "
                             "the dataset.")
         if monitor and not stopping and (step == last_step or (epoch + 1) % args.knn_every == 0):
-            knn(log, monitor, model.encoder_q.backbone, step, epoch)
-        save(args, ctx, log, model, optimizer, model.encoder_q.backbone, step, epoch)
+            knn(log, monitor, backbone, step, epoch)
+        save(args, ctx, log, model, optimizer, backbone, step, epoch)
     log.finish(step, stopping)
     if ctx.world > 1:
         dist.destroy_process_group()
@@ -418,17 +420,11 @@ def make_loader(dataset, args, ctx, sampler=None):
         8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return DataLoader(dataset, args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
                       pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if workers else None,
-                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
-
-
-def ignore_stop_signals(worker_id=None):
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
+                      worker_init_fn=data.ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
 
 
 def catch_stop_signals():
-    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and stops; a second one: at once.
-    Returns the list that the signals are appended to."""
+    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and stops; a second one: at once."""
     received = []
 
     def request_stop(signum, frame):
@@ -466,8 +462,8 @@ def resume(args, ctx, model, optimizer):
 
 def save(args, ctx, log, model, optimizer, backbone, step, epoch, config=None):
     """checkpoint.pth (the whole state, every process's RNG) and backbone.pth (torchvision's keys: the file users
-    share), once one pass over the weights finds them finite (else both files stay as they were). Rank 0 writes each
-    to a temp file, fsyncs and renames it: a kill at any moment leaves the old file or the new one, never half."""
+    share), written atomically by rank 0 once one pass over the weights finds them finite (else both stay as they
+    were: the run stops like the NaN stop)."""
     state = model.state_dict()
     weights = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
     finite = torch.stack([v.isfinite().all() for v in weights.values()]).float()
@@ -483,23 +479,13 @@ def save(args, ctx, log, model, optimizer, backbone, step, epoch, config=None):
     if ctx.rank == 0:
         prefix = next(name for name, module in model.named_modules() if module is backbone) + "."
         mine = {"arch": args.arch, "method": METHOD, "config": config or {}}
-        save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
-                     "step": step, "epoch": epoch, "args": vars(args), "rng": rngs, "backbone_prefix": prefix,
-                     **mine}, os.path.join(args.out, "checkpoint.pth"))
-        save_atomic({**mine, "state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
+        data.save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
+                          "step": step, "epoch": epoch, "args": vars(args), "rng": rngs, "backbone_prefix": prefix,
+                          **mine}, os.path.join(args.out, "checkpoint.pth"))
+        data.save_atomic({**mine, "state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
     if ctx.world > 1:
         dist.barrier()
     log.last_saved = step
-
-
-def save_atomic(obj, path):
-    with open(f"{path}.tmp", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
-    os.fsync(folder := os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY))  # the rename itself
-    os.close(folder)
 
 
 class Log:

@@ -495,6 +495,7 @@ def train(args):
     model = PerA(args).to(ctx.device)
     # the same weights; a backward through it averages the gradients over processes (the centre: update_center())
     ddp_model = ddp(model, forward_sync_buffers=False)
+    backbone = model.teacher.encoder  # Sec. 3.2.3: the TEACHER encoder is exported and probed by --knn-monitor
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
                                   eps=2e-5, weight_decay=args.wd, fused=ctx.device.type == "cuda")
     torch.manual_seed(args.seed + ctx.rank)  # masks and drop path: each process its own
@@ -508,7 +509,7 @@ def train(args):
         f"{f'resuming at step {step}' if step else 'starting'}")
     monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if args.knn_monitor and not ctx.rank else None
     if monitor and step == 0:
-        knn(log, monitor, model.teacher.encoder, 0, 0)  # random init: where the curve starts
+        knn(log, monitor, backbone, 0, 0)  # random init: where the curve starts
     stop_requests, stopping = catch_stop_signals(), False
     while step < last_step and not stopping:
         epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
@@ -531,8 +532,8 @@ def train(args):
             raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check "
                             "the dataset.")
         if monitor and not stopping and (step == last_step or (epoch + 1) % args.knn_every == 0):
-            knn(log, monitor, model.teacher.encoder, step, epoch)
-        save(args, ctx, log, model, optimizer, model.teacher.encoder, step, epoch,
+            knn(log, monitor, backbone, step, epoch)
+        save(args, ctx, log, model, optimizer, backbone, step, epoch,
              config={"image_size": args.img_size, "patch_size": args.patch_size})
     if args.vis and not stopping and ctx.rank == 0:
         log(save_visualisation(model, paths, args, ctx.device))
@@ -615,17 +616,11 @@ def make_loader(dataset, args, ctx, sampler=None):
         8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return DataLoader(dataset, args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
                       pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if workers else None,
-                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
-
-
-def ignore_stop_signals(worker_id=None):
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
+                      worker_init_fn=data.ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
 
 
 def catch_stop_signals():
-    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and stops; a second one: at once.
-    Returns the list that the signals are appended to."""
+    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and stops; a second one: at once."""
     received = []
 
     def request_stop(signum, frame):
@@ -663,8 +658,8 @@ def resume(args, ctx, model, optimizer):
 
 def save(args, ctx, log, model, optimizer, backbone, step, epoch, config=None):
     """checkpoint.pth (the whole state, every process's RNG) and backbone.pth (torchvision's keys: the file users
-    share), once one pass over the weights finds them finite (else both files stay as they were). Rank 0 writes each
-    to a temp file, fsyncs and renames it: a kill at any moment leaves the old file or the new one, never half."""
+    share), written atomically by rank 0 once one pass over the weights finds them finite (else both stay as they
+    were: the run stops like the NaN stop)."""
     state = model.state_dict()
     weights = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
     finite = torch.stack([v.isfinite().all() for v in weights.values()]).float()
@@ -680,23 +675,13 @@ def save(args, ctx, log, model, optimizer, backbone, step, epoch, config=None):
     if ctx.rank == 0:
         prefix = next(name for name, module in model.named_modules() if module is backbone) + "."
         mine = {"arch": args.arch, "method": METHOD, "config": config or {}}
-        save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
-                     "step": step, "epoch": epoch, "args": vars(args), "rng": rngs, "backbone_prefix": prefix,
-                     **mine}, os.path.join(args.out, "checkpoint.pth"))
-        save_atomic({**mine, "state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
+        data.save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
+                          "step": step, "epoch": epoch, "args": vars(args), "rng": rngs, "backbone_prefix": prefix,
+                          **mine}, os.path.join(args.out, "checkpoint.pth"))
+        data.save_atomic({**mine, "state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
     if ctx.world > 1:
         dist.barrier()
     log.last_saved = step
-
-
-def save_atomic(obj, path):
-    with open(f"{path}.tmp", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
-    os.fsync(folder := os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY))  # the rename itself
-    os.close(folder)
 
 
 class Log:

@@ -284,18 +284,18 @@ def test_a_job_killed_before_its_backbone_was_saved_saves_it_on_resume(trained, 
     saved = tmp_path / "dapt" / "backbone.pth"
     argv = FAST_FINETUNE + ["--data", folder, "--weights", str(run / "backbone.pth"), "--runs", "1",
                             "--train-ratio", "0.5", "--save-backbone", str(saved), "--out", str(tmp_path / "ft")]
-    real_save = finetune_cls.save_atomic
+    real_save = data.save_atomic
 
     def killed_at_the_backbone(obj, path):
         if path == str(saved):
             raise KeyboardInterrupt  # stands for a SIGKILL between the last test and the backbone file
         real_save(obj, path)
 
-    monkeypatch.setattr(finetune_cls, "save_atomic", killed_at_the_backbone)
+    monkeypatch.setattr(data, "save_atomic", killed_at_the_backbone)
     with pytest.raises(KeyboardInterrupt):
         finetune_cls.evaluate(finetune_cls.get_args(argv))
     assert not saved.exists()
-    monkeypatch.setattr(finetune_cls, "save_atomic", real_save)
+    monkeypatch.setattr(data, "save_atomic", real_save)
     [entry] = finetune_cls.evaluate(finetune_cls.get_args(argv))
     assert torch.load(saved, weights_only=True)["method"] == "moco+finetune:scenes"
     assert len(entry["scenes"]["accuracies"]) == 1
