@@ -172,6 +172,24 @@ def check_readable(paths, samples=32, seed=0):
                         "check that --data points at image files.")
 
 
+def stratified_split(labels, train_ratio, seed):
+    """Per class, a random `train_ratio` of the images for training and the rest for testing (fixed by `seed`)."""
+    if not 0 < train_ratio < 1:
+        raise UserError(f"--train-ratio must be between 0 and 1 (got {train_ratio}).")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_train = int(round(train_ratio * len(idx)))
+        if n_train < 1 or n_train >= len(idx):
+            raise UserError(f"class {c} has {len(idx)} images: a train ratio of {train_ratio} leaves it without "
+                            f"{'training' if n_train < 1 else 'test'} images; add images or change --train-ratio.")
+        train.append(idx[:n_train])
+        test.append(idx[n_train:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
 # ---------------------------------------------------------------- dataset and sampler
 class ImageDataset(Dataset):
     """(transform(image), label or -1, files skipped) of image `index`. An unreadable file is replaced by the next
@@ -298,25 +316,25 @@ def knn_predict(train_features, train_labels, test_features, num_classes, k=20, 
 
 
 class KnnMonitor:
-    """--knn-monitor: at most `per_class` images of each class of a labeled folder (a fixed random choice, its first
-    half the kNN's memory, the rest its test), cached as uint8. top1() is the weighted kNN accuracy of a backbone's
+    """--knn-monitor: at most `per_class` images of each class of a labeled folder (a fixed random choice, split in
+    halves per class: the kNN's memory and its test), cached as uint8. top1() is the weighted kNN accuracy of a backbone's
     features, in eval mode, without gradients and without a random draw: measuring never changes the training."""
 
     def __init__(self, root, size, seed=0, per_class=200):
         paths, labels, classes = labeled_images(root)
-        rng, resize, images, kept, memory = np.random.default_rng(seed), T.Resize((size, size)), [], [], []
-        for c in range(len(classes)):
-            chosen = rng.permutation(np.flatnonzero(np.asarray(labels) == c))[:per_class]
-            for n, i in enumerate(chosen):
-                try:
-                    images.append(T.functional.pil_to_tensor(resize(open_rgb(paths[i]))))
-                except Exception:  # noqa: BLE001 - an unreadable file is left out
-                    continue
-                kept.append(c)
-                memory.append(n < len(chosen) / 2)  # the first half of the class's choice
-        self.images, self.labels, self.classes = torch.stack(images), torch.tensor(kept), len(classes)
-        self.train, self.test = torch.tensor(memory), ~torch.tensor(memory)
-        self.description = f"{int(self.test.sum())} test images of {len(classes)} classes"
+        labels, rng = np.asarray(labels), np.random.default_rng(seed)
+        chosen = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class]
+                                         for c in range(len(classes))]))
+        resize, images, kept = T.Resize((size, size)), [], []
+        for i in chosen:
+            try:
+                images.append(T.functional.pil_to_tensor(resize(open_rgb(paths[i]))))
+                kept.append(i)
+            except Exception:  # noqa: BLE001 - an unreadable file is left out
+                continue
+        self.images, self.labels, self.classes = torch.stack(images), torch.from_numpy(labels[kept]), len(classes)
+        self.train, self.test = (torch.from_numpy(i) for i in stratified_split(labels[kept], 0.5, seed))
+        self.description = f"{len(self.test)} test images of {len(classes)} classes"
 
     @torch.no_grad()
     def top1(self, backbone, device, amp_dtype=None, batch=256):

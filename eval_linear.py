@@ -130,24 +130,6 @@ def check_args(args):
 
 
 # ------------------------------------------------------------------------------------------ datasets (both scripts)
-def stratified_split(labels, train_ratio, seed):
-    """Per class, a random `train_ratio` of the images for training and the rest for testing (fixed by `seed`)."""
-    if not 0 < train_ratio < 1:
-        raise UserError(f"--train-ratio must be between 0 and 1 (got {train_ratio}).")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_train = int(round(train_ratio * len(idx)))
-        if n_train < 1 or n_train >= len(idx):
-            raise UserError(f"class {c} has {len(idx)} images: a train ratio of {train_ratio} leaves it without "
-                            f"{'training' if n_train < 1 else 'test'} images; add images or change --train-ratio.")
-        train.append(idx[:n_train])
-        test.append(idx[n_train:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
 def labeled_datasets(roots, names, train_ratio, runs, seed, verbose=True, workers=0):
     """The evaluation datasets: [(name, paths, labels, classes, [(train, test) split of each run])]. The images that
     do not decode are dropped BEFORE splitting (readable_images), so the splits, drawn over the readable ones, are the
@@ -159,7 +141,7 @@ def labeled_datasets(roots, names, train_ratio, runs, seed, verbose=True, worker
         if verbose:
             print(f"{name}: {len(classes)} classes: {', '.join(classes)}", flush=True)
         paths, labels, unreadable = readable_images(paths, labels, classes, workers)
-        splits = [stratified_split(labels, train_ratio, seed + r) for r in range(runs)]
+        splits = [data.stratified_split(labels, train_ratio, seed + r) for r in range(runs)]
         datasets.append((name, paths, labels, classes, splits))
         if verbose:
             dropped = (f" ({len(unreadable)} unreadable image(s) dropped before splitting, e.g. {unreadable[0]})"

@@ -159,11 +159,13 @@ def test_knn_monitor_halves_each_class_by_seed_leaves_out_unreadable_files_and_m
     (tmp_path / "scenes" / "class1" / "4.png").write_bytes(b"not an image")
     monitor = data.KnnMonitor(folder, 8, seed=3)
     assert monitor.images.shape == (9, 3, 8, 8) and monitor.images.dtype == torch.uint8
-    assert monitor.labels.tolist() == [0] * 5 + [1] * 4 and torch.equal(monitor.test, ~monitor.train)
-    assert monitor.train[:5].sum() == 3 and monitor.description == f"{int(monitor.test.sum())} test images of 2 classes"
-    again, other = data.KnnMonitor(folder, 8, seed=3), data.KnnMonitor(folder, 8, seed=4)
+    assert monitor.labels.tolist() == [0] * 5 + [1] * 4
+    assert sorted(monitor.train.tolist() + monitor.test.tolist()) == list(range(9))  # a partition of what was read
+    assert [int((monitor.labels[monitor.train] == c).sum()) for c in (0, 1)] == [2, 2]  # half of each class
+    assert monitor.description == "5 test images of 2 classes"
+    again, other = data.KnnMonitor(folder, 8, seed=3), data.KnnMonitor(folder, 8, seed=5)
     assert torch.equal(again.images, monitor.images) and torch.equal(again.train, monitor.train)
-    assert not torch.equal(other.images, monitor.images)  # another seed, another choice and order
+    assert not torch.equal(other.train, monitor.train)  # another seed, another split
     mean_colour = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).train()
     state = torch.get_rng_state()
     assert monitor.top1(mean_colour, torch.device("cpu")) == 100.0  # the classes differ in mean colour

@@ -61,9 +61,9 @@ def test_mean_and_std_over_runs():
 
 def test_stratified_split_is_deterministic_disjoint_complete_and_per_class():
     labels = [0] * 50 + [1] * 30 + [2] * 20
-    train, test = eval_linear.stratified_split(labels, 0.2, seed=3)
-    again, _ = eval_linear.stratified_split(labels, 0.2, seed=3)
-    other, _ = eval_linear.stratified_split(labels, 0.2, seed=4)
+    train, test = data.stratified_split(labels, 0.2, seed=3)
+    again, _ = data.stratified_split(labels, 0.2, seed=3)
+    other, _ = data.stratified_split(labels, 0.2, seed=4)
     assert np.array_equal(train, again) and not np.array_equal(train, other)
     assert not set(train) & set(test) and sorted(set(train) | set(test)) == list(range(100))
     assert np.bincount(np.asarray(labels)[train]).tolist() == [10, 6, 4]
@@ -71,7 +71,7 @@ def test_stratified_split_is_deterministic_disjoint_complete_and_per_class():
 
 def test_stratified_split_refuses_a_class_left_without_training_images():
     with pytest.raises(data.UserError, match="class 1 has 2 images"):
-        eval_linear.stratified_split([0] * 10 + [1] * 2, 0.2, seed=0)
+        data.stratified_split([0] * 10 + [1] * 2, 0.2, seed=0)
 
 
 def test_labeled_datasets_names_the_classes_and_drops_unreadable_images_before_splitting(tmp_path, capsys):
@@ -97,7 +97,7 @@ def test_probe_separates_separable_features_and_reports_the_confusion_matrix():
     torch.manual_seed(0)
     labels = torch.arange(3).repeat_interleave(20)
     features = torch.nn.functional.one_hot(labels, 3).float() * 5 + torch.randn(60, 3) * 0.3
-    train, test = (torch.from_numpy(i) for i in eval_linear.stratified_split(labels.tolist(), 0.5, seed=0))
+    train, test = (torch.from_numpy(i) for i in data.stratified_split(labels.tolist(), 0.5, seed=0))
     args = eval_linear.get_args(["--epochs", "50", "--lr", "0.05"])
     accuracy, confusion = eval_linear.train_probe(features, labels, train, test, 3, args, seed=0)
     assert accuracy == 100.0 and confusion == [[10, 0, 0], [0, 10, 0], [0, 0, 10]]
