@@ -538,8 +538,6 @@ def train(args):
     if args.vis and not stopping and ctx.rank == 0:
         log(save_visualisation(model, paths, args, ctx.device))
     log.finish(step, stopping)
-    if ctx.world > 1:
-        dist.destroy_process_group()
 
 
 # =================================================================================================================
@@ -761,7 +759,8 @@ def nan_stop(what, step, args, last_saved, steps=1):
 
 
 def main(argv=None):
-    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1; signal handlers restored."""
+    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1. Whatever happens, the signal
+    handlers are restored and the process group is closed."""
     args = get_args(argv)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
     try:
@@ -773,6 +772,8 @@ def main(argv=None):
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
