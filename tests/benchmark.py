@@ -151,18 +151,19 @@ RUNS = {"moco": moco_run, "gersp": gersp_run, "pera": pera_run, "preco": preco_r
 
 def timed(fn, steps, device):
     """Seconds per call of fn: 3 warm-up calls, then `steps` timed calls between two synchronisations."""
-    for i in range(steps + 3):
-        if i == 3:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if dist.is_initialized():
-                dist.barrier()
-            start = time.perf_counter()
+    def synchronise():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if dist.is_initialized():
+            dist.barrier()
+
+    for _ in range(3):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    if dist.is_initialized():
-        dist.barrier()
+    synchronise()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronise()
     return (time.perf_counter() - start) / steps
 
 
