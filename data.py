@@ -1,6 +1,7 @@
 """What the pre-training scripts share (the evaluation scripts use it too): the flag parser, image discovery and
 opening, the built-in "synthetic" textures (every script runs without a download), the dataset (augmentations seeded
 by (seed, epoch, index)) and sampler, torchvision backbones, weights_only loading, and the kNN monitor."""
+
 import argparse
 import math
 import os
@@ -56,8 +57,9 @@ def check_out_dir(path, flag="--out"):
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise UserError(f"{flag} {path} {'is a file' if probe == target else f'is below the file {probe}'}; give a "
-                        "folder.")
+        raise UserError(
+            f"{flag} {path} {'is a file' if probe == target else f'is below the file {probe}'}; give a folder."
+        )
 
 
 # ---------------------------------------------------------------- images
@@ -110,17 +112,21 @@ def labeled_images(root):
             break
         root = os.path.join(root, subdirs[0])
     if len(subdirs) < 2:
-        raise UserError(f"{root} has {len(subdirs)} class folder(s); a labeled dataset needs one folder per class "
-                        "and at least two classes.")
+        raise UserError(
+            f"{root} has {len(subdirs)} class folder(s); a labeled dataset needs one folder per class "
+            "and at least two classes."
+        )
     paths, labels = [], []
     for label, name in enumerate(subdirs):
         if not (files := sorted(_scan(folder := os.path.join(root, name)))):
             raise UserError(f"class folder {folder} holds no images; remove it or add images.")
         if nested := next((os.path.dirname(f) for f in files if os.path.dirname(f) != folder), None):
-            raise UserError(f"class folder {folder} holds image folders (e.g. {os.path.relpath(nested, root)}), so "
-                            f"{root} is not one folder per class (found {len(subdirs)}: {', '.join(subdirs[:8])}"
-                            f"{', ...' * (len(subdirs) > 8)}); give --data the folder whose sub-folders are the "
-                            "classes.")
+            raise UserError(
+                f"class folder {folder} holds image folders (e.g. {os.path.relpath(nested, root)}), so "
+                f"{root} is not one folder per class (found {len(subdirs)}: {', '.join(subdirs[:8])}"
+                f"{', ...' * (len(subdirs) > 8)}); give --data the folder whose sub-folders are the "
+                "classes."
+            )
         paths += files
         labels += [label] * len(files)
     return paths, labels, subdirs
@@ -138,8 +144,9 @@ def synthetic_image(index, size=SYNTHETIC_SIZE):
         pattern = (np.sin(u) > 0, np.sin(u) * np.sin(v) > 0, np.cos(u) + np.cos(v) > 1.0)[index % 4]
     else:  # a smooth random field, thresholded: blobs without a period
         cells = rng.integers(3, 7)
-        field = np.asarray(Image.fromarray(rng.normal(0, 1, (cells, cells)).astype(np.float32))
-                           .resize((size, size), Image.BICUBIC))
+        field = np.asarray(
+            Image.fromarray(rng.normal(0, 1, (cells, cells)).astype(np.float32)).resize((size, size), Image.BICUBIC)
+        )
         pattern = field > np.median(field)
     low, high = rng.permutation([rng.uniform(0, 0.45), rng.uniform(0.55, 1)])  # random polarity and contrast
     grey = low + (high - low) * pattern + rng.normal(0, rng.uniform(0.02, 0.12), (size, size))
@@ -168,8 +175,10 @@ def check_readable(paths, samples=32, seed=0):
         except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable"
             failed.append(f"{path} ({type(err).__name__})")
     if len(failed) > len(picked) // 2:
-        raise UserError(f"{len(failed)} of {len(picked)} sampled images could not be read, e.g. {failed[0]}; "
-                        "check that --data points at image files.")
+        raise UserError(
+            f"{len(failed)} of {len(picked)} sampled images could not be read, e.g. {failed[0]}; "
+            "check that --data points at image files."
+        )
 
 
 def stratified_split(labels, train_ratio, seed):
@@ -183,8 +192,10 @@ def stratified_split(labels, train_ratio, seed):
         idx = rng.permutation(np.flatnonzero(labels == c))
         n_train = int(round(train_ratio * len(idx)))
         if n_train < 1 or n_train >= len(idx):
-            raise UserError(f"class {c} has {len(idx)} images: a train ratio of {train_ratio} leaves it without "
-                            f"{'training' if n_train < 1 else 'test'} images; add images or change --train-ratio.")
+            raise UserError(
+                f"class {c} has {len(idx)} images: a train ratio of {train_ratio} leaves it without "
+                f"{'training' if n_train < 1 else 'test'} images; add images or change --train-ratio."
+            )
         train.append(idx[:n_train])
         test.append(idx[n_train:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -249,8 +260,8 @@ class EpochSampler(Sampler):
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
         local = self.global_batch // self.world
         for b in range(self.start_batch, self.batches_per_epoch()):
-            batch = order[b * self.global_batch:(b + 1) * self.global_batch]
-            for i in batch[self.rank * local:(self.rank + 1) * local].tolist():
+            batch = order[b * self.global_batch : (b + 1) * self.global_batch]
+            for i in batch[self.rank * local : (self.rank + 1) * local].tolist():
                 yield i
 
     def __len__(self):
@@ -279,8 +290,10 @@ def load_weights_only(path, fix="give a backbone.pth, a checkpoint.pth or a torc
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling error means "not a weights file"
-        raise UserError(f"{path} is not a weights or checkpoint file that loads with weights_only=True "
-                        f"({type(err).__name__}); {fix(err) if callable(fix) else fix}.") from None
+        raise UserError(
+            f"{path} is not a weights or checkpoint file that loads with weights_only=True "
+            f"({type(err).__name__}); {fix(err) if callable(fix) else fix}."
+        ) from None
 
 
 def save_atomic(obj, path):
@@ -317,14 +330,16 @@ def knn_predict(train_features, train_labels, test_features, num_classes, k=20, 
 
 class KnnMonitor:
     """--knn-monitor: at most `per_class` images of each class of a labeled folder (a fixed random choice, split in
-    halves per class: the kNN's memory and its test), cached as uint8. top1() is the weighted kNN accuracy of a backbone's
-    features, in eval mode, without gradients and without a random draw: measuring never changes the training."""
+    halves per class: the kNN's memory and its test), cached as uint8. top1() is the weighted kNN accuracy of a
+    backbone's features, in eval mode, without gradients and without a random draw: measuring never changes the
+    training."""
 
     def __init__(self, root, size, seed=0, per_class=200):
         paths, labels, classes = labeled_images(root)
         labels, rng = np.asarray(labels), np.random.default_rng(seed)
-        chosen = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class]
-                                         for c in range(len(classes))]))
+        chosen = np.sort(
+            np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(len(classes))])
+        )
         resize, images, kept = T.Resize((size, size)), [], []
         for i in chosen:
             try:

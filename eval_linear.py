@@ -31,6 +31,7 @@ Choices where the papers are silent: features are not normalised; the std is the
 This file also holds what finetune_cls.py shares with it: the flags, the datasets and their splits, loading any
 backbone file exactly (published checkpoints' layouts included), the source-dataset check and the results table.
 """
+
 import json
 import math
 import os
@@ -56,21 +57,32 @@ from data import UserError
 def evaluation_parser(script, description):
     """The flags eval_linear.py and finetune_cls.py share: datasets, weights, split, runs and seed."""
     p = data.ArgumentParser(prog=os.path.basename(script), description=description)
-    p.add_argument("--data", action="append", help="class-per-folder dataset (repeatable); 'synthetic' = built-in. "
-                   "Default: synthetic")
-    p.add_argument("--dataset", action="append", help="name of each --data in the report (eurosat, nwpu, ...); "
-                   "default: the folder name")
-    p.add_argument("--weights", action="append", help="random | imagenet (torchvision's IMAGENET1K_V1, the papers' "
-                   "baseline) | imagenet:V2 (a newer torchvision recipe) | a backbone.pth / checkpoint.pth of this "
-                   "project | a torchvision state dict | a published checkpoint (MoCo v1-v3, mmselfsup, Lightning, "
-                   "DINO, DINOv2, timm, torchgeo, Swin, SimMIM: see README); repeat to compare backbones. Default: "
-                   "random")
+    p.add_argument(
+        "--data",
+        action="append",
+        help="class-per-folder dataset (repeatable); 'synthetic' = built-in. Default: synthetic",
+    )
+    p.add_argument(
+        "--dataset",
+        action="append",
+        help="name of each --data in the report (eurosat, nwpu, ...); default: the folder name",
+    )
+    p.add_argument(
+        "--weights",
+        action="append",
+        help="random | imagenet (torchvision's IMAGENET1K_V1, the papers' "
+        "baseline) | imagenet:V2 (a newer torchvision recipe) | a backbone.pth / checkpoint.pth of this "
+        "project | a torchvision state dict | a published checkpoint (MoCo v1-v3, mmselfsup, Lightning, "
+        "DINO, DINOv2, timm, torchgeo, Swin, SimMIM: see README); repeat to compare backbones. Default: "
+        "random",
+    )
     p.add_argument("--arch", help="architecture, when the weights file does not say it (e.g. resnet50)")
     p.add_argument("--patch-size", type=int, default=16, help="ViT patch size, when the weights file does not say it")
     p.add_argument("--train-ratio", type=float, default=0.2, help="fraction of each class used for training")
     p.add_argument("--runs", type=int, default=5, help="repetitions with different splits (mean +- std)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first split (run r uses seed + r) and of random "
-                   "weights")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the first split (run r uses seed + r) and of random weights"
+    )
     return p
 
 
@@ -89,20 +101,33 @@ def check_datasets(args):
         raise UserError(f"{len(args.dataset)} --dataset names for {len(args.data)} --data folders; give one each.")
     for root, name in zip(args.data, args.dataset or []):
         if root == data.SYNTHETIC and name.lower() != data.SYNTHETIC:
-            raise UserError(f"--dataset {name} would name the built-in synthetic textures (--data synthetic, the "
-                            f"default without --data), not {name}; give --data the folder of {name}.")
+            raise UserError(
+                f"--dataset {name} would name the built-in synthetic textures (--data synthetic, the "
+                f"default without --data), not {name}; give --data the folder of {name}."
+            )
 
 
 # ------------------------------------------------------------------------------------------------ the probe's flags
 def get_args(argv=None):
     p = evaluation_parser(__file__, "Linear probe on frozen features (see the module docstring).")
-    p.add_argument("--preprocess", choices=("resize", "paper004"), default="resize", help="resize: the whole image "
-                   "to --img-size; paper004: resize to 292 and crop the centre 256 (paper 004, Sec. III)")
-    p.add_argument("--img-size", type=int, help="resize: the square image size (default 224); paper004: the centre "
-                   "crop (default 256, of a 292 resize)")
+    p.add_argument(
+        "--preprocess",
+        choices=("resize", "paper004"),
+        default="resize",
+        help="resize: the whole image "
+        "to --img-size; paper004: resize to 292 and crop the centre 256 (paper 004, Sec. III)",
+    )
+    p.add_argument(
+        "--img-size",
+        type=int,
+        help="resize: the square image size (default 224); paper004: the centre crop (default 256, of a 292 resize)",
+    )
     p.add_argument("--stages", action="store_true", help="also probe each stage of the backbone (GeRSP Fig. 6)")
-    p.add_argument("--knn", action="store_true", help="also the weighted kNN protocol (InstDisc / DINO) on the same "
-                   "features and splits")
+    p.add_argument(
+        "--knn",
+        action="store_true",
+        help="also the weighted kNN protocol (InstDisc / DINO) on the same features and splits",
+    )
     p.add_argument("--knn-k", type=int, default=20, help="neighbours that vote in --knn")
     p.add_argument("--knn-temperature", type=float, default=0.07, help="temperature of the --knn votes")
     p.add_argument("--epochs", type=int, default=100, help="classifier epochs")
@@ -110,8 +135,12 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=100, help="classifier batch size")
     p.add_argument("--extract-batch-size", type=int, default=256, help="batch size of the feature extraction")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--amp", choices=("off", "bf16"), default="off", help="autocast of the extraction: off = float32 "
-                   "as in the papers; bf16 is faster on a GPU")
+    p.add_argument(
+        "--amp",
+        choices=("off", "bf16"),
+        default="off",
+        help="autocast of the extraction: off = float32 as in the papers; bf16 is faster on a GPU",
+    )
     p.add_argument("--out", default="runs/eval_linear", help="folder for results.json, results.md, log.jsonl")
     args = parse_evaluation_args(p, argv)
     if args.img_size is None:
@@ -144,10 +173,15 @@ def labeled_datasets(roots, names, train_ratio, runs, seed, verbose=True, worker
         splits = [data.stratified_split(labels, train_ratio, seed + r) for r in range(runs)]
         datasets.append((name, paths, labels, classes, splits))
         if verbose:
-            dropped = (f" ({len(unreadable)} unreadable image(s) dropped before splitting, e.g. {unreadable[0]})"
-                       if unreadable else "")
-            print(f"{name}: {len(paths)} images{dropped}, {len(splits[0][0])} train / {len(splits[0][1])} test per "
-                  "run", flush=True)
+            dropped = (
+                f" ({len(unreadable)} unreadable image(s) dropped before splitting, e.g. {unreadable[0]})"
+                if unreadable
+                else ""
+            )
+            print(
+                f"{name}: {len(paths)} images{dropped}, {len(splits[0][0])} train / {len(splits[0][1])} test per run",
+                flush=True,
+            )
     return datasets
 
 
@@ -231,13 +265,17 @@ def load_backbone(weights, arch=None, image_size=224, patch_size=16):
             arch, config = found or (arch, config)
             method = obj.get("method", layout or "torchvision")
             if layout is None and not ours:  # no key where a backbone starts (a text or audio model?)
-                unrecognised = ("it holds no backbone this project recognises (its first tensors: "
-                                f"{', '.join(list(_tensors(obj))[:3]) or 'none'})")
+                unrecognised = (
+                    "it holds no backbone this project recognises (its first tensors: "
+                    f"{', '.join(list(_tensors(obj))[:3]) or 'none'})"
+                )
             elif not ours and layout != "torchvision":  # a refusal names the layout it read
                 weights = f"{weights} (read as {layout})"
         if arch is None and unrecognised:
-            raise UserError(f"--weights {weights}: {unrecognised}; only another torchvision model's plain state dict "
-                            "would load, with its --arch.")
+            raise UserError(
+                f"--weights {weights}: {unrecognised}; only another torchvision model's plain state dict "
+                "would load, with its --arch."
+            )
         if arch is None:
             raise UserError(f"--weights {weights} does not say its architecture; add --arch.")
     elif arch is None:
@@ -259,11 +297,12 @@ def weights_fix(path):
     exported to a state dict, a pickle naming a global that could run code is stripped to its tensors (both only for a
     file the user trusts: loading them runs its code); anything else is not a weights file."""
     out, quoted = f"{path}.state_dict.pth", json.dumps  # Python strings in double quotes: the shell needs single ones
-    export = (f'import torch; torch.save(torch.jit.load({quoted(path)}, map_location="cpu").state_dict(), '
-              f'{quoted(out)})')
-    strip = ("import torch; keep = lambda o: {k: keep(v) if isinstance(v, dict) else v for k, v in o.items() if "
-             f'isinstance(v, dict) or torch.is_tensor(v)}}; c = torch.load({quoted(path)}, map_location="cpu", '
-             f"weights_only=False); torch.save(keep(c if isinstance(c, dict) else c.state_dict()), {quoted(out)})")
+    export = f'import torch; torch.save(torch.jit.load({quoted(path)}, map_location="cpu").state_dict(), {quoted(out)})'
+    strip = (
+        "import torch; keep = lambda o: {k: keep(v) if isinstance(v, dict) else v for k, v in o.items() if "
+        f'isinstance(v, dict) or torch.is_tensor(v)}}; c = torch.load({quoted(path)}, map_location="cpu", '
+        f"weights_only=False); torch.save(keep(c if isinstance(c, dict) else c.state_dict()), {quoted(out)})"
+    )
 
     def fix(error):
         blocked = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))  # torch names what it refused
@@ -274,6 +313,7 @@ def weights_fix(path):
         else:
             return "give a backbone.pth, a checkpoint.pth or a torchvision state dict"
         return f"{why}: if you trust the file, {action} with python -c {shlex.quote(code)} and give --weights {out}"
+
     return fix
 
 
@@ -286,13 +326,17 @@ def imagenet_state(weights, arch):
     tag = "IMAGENET1K_" + (weights.partition(":")[2].removeprefix("IMAGENET1K_") or "V1")
     enum = torchvision.models.get_model_weights(arch)
     if tag not in enum.__members__:
-        raise UserError(f"torchvision has no {tag} weights for {arch} (it has: {', '.join(w.name for w in enum)}); "
-                        "use --weights imagenet (IMAGENET1K_V1) or imagenet:<the part after IMAGENET1K_>.")
+        raise UserError(
+            f"torchvision has no {tag} weights for {arch} (it has: {', '.join(w.name for w in enum)}); "
+            "use --weights imagenet (IMAGENET1K_V1) or imagenet:<the part after IMAGENET1K_>."
+        )
     url = enum[tag].url
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
     if not os.path.isfile(path):
-        raise UserError(f"ImageNet weights for {arch} are not in the local cache: download {url} on a machine "
-                        f"with internet access and copy it to {path}.")
+        raise UserError(
+            f"ImageNet weights for {arch} are not in the local cache: download {url} on a machine "
+            f"with internet access and copy it to {path}."
+        )
     return data.load_weights_only(path), f"torchvision {tag}"
 
 
@@ -301,11 +345,16 @@ def load_exactly(model, state, weights, arch, image_size, unrecognised=None):
     every tensor of the file must be used (a classifier head aside), or one sentence: a ResNet-101 file holds all
     of ResNet-50's tensors and 306 more, and must not load as a ResNet-50 with two thirds of layer3 dropped.
     `unrecognised` says why nothing fits a file where no backbone was found."""
-    if isinstance(model, torchvision.models.VisionTransformer) and "encoder.pos_embedding" in state and \
-            state["encoder.pos_embedding"].shape[1] != model.seq_length:
+    if (
+        isinstance(model, torchvision.models.VisionTransformer)
+        and "encoder.pos_embedding" in state
+        and state["encoder.pos_embedding"].shape[1] != model.seq_length
+    ):
         if math.isqrt(state["encoder.pos_embedding"].shape[1] - 1) ** 2 != state["encoder.pos_embedding"].shape[1] - 1:
-            raise UserError(f"--weights {weights} has {state['encoder.pos_embedding'].shape[1]} position embeddings, "
-                            "not a class token's and a square grid's (timm's no_embed_class?).")
+            raise UserError(
+                f"--weights {weights} has {state['encoder.pos_embedding'].shape[1]} position embeddings, "
+                "not a class token's and a square grid's (timm's no_embed_class?)."
+            )
         state = interpolate_embeddings(image_size, model.patch_size, state)  # ViT at another image size
     own = model.state_dict()
     loaded = [k for k in own if k in state and state[k].shape == own[k].shape]
@@ -314,36 +363,56 @@ def load_exactly(model, state, weights, arch, image_size, unrecognised=None):
         if unrecognised and not loaded:
             why = unrecognised
         elif first in state:
-            why = (f"the file's {first} is {tuple(state[first].shape)} where {arch} needs {tuple(own[first].shape)}, "
-                   "so it holds another architecture")
+            why = (
+                f"the file's {first} is {tuple(state[first].shape)} where {arch} needs {tuple(own[first].shape)}, "
+                "so it holds another architecture"
+            )
         else:
-            why = (f"{first} is missing (the file's first tensor is {next(iter(state), 'none')}), so it holds another "
-                   "architecture or other key names")
+            why = (
+                f"{first} is missing (the file's first tensor is {next(iter(state), 'none')}), so it holds another "
+                "architecture or other key names"
+            )
         raise UserError(f"--weights {weights} matches only {len(loaded)} of the {len(own)} tensors of {arch}: {why}.")
     unused = [k for k in state if k not in own and k.split(".")[0] not in HEADS]
     if unused:
-        raise UserError(f"--weights {weights} holds {len(unused)} tensor(s) that {arch} does not use (e.g. "
-                        f"{unused[0]}): it is a deeper or another architecture; give its --arch.")
+        raise UserError(
+            f"--weights {weights} holds {len(unused)} tensor(s) that {arch} does not use (e.g. "
+            f"{unused[0]}): it is a deeper or another architecture; give its --arch."
+        )
     model.load_state_dict({k: state[k] for k in own})
 
 
 # ---------------------------------------------------------------------- published checkpoints -> torchvision's keys
 # Rules (regex, replacement), applied in order to every key below the backbone's prefix. A key no rule renames keeps
 # its name; load_exactly then refuses whatever does not fit the model exactly, naming it.
-_SEQUENTIAL = [(r"^0\.", "conv1."), (r"^1\.", "bn1."), (r"^([4-7])\.", lambda m: f"layer{int(m[1]) - 3}."),
-               (r"^9\.", "fc.")]  # nn.Sequential(*resnet.children()); 2, 3, 8 (relu, maxpool, avgpool) hold nothing
+_SEQUENTIAL = [
+    (r"^0\.", "conv1."),
+    (r"^1\.", "bn1."),
+    (r"^([4-7])\.", lambda m: f"layer{int(m[1]) - 3}."),
+    (r"^9\.", "fc."),
+]  # nn.Sequential(*resnet.children()); 2, 3, 8 (relu, maxpool, avgpool) hold nothing
 
-_TIMM_VIT = [(r"^cls_token$", "class_token"), (r"^pos_embed$", "encoder.pos_embedding"),
-             (r"^patch_embed\.proj\.", "conv_proj."), (r"^norm\.", "encoder.ln."),
-             (r"^blocks\.(\d+)\.", r"encoder.layers.encoder_layer_\1."), (r"(_\d+)\.norm([12])\.", r"\1.ln_\2."),
-             (r"\.attn\.qkv\.", ".self_attention.in_proj_"),  # both stack q, k, v rows, head-major within each
-             (r"\.attn\.proj\.", ".self_attention.out_proj."), (r"\.mlp\.fc1\.", ".mlp.0."),
-             (r"\.mlp\.fc2\.", ".mlp.3.")]
+_TIMM_VIT = [
+    (r"^cls_token$", "class_token"),
+    (r"^pos_embed$", "encoder.pos_embedding"),
+    (r"^patch_embed\.proj\.", "conv_proj."),
+    (r"^norm\.", "encoder.ln."),
+    (r"^blocks\.(\d+)\.", r"encoder.layers.encoder_layer_\1."),
+    (r"(_\d+)\.norm([12])\.", r"\1.ln_\2."),
+    (r"\.attn\.qkv\.", ".self_attention.in_proj_"),  # both stack q, k, v rows, head-major within each
+    (r"\.attn\.proj\.", ".self_attention.out_proj."),
+    (r"\.mlp\.fc1\.", ".mlp.0."),
+    (r"\.mlp\.fc2\.", ".mlp.3."),
+]
 
-_MS_SWIN = [(r"^patch_embed\.proj\.", "features.0.0."), (r"^patch_embed\.norm\.", "features.0.2."),
-            (r"^layers\.(\d)\.blocks\.", lambda m: f"features.{2 * int(m[1]) + 1}."),
-            (r"^layers\.(\d)\.downsample\.", lambda m: f"features.{2 * int(m[1]) + 2}."),  # merging ends stage i
-            (r"\.mlp\.fc1\.", ".mlp.0."), (r"\.mlp\.fc2\.", ".mlp.3.")]  # same merge order (x0 x1 x2 x3), qkv, masks
+_MS_SWIN = [
+    (r"^patch_embed\.proj\.", "features.0.0."),
+    (r"^patch_embed\.norm\.", "features.0.2."),
+    (r"^layers\.(\d)\.blocks\.", lambda m: f"features.{2 * int(m[1]) + 1}."),
+    (r"^layers\.(\d)\.downsample\.", lambda m: f"features.{2 * int(m[1]) + 2}."),  # merging ends stage i
+    (r"\.mlp\.fc1\.", ".mlp.0."),
+    (r"\.mlp\.fc2\.", ".mlp.3."),
+]  # same merge order (x0 x1 x2 x3), qkv, masks
 
 
 def _timm_vit(state, weights, prefix):
@@ -352,23 +421,29 @@ def _timm_vit(state, weights, prefix):
     odd = next((k for k in state if re.search(r"register_tokens|\.mlp\.w12\.", k)), None)
     if odd:
         what = "a SwiGLU feed-forward" if "w12" in odd else "register tokens"
-        raise UserError(f"--weights {weights} is a ViT with {what} ({odd}), which torchvision's VisionTransformer "
-                        "does not have.")
+        raise UserError(
+            f"--weights {weights} is a ViT with {what} ({odd}), which torchvision's VisionTransformer does not have."
+        )
     for key in [k for k in state if re.search(r"\.ls[12]\.gamma$", k)]:
         layer = key[:-9] + ("self_attention.out_proj." if ".ls1." in key else "mlp.3.")
         if layer + "bias" in state:  # otherwise gamma stays, unused, and load_exactly names it
             gamma = state.pop(key)
-            state[layer + "weight"], state[layer + "bias"] = state[layer + "weight"] * gamma[:, None], \
-                state[layer + "bias"] * gamma
+            state[layer + "weight"], state[layer + "bias"] = (
+                state[layer + "weight"] * gamma[:, None],
+                state[layer + "bias"] * gamma,
+            )
     width = state["class_token"].shape[-1]
     depth = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
     arch = next((a for a, (w, _) in data.VIT_SIZES.items() if w == width), None)
     if "base_encoder" in prefix and width == 384:
-        raise UserError(f"--weights {weights} is MoCo v3's vit_small, whose 12 heads (ours has 6) the file does not "
-                        "record.")
+        raise UserError(
+            f"--weights {weights} is MoCo v3's vit_small, whose 12 heads (ours has 6) the file does not record."
+        )
     if arch is None or depth != 12:
-        raise UserError(f"--weights {weights} is a ViT of width {width} with {depth} blocks; only "
-                        f"{' / '.join(data.VIT_SIZES)} (width 192 / 384 / 768, 12 blocks) are built here.")
+        raise UserError(
+            f"--weights {weights} is a ViT of width {width} with {depth} blocks; only "
+            f"{' / '.join(data.VIT_SIZES)} (width 192 / 384 / 768, 12 blocks) are built here."
+        )
     return arch, {"patch_size": state["conv_proj.weight"].shape[-1]}
 
 
@@ -377,25 +452,31 @@ def _ms_swin(state, weights, prefix):
     index becomes torchvision's flat one, and width and stage-3 depth name the torchvision model."""
     rows = state["features.1.0.attn.relative_position_bias_table"].shape[0]
     if rows != 169:
-        raise UserError(f"--weights {weights} is a Swin with window {(math.isqrt(rows) + 1) // 2} ({rows}-row "
-                        "relative-position tables); torchvision's Swin has window 7 (169 rows).")
+        raise UserError(
+            f"--weights {weights} is a Swin with window {(math.isqrt(rows) + 1) // 2} ({rows}-row "
+            "relative-position tables); torchvision's Swin has window 7 (169 rows)."
+        )
     for key in [k for k in state if k.endswith("relative_position_index")]:
         state[key] = state[key].flatten()
     width = state["features.0.0.weight"].shape[0]
     depth = len({k.split(".")[2] for k in state if k.startswith("features.5.")})
     arch = {(96, 6): "swin_t", (96, 18): "swin_s", (128, 18): "swin_b"}.get((width, depth))
     if arch is None:
-        raise UserError(f"--weights {weights} is a Swin of width {width} with {depth} blocks in stage 3; torchvision "
-                        "has swin_t (96, 6), swin_s (96, 18) and swin_b (128, 18).")
+        raise UserError(
+            f"--weights {weights} is a Swin of width {width} with {depth} blocks in stage 3; torchvision "
+            "has swin_t (96, 6), swin_s (96, 18) and swin_b (128, 18)."
+        )
     return arch, {}
 
 
 LAYOUTS = [  # (the key that marks a backbone, below its prefix; layout; rules; what reads (arch, config) from it)
     (r"layer1\.0\.conv1\.weight", "torchvision", [], None),  # also timm's, torchgeo's, MoCo's and mmselfsup's ResNets
-    (r"class_token", "torchvision", [], None), (r"features\.0\.0\.weight", "torchvision", [], None),
+    (r"class_token", "torchvision", [], None),
+    (r"features\.0\.0\.weight", "torchvision", [], None),
     (r"4\.0\.conv1\.weight", "ResNet nn.Sequential", _SEQUENTIAL, None),
     (r"cls_token", "timm ViT", _TIMM_VIT, _timm_vit),
-    (r"layers\.0\.blocks\.0\.attn\.qkv\.weight", "Microsoft Swin", _MS_SWIN, _ms_swin)]
+    (r"layers\.0\.blocks\.0\.attn\.qkv\.weight", "Microsoft Swin", _MS_SWIN, _ms_swin),
+]
 
 
 def _tensors(obj, path=""):
@@ -423,21 +504,29 @@ def published_backbone(obj, weights):
     encoder_q., teacher.backbone., model.encoder.). All else (heads, key encoder, queue, optimizer, mask_token, Swin's
     attn_mask buffers) is dropped, named in one line."""
     tensors, nested = _tensors(obj), any(isinstance(v, dict) for v in obj.values())
-    found = sorted({(m[1], i) for k in tensors for i, (mark, *_) in enumerate(LAYOUTS)
-                    if (m := re.fullmatch(rf"((?:.*\.)?){mark}", k)) and (nested or m[1] in ("", "module."))},
-                   key=lambda c: (_rank(c[0]), c))
+    found = sorted(
+        {
+            (m[1], i)
+            for k in tensors
+            for i, (mark, *_) in enumerate(LAYOUTS)
+            if (m := re.fullmatch(rf"((?:.*\.)?){mark}", k)) and (nested or m[1] in ("", "module."))
+        },
+        key=lambda c: (_rank(c[0]), c),
+    )
     if not found:  # no layout we know: with --arch another torchvision model's plain state dict may fit, else nothing
         return {k.removeprefix("module."): v for k, v in obj.get("state_dict", obj).items()}, None, None
     prefix, (_, layout, rules, finish) = found[0][0], LAYOUTS[found[0][1]]
     if len(found) > 1 and _rank(found[1][0]) == _rank(prefix):
-        raise UserError(f"--weights {weights} holds several backbones ({', '.join(p for p, _ in found)}) and does "
-                        "not say which to evaluate; save that one alone.")
+        raise UserError(
+            f"--weights {weights} holds several backbones ({', '.join(p for p, _ in found)}) and does "
+            "not say which to evaluate; save that one alone."
+        )
     state, dropped = {}, {}
     for key, value in tensors.items():
         if not key.startswith(prefix):  # another network or entry: named where its path leaves the backbone's
             name = next((p for p, q in zip(key.split("."), prefix.split(".")) if p != q), key)
         else:
-            new = key[len(prefix):]
+            new = key[len(prefix) :]
             for pattern, replacement in rules:
                 new = re.sub(pattern, replacement, new, count=1)
             name = new.split(".")[0] if new.split(".")[0] in HEADS else new.rsplit(".", 1)[-1]
@@ -452,10 +541,17 @@ def published_backbone(obj, weights):
         raise UserError(f"--weights {weights} ({layout} under '{prefix}') lacks {err}.") from None
     if "method" not in obj and os.environ.get("RANK", "0") == "0":  # ours need no report; one line per job
         names = "torchvision key names" if layout == "torchvision" else f"{layout} layout"  # the shapes may differ
-        print(f"--weights {weights}: {names} under '{prefix}'" + (f", {arch}" if arch else "") +
-              "".join(f" {k} {v}" for k, v in config.items()) + (", LayerScale folded" if folded else "") +
-              ("; dropped " + ", ".join(f"{n} ({c} tensor{'s' * (c > 1)})" for n, c in dropped.items()) if dropped
-               else ""))
+        print(
+            f"--weights {weights}: {names} under '{prefix}'"
+            + (f", {arch}" if arch else "")
+            + "".join(f" {k} {v}" for k, v in config.items())
+            + (", LayerScale folded" if folded else "")
+            + (
+                "; dropped " + ", ".join(f"{n} ({c} tensor{'s' * (c > 1)})" for n, c in dropped.items())
+                if dropped
+                else ""
+            )
+        )
     label = f"{layout} {re.sub(r'^((state_dict|model|module)[.])+', '', prefix)}".strip(" .")
     return state, label, (arch, config) if arch else None
 
@@ -489,11 +585,15 @@ def extract_features(model, paths, args, device):
         names, pool = stage_modules(model)
         modules = dict(model.named_modules())
         for i, name in enumerate(names, 1):
-            hooks.append(modules[name].register_forward_hook(
-                lambda mod, inp, out, key=f"stage{i}": outputs.__setitem__(key, pool(out))))
+            hooks.append(
+                modules[name].register_forward_hook(
+                    lambda mod, inp, out, key=f"stage{i}": outputs.__setitem__(key, pool(out))
+                )
+            )
     dataset = data.ImageDataset(paths, transform=preprocess(args))
-    loader = DataLoader(dataset, batch_size=args.extract_batch_size, num_workers=args.workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset, batch_size=args.extract_batch_size, num_workers=args.workers, pin_memory=device.type == "cuda"
+    )
     features, skipped = {}, 0
     for images, _, n_skipped in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
@@ -504,8 +604,9 @@ def extract_features(model, paths, args, device):
     for hook in hooks:
         hook.remove()
     if skipped:  # every file decoded at start-up; a neighbour's feature under this label would be a wrong result
-        raise UserError(f"{skipped} image(s) became unreadable after the check at start-up; check the disk and run "
-                        "again.")
+        raise UserError(
+            f"{skipped} image(s) became unreadable after the check at start-up; check the disk and run again."
+        )
     return {key: torch.cat(value) for key, value in features.items()}
 
 
@@ -532,7 +633,7 @@ def train_probe(features, labels, train_idx, test_idx, num_classes, args, seed):
     with torch.no_grad():
         predicted = classifier(features[test_idx]).argmax(1)
     truth = labels[test_idx]
-    confusion = torch.bincount(truth * num_classes + predicted, minlength=num_classes ** 2)
+    confusion = torch.bincount(truth * num_classes + predicted, minlength=num_classes**2)
     return float((predicted == truth).float().mean() * 100), confusion.view(num_classes, num_classes).tolist()
 
 
@@ -540,16 +641,30 @@ def probe_dataset(features, labels, classes, splits, width, args):
     """Every protocol on one dataset's cached features: the softmax probe of the final (and each stage's) features
     over every split, and with --knn the weighted kNN of the final features on the same splits."""
     labels, splits = torch.tensor(labels), [(torch.from_numpy(tr), torch.from_numpy(te)) for tr, te in splits]
-    per_key = {key: [train_probe(feats, labels, tr, te, len(classes), args, args.seed + r)
-                     for r, (tr, te) in enumerate(splits)] for key, feats in features.items()}
-    result = run_summary([acc for acc, _ in per_key["final"]], classes=classes, feature_dim=width,
-                              confusion_last_run=per_key["final"][-1][1],
-                              stages={key: run_summary([acc for acc, _ in runs])
-                                      for key, runs in per_key.items() if key != "final"})
+    per_key = {
+        key: [
+            train_probe(feats, labels, tr, te, len(classes), args, args.seed + r) for r, (tr, te) in enumerate(splits)
+        ]
+        for key, feats in features.items()
+    }
+    result = run_summary(
+        [acc for acc, _ in per_key["final"]],
+        classes=classes,
+        feature_dim=width,
+        confusion_last_run=per_key["final"][-1][1],
+        stages={key: run_summary([acc for acc, _ in runs]) for key, runs in per_key.items() if key != "final"},
+    )
     if args.knn:
         final, n = features["final"], len(classes)
-        accuracies = [float((data.knn_predict(final[tr], labels[tr], final[te], n, args.knn_k, args.knn_temperature)
-                             == labels[te]).float().mean() * 100) for tr, te in splits]
+        accuracies = [
+            float(
+                (data.knn_predict(final[tr], labels[tr], final[te], n, args.knn_k, args.knn_temperature) == labels[te])
+                .float()
+                .mean()
+                * 100
+            )
+            for tr, te in splits
+        ]
         result["knn"] = run_summary(accuracies, k=args.knn_k, temperature=args.knn_temperature)
     return result
 
@@ -557,11 +672,19 @@ def probe_dataset(features, labels, classes, splits, width, args):
 def stage_table(entries, names):
     """GeRSP Fig. 6 as a table: a row per backbone and dataset, the probe's top-1 on each stage's pooled features."""
     keys = [f"stage{i}" for i in range(1, 5)]
-    lines = ["Stage-wise linear probe (GeRSP Fig. 6), top-1 mean +- std", "",
-             "| weights | method | arch | dataset | " + " | ".join(keys) + " |", "|---|---|---|---|" + "---|" * 4]
-    lines += [f"| {e['weights']} | {e['method']} | {e['arch']} | {n} | " + " | ".join(
-        "%.2f +- %.2f" % (e[n]["stages"][k]["mean"], e[n]["stages"][k]["std"]) for k in keys) + " |"
-        for e in entries for n in names]
+    lines = [
+        "Stage-wise linear probe (GeRSP Fig. 6), top-1 mean +- std",
+        "",
+        "| weights | method | arch | dataset | " + " | ".join(keys) + " |",
+        "|---|---|---|---|" + "---|" * 4,
+    ]
+    lines += [
+        f"| {e['weights']} | {e['method']} | {e['arch']} | {n} | "
+        + " | ".join("%.2f +- %.2f" % (e[n]["stages"][k]["mean"], e[n]["stages"][k]["std"]) for k in keys)
+        + " |"
+        for e in entries
+        for n in names
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -583,8 +706,10 @@ def check_not_source(weights, method, dataset):
     (finetune_cls.py --save-backbone records '<method>+finetune:<dataset>') has seen images of its test split. The
     names are compared case-insensitively: give both scripts the same --dataset (default: the folder name)."""
     if re.search(rf"\+finetune:{re.escape(dataset)}(\+|$)", str(method), re.IGNORECASE):
-        raise UserError(f"--weights {weights} was fine-tuned on {dataset} ({method}), so the test images of --data "
-                        f"{dataset} include its training images; evaluate it on another dataset.")
+        raise UserError(
+            f"--weights {weights} was fine-tuned on {dataset} ({method}), so the test images of --data "
+            f"{dataset} include its training images; evaluate it on another dataset."
+        )
 
 
 def write_results(out, protocol, args, entries, datasets, title, extra=""):
@@ -592,14 +717,19 @@ def write_results(out, protocol, args, entries, datasets, title, extra=""):
     and 'knn' where eval_linear.py --knn stored a dataset's kNN result under "knn"), mean +- std per dataset, then
     `extra` (more markdown: the stage-wise table). entries: [{"weights", "method", "arch", <dataset>: {"mean", "std",
     ..., "knn": {"mean", "std", ...}}}]; the tables are printed too."""
-    table = ["| weights | method | arch | protocol | " + " | ".join(f"{d} top-1" for d in datasets) + " |",
-             "|---|---|---|---|" + "---|" * len(datasets)]
+    table = [
+        "| weights | method | arch | protocol | " + " | ".join(f"{d} top-1" for d in datasets) + " |",
+        "|---|---|---|---|" + "---|" * len(datasets),
+    ]
     for e in entries:
         for row in (protocol, "knn"):
             cells = [e.get(d) if row == protocol else e.get(d, {}).get("knn") for d in datasets]
             if any(cells):
-                table.append(f"| {e['weights']} | {e['method']} | {e['arch']} | {row} | " + " | ".join(
-                    f"{c['mean']:.2f} +- {c['std']:.2f}" if c else "" for c in cells) + " |")
+                table.append(
+                    f"| {e['weights']} | {e['method']} | {e['arch']} | {row} | "
+                    + " | ".join(f"{c['mean']:.2f} +- {c['std']:.2f}" if c else "" for c in cells)
+                    + " |"
+                )
     text = f"{title}\n\n" + "\n".join(table) + "\n" + (f"\n{extra}" if extra else "")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -613,10 +743,11 @@ def evaluate(args):
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    backbones = [load_backbone(w, args.arch, args.img_size, args.patch_size)  # all checked before any work
-                 for w in args.weights]
-    datasets = labeled_datasets(args.data, args.dataset, args.train_ratio, args.runs, args.seed,
-                                     workers=args.workers)
+    backbones = [
+        load_backbone(w, args.arch, args.img_size, args.patch_size)  # all checked before any work
+        for w in args.weights
+    ]
+    datasets = labeled_datasets(args.data, args.dataset, args.train_ratio, args.runs, args.seed, workers=args.workers)
     for weights, (_, _, _, method) in zip(args.weights, backbones):
         for name, *_ in datasets:
             check_not_source(weights, method, name)
@@ -629,14 +760,24 @@ def evaluate(args):
             features = extract_features(model, paths, args, device)
             extract_s = time.time() - start
             entry[name] = result = probe_dataset(features, labels, classes, splits, width, args)
-            log += [{"weights": weights, "dataset": name, "features": key, "dim": features[key].shape[1],
-                     "accuracies": (result["stages"][key] if key != "final" else result)["accuracies"],
-                     "extract_s": round(extract_s, 1)} for key in features]
+            log += [
+                {
+                    "weights": weights,
+                    "dataset": name,
+                    "features": key,
+                    "dim": features[key].shape[1],
+                    "accuracies": (result["stages"][key] if key != "final" else result)["accuracies"],
+                    "extract_s": round(extract_s, 1),
+                }
+                for key in features
+            ]
             stage_text = "".join(f" | {k} %.2f" % v["mean"] for k, v in result["stages"].items())
             knn_text = " | kNN %.2f +- %.2f" % (result["knn"]["mean"], result["knn"]["std"]) if args.knn else ""
-            print(f"eval_linear | {weights} on {name}: top-1 {result['mean']:.2f} +- {result['std']:.2f} over "
-                  f"{args.runs} run(s){knn_text}{stage_text} ({time.time() - start:.0f}s, extraction {extract_s:.0f}s)",
-                  flush=True)
+            print(
+                f"eval_linear | {weights} on {name}: top-1 {result['mean']:.2f} +- {result['std']:.2f} over "
+                f"{args.runs} run(s){knn_text}{stage_text} ({time.time() - start:.0f}s, extraction {extract_s:.0f}s)",
+                flush=True,
+            )
         entry["backbone_unchanged"] = fingerprint(model) == before
         if not entry["backbone_unchanged"]:
             raise RuntimeError(f"the backbone of {weights} changed during linear evaluation")
@@ -644,9 +785,16 @@ def evaluate(args):
 
     knn = f" and weighted kNN (k {args.knn_k}, temperature {args.knn_temperature})" if args.knn else ""
     names = [d[0] for d in datasets]
-    write_results(args.out, "linear", args, results, names, f"Linear probe (frozen features, {args.preprocess} "
-                       f"{args.img_size} px){knn}, {args.runs} run(s), train ratio {args.train_ratio}",
-                       extra=stage_table(results, names) if args.stages else "")
+    write_results(
+        args.out,
+        "linear",
+        args,
+        results,
+        names,
+        f"Linear probe (frozen features, {args.preprocess} "
+        f"{args.img_size} px){knn}, {args.runs} run(s), train ratio {args.train_ratio}",
+        extra=stage_table(results, names) if args.stages else "",
+    )
     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
         f.writelines(json.dumps(record) + "\n" for record in log)
     return results

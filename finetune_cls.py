@@ -38,6 +38,7 @@ BatchNorm is synchronised across GPUs under torchrun (the papers fine-tune with 
 processes it is not (gloo has no SyncBatchNorm), so every process tests with rank 0's running statistics; the last
 incomplete training batch of an epoch is dropped (the data is reshuffled every epoch).
 """
+
 import json
 import math
 import os
@@ -59,10 +60,28 @@ import eval_linear
 from data import UserError
 
 RECIPES = {
-    "gersp": dict(optimizer="sgd", lr=0.01, wd=1e-4, batch_size=64, epochs=100, img_size=224, milestones=[30, 60, 90],
-                  gamma=0.1, warmup=0),
-    "risojevic": dict(optimizer="adam", lr=3e-4, wd=0.0, batch_size=100, epochs=100, img_size=256,
-                      milestones=[50, 70, 90], gamma=0.2, warmup=5),
+    "gersp": dict(
+        optimizer="sgd",
+        lr=0.01,
+        wd=1e-4,
+        batch_size=64,
+        epochs=100,
+        img_size=224,
+        milestones=[30, 60, 90],
+        gamma=0.1,
+        warmup=0,
+    ),
+    "risojevic": dict(
+        optimizer="adam",
+        lr=3e-4,
+        wd=0.0,
+        batch_size=100,
+        epochs=100,
+        img_size=256,
+        milestones=[50, 70, 90],
+        gamma=0.2,
+        warmup=5,
+    ),
 }
 SCRATCH_LR = {"gersp": 0.01, "risojevic": 3e-3}  # paper 004 trains from scratch with a 10x larger lr
 
@@ -74,13 +93,21 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, help="TOTAL batch over all processes (recipe: 64 / 100)")
     p.add_argument("--lr", type=float, help="peak learning rate (recipe: 0.01 / 3e-4, and 3e-3 from scratch)")
     p.add_argument("--wd", type=float, help="weight decay (recipe: 1e-4 / 0)")
-    p.add_argument("--milestones", type=int, nargs="+", help="epochs where the lr is multiplied by the recipe's "
-                   "gamma (recipe: 30 60 90 / 50 70 90)")
+    p.add_argument(
+        "--milestones",
+        type=int,
+        nargs="+",
+        help="epochs where the lr is multiplied by the recipe's gamma (recipe: 30 60 90 / 50 70 90)",
+    )
     p.add_argument("--img-size", type=int, help="training and test image size (recipe: 224 / 256 crops of 292)")
     p.add_argument("--save-backbone", help="write the fine-tuned backbone of the last run here (a backbone.pth)")
     p.add_argument("--workers", type=int, help="data-loading processes per process (default: CPUs / processes)")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
-                   "on CUDA, off on CPU")
+    p.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="autocast: auto = bf16 on CUDA, off on CPU",
+    )
     p.add_argument("--out", default="runs/finetune", help="folder for results, logs and the resumable checkpoint")
     p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
     args = eval_linear.parse_evaluation_args(p, argv)
@@ -140,8 +167,19 @@ def transforms_for(args):
     if args.recipe == "gersp":
         return T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip()] + tail), eval_linear.eval_transform(size)
     big = round(size * 292 / 256)
-    return (T.Compose([T.Resize((big, big)), T.RandomCrop(size), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
-                       RandomRotation90()] + tail), eval_linear.center_crop_transform(size))
+    return (
+        T.Compose(
+            [
+                T.Resize((big, big)),
+                T.RandomCrop(size),
+                T.RandomHorizontalFlip(),
+                T.RandomVerticalFlip(),
+                RandomRotation90(),
+            ]
+            + tail
+        ),
+        eval_linear.center_crop_transform(size),
+    )
 
 
 def first_non_finite(state_dict, world):
@@ -209,14 +247,19 @@ def test_confusion(model, paths, labels, num_classes, transform, args, ctx):
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
     share = data.ImageDataset(paths[rank::world], labels[rank::world], transform)
-    loader = DataLoader(share, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=data.ignore_stop_signals)
+    loader = DataLoader(
+        share,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=data.ignore_stop_signals,
+    )
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     for images, targets, skipped in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             predicted = model(images.to(device, non_blocking=True)).argmax(1)
         cells = (targets.to(device) * num_classes + predicted)[skipped.to(device) == 0]
-        confusion += torch.bincount(cells, minlength=num_classes ** 2)
+        confusion += torch.bincount(cells, minlength=num_classes**2)
     if world > 1:
         dist.all_reduce(confusion)
     return confusion.view(num_classes, num_classes).cpu()
@@ -228,14 +271,17 @@ def prepare(args, rank, world, workers):
     (unreadable images dropped, splits drawn), a backbone fine-tuned on the evaluated dataset, a split under a batch."""
     check_args(args, world)
     checked = {w: eval_linear.load_backbone(w, args.arch, args.img_size, args.patch_size)[2:] for w in args.weights}
-    datasets = eval_linear.labeled_datasets(args.data, args.dataset, args.train_ratio, args.runs, args.seed,
-                                            verbose=rank == 0, workers=workers)
+    datasets = eval_linear.labeled_datasets(
+        args.data, args.dataset, args.train_ratio, args.runs, args.seed, verbose=rank == 0, workers=workers
+    )
     for name, _, _, _, splits in datasets:
         for weights, (_, method) in checked.items():
             eval_linear.check_not_source(weights, method, name)
         if len(splits[0][0]) < args.batch_size:  # the sampler drops the incomplete batch: epochs of 0 steps
-            raise UserError(f"the training split of {name} has {len(splits[0][0])} images, fewer than one batch of "
-                            f"{args.batch_size}, so no step would train; lower --batch-size or raise --train-ratio.")
+            raise UserError(
+                f"the training split of {name} has {len(splits[0][0])} images, fewer than one batch of "
+                f"{args.batch_size}, so no step would train; lower --batch-size or raise --train-ratio."
+            )
     return checked, datasets
 
 
@@ -245,8 +291,9 @@ def resume_state(args, ckpt_path, rank):
         return {"done": {}, "current": None}
     state = data.load_weights_only(ckpt_path)
     if state.get("args") != vars(args):
-        raise UserError(f"{ckpt_path} belongs to an evaluation with other arguments; use the same ones to resume, "
-                        "or another --out.")
+        raise UserError(
+            f"{ckpt_path} belongs to an evaluation with other arguments; use the same ones to resume, or another --out."
+        )
     if rank == 0:
         print(f"finetune | resuming: {len(state['done'])} run(s) done", flush=True)
     return state
@@ -269,10 +316,17 @@ def stop_on_signals():
 
 def evaluate(args):
     rank, world, device = setup_distributed()
-    amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
-                 "fp16": torch.float16, "off": None}[args.amp]
-    workers = args.workers if args.workers is not None else min(
-        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    amp_dtype = {
+        "auto": torch.bfloat16 if device.type == "cuda" else None,
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+        "off": None,
+    }[args.amp]
+    workers = (
+        args.workers
+        if args.workers is not None
+        else min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    )
     ctx = (rank, world, device, amp_dtype, workers)
     torch.manual_seed(args.seed)
     checked, datasets = prepare(args, rank, world, workers)
@@ -290,8 +344,16 @@ def evaluate(args):
             dist.barrier()
 
     total = len(args.weights) * args.runs * args.epochs * sum(len(d[4][0][0]) // args.batch_size for d in datasets)
-    job = {"ctx": ctx, "state": state, "save": save, "stop": stop, "log": log, "transforms": transforms_for(args),
-           "checkpoint": ckpt_path, "progress": {"steps": 0, "start": time.time(), "total": total}}
+    job = {
+        "ctx": ctx,
+        "state": state,
+        "save": save,
+        "stop": stop,
+        "log": log,
+        "transforms": transforms_for(args),
+        "checkpoint": ckpt_path,
+        "progress": {"steps": 0, "start": time.time(), "total": total},
+    }
     entries = []
     for weights in args.weights:
         arch, method = checked[weights]  # from the check, so a row whose runs all finished before a resume has them
@@ -302,36 +364,69 @@ def evaluate(args):
                 if key in state["done"]:
                     job["progress"]["steps"] += args.epochs * (len(train_idx) // args.batch_size)
                     continue
-                model = train_run(args, job, key, weights, run, len(classes), [paths[i] for i in train_idx],
-                                  [labels[i] for i in train_idx])
+                model = train_run(
+                    args,
+                    job,
+                    key,
+                    weights,
+                    run,
+                    len(classes),
+                    [paths[i] for i in train_idx],
+                    [labels[i] for i in train_idx],
+                )
                 if model is None:
                     if rank == 0:
-                        print(f"finetune | stopped by a signal after epoch {state['current']['epoch']} of {key}; "
-                              f"{ckpt_path} resumes it", flush=True)
+                        print(
+                            f"finetune | stopped by a signal after epoch {state['current']['epoch']} of {key}; "
+                            f"{ckpt_path} resumes it",
+                            flush=True,
+                        )
                     return None
-                confusion = test_confusion(model, [paths[i] for i in test_idx], [labels[i] for i in test_idx],
-                                           len(classes), job["transforms"][1], args, ctx)
+                confusion = test_confusion(
+                    model,
+                    [paths[i] for i in test_idx],
+                    [labels[i] for i in test_idx],
+                    len(classes),
+                    job["transforms"][1],
+                    args,
+                    ctx,
+                )
                 if args.save_backbone and rank == 0 and run == args.runs - 1:  # before the run counts as done
                     os.makedirs(os.path.dirname(os.path.abspath(args.save_backbone)), exist_ok=True)
-                    data.save_atomic({"arch": arch, "method": f"{method}+finetune:{name}",
-                                 "config": model_config(model.backbone, args.img_size),
-                                 "state_dict": model.backbone.state_dict()}, args.save_backbone)
+                    data.save_atomic(
+                        {
+                            "arch": arch,
+                            "method": f"{method}+finetune:{name}",
+                            "config": model_config(model.backbone, args.img_size),
+                            "state_dict": model.backbone.state_dict(),
+                        },
+                        args.save_backbone,
+                    )
                     print(f"finetune | fine-tuned backbone saved to {args.save_backbone}", flush=True)
                 accuracy = float(confusion.diag().sum() / confusion.sum() * 100)
                 state["done"][key], state["current"] = {"accuracy": accuracy, "confusion": confusion.tolist()}, None
                 save()
                 if rank == 0:
-                    log.write(json.dumps({"weights": weights, "dataset": name, "run": run,
-                                          "test_acc": round(accuracy, 3)}) + "\n")
+                    log.write(
+                        json.dumps({"weights": weights, "dataset": name, "run": run, "test_acc": round(accuracy, 3)})
+                        + "\n"
+                    )
                     log.flush()
                     print(f"finetune | {key}: top-1 {accuracy:.2f}", flush=True)
             done = [state["done"][f"{weights} | {name} | run {r}"] for r in range(args.runs)]
-            entry[name] = eval_linear.run_summary([d["accuracy"] for d in done], classes=classes,
-                                                  confusion_last_run=done[-1]["confusion"])
+            entry[name] = eval_linear.run_summary(
+                [d["accuracy"] for d in done], classes=classes, confusion_last_run=done[-1]["confusion"]
+            )
         entries.append(entry)
     if rank == 0:
-        eval_linear.write_results(args.out, "finetune", args, entries, [d[0] for d in datasets], f"Fine-tuning "
-                                  f"({args.recipe} recipe), {args.runs} run(s), train ratio {args.train_ratio}")
+        eval_linear.write_results(
+            args.out,
+            "finetune",
+            args,
+            entries,
+            [d[0] for d in datasets],
+            f"Fine-tuning ({args.recipe} recipe), {args.runs} run(s), train ratio {args.train_ratio}",
+        )
         log.close()
     if world > 1:
         dist.destroy_process_group()
@@ -362,23 +457,50 @@ def train_run(args, job, key, weights, run, num_classes, paths, labels):
     ddp_model = DDP(model) if world > 1 else model
     train_set = data.ImageDataset(paths, labels, job["transforms"][0], seed=args.seed + run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, rank, world, args.seed + run)
-    loader = DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=data.ignore_stop_signals,
-                        generator=torch.Generator().manual_seed(run))  # workers start afresh: they see set_epoch()
+    loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size // world,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=data.ignore_stop_signals,
+        generator=torch.Generator().manual_seed(run),
+    )  # workers start afresh: they see set_epoch()
     job["progress"]["steps"] += first_epoch * sampler.batches_per_epoch()
     for epoch in range(first_epoch, args.epochs):
-        train_epoch(ddp_model, loader, sampler, optimizer, scaler, epoch, peak, key, args, job["ctx"],
-                    job["progress"], job["progress"]["total"], job["log"])
+        train_epoch(
+            ddp_model,
+            loader,
+            sampler,
+            optimizer,
+            scaler,
+            epoch,
+            peak,
+            key,
+            args,
+            job["ctx"],
+            job["progress"],
+            job["progress"]["total"],
+            job["log"],
+        )
         bad = first_non_finite(model.state_dict(), world)  # before the checkpoint (and then the backbone) holds it
         if bad:
-            kept = (f"the last good checkpoint is {job['checkpoint']}, left as it was"
-                    if os.path.exists(job["checkpoint"]) else "no checkpoint was written yet")
+            kept = (
+                f"the last good checkpoint is {job['checkpoint']}, left as it was"
+                if os.path.exists(job["checkpoint"])
+                else "no checkpoint was written yet"
+            )
             if args.save_backbone:
                 kept += f"; --save-backbone {args.save_backbone} is not written"
             raise FloatingPointError(f"the weights became non-finite at epoch {epoch + 1} of {key} ({bad}); {kept}.")
-        state["current"] = {"key": key, "epoch": epoch + 1, "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                            "rng": torch.get_rng_state()}
+        state["current"] = {
+            "key": key,
+            "epoch": epoch + 1,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
         job["save"]()
         if job["stop"]["signal"] is not None:
             return None
@@ -404,26 +526,43 @@ def train_epoch(model, loader, sampler, optimizer, scaler, epoch, peak, key, arg
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        sums += torch.stack([loss.detach() * len(targets), (logits.argmax(1) == targets).sum(),
-                             torch.tensor(len(targets), device=device)])
+        sums += torch.stack(
+            [
+                loss.detach() * len(targets),
+                (logits.argmax(1) == targets).sum(),
+                torch.tensor(len(targets), device=device),
+            ]
+        )
         progress["steps"] += 1
         if rank == 0 and (i % args.log_every == 0 or i == len(loader)):
             loss_now, correct, seen = sums.tolist()
             elapsed = time.time() - progress["start"]
             eta = elapsed / progress["steps"] * (total_steps - progress["steps"])
-            print(f"finetune | {key} | ep {epoch + 1}/{args.epochs} | step {i}/{len(loader)} | loss "
-                  f"{loss_now / seen:.4f} | acc {correct / seen * 100:.1f}% | lr {optimizer.param_groups[0]['lr']:.3g} "
-                  f"| {seen * world / (time.time() - start):.0f} img/s | eta {format_eta(eta)}", flush=True)
+            print(
+                f"finetune | {key} | ep {epoch + 1}/{args.epochs} | step {i}/{len(loader)} | loss "
+                f"{loss_now / seen:.4f} | acc {correct / seen * 100:.1f}% | lr {optimizer.param_groups[0]['lr']:.3g} "
+                f"| {seen * world / (time.time() - start):.0f} img/s | eta {format_eta(eta)}",
+                flush=True,
+            )
     if world > 1:
         dist.all_reduce(sums)
     loss_sum, correct, seen = sums.tolist()
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"the loss of {key} became {loss_sum} in epoch {epoch + 1}; lower --lr.")
     if log is not None:
-        log.write(json.dumps({"run": key, "epoch": epoch, "loss": round(loss_sum / max(seen, 1), 5),
-                              "train_acc": round(correct / max(seen, 1) * 100, 2),
-                              "lr": optimizer.param_groups[0]["lr"],
-                              "images_per_s": round(seen / (time.time() - start), 1)}) + "\n")
+        log.write(
+            json.dumps(
+                {
+                    "run": key,
+                    "epoch": epoch,
+                    "loss": round(loss_sum / max(seen, 1), 5),
+                    "train_acc": round(correct / max(seen, 1) * 100, 2),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_s": round(seen / (time.time() - start), 1),
+                }
+            )
+            + "\n"
+        )
         log.flush()
 
 

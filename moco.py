@@ -39,6 +39,7 @@ for GeRSP itself; add --lr 0.05 to follow it). Choices of this file, where the p
 The file reads top to bottom: flags, the method, train(); below the HELPERS banner, what train() calls (processes,
 loader, gather, checkpoints, signals, the log, main), the same text in moco.py, gersp.py, pera.py and preco.py.
 """
+
 import copy
 import json
 import math
@@ -75,21 +76,31 @@ RESUME_MUST_MATCH = ("arch", "head", "dim", "queue", "batch_size", "data", "img_
 
 def get_args(argv=None):
     p = data.ArgumentParser(prog=SCRIPT, description="MoCo v1/v2 pre-training (see the module docstring).")
-    p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
-                   "datasets; 'synthetic' = built-in generated images. Default: synthetic")
+    p.add_argument(
+        "--data",
+        action="append",
+        help="folder of unlabeled images (any nesting); repeat to mix "
+        "datasets; 'synthetic' = built-in generated images. Default: synthetic",
+    )
     p.add_argument("--version", choices=VERSIONS, default="v2", help="recipe: head, temperature, augmentation, lr")
     p.add_argument("--head", choices=("linear", "mlp"), help="projector (default: from --version)")
     p.add_argument("--temperature", type=float, help="InfoNCE temperature T (default: 0.07 v1, 0.2 v2)")
     p.add_argument("--aug", choices=("moco_v1", "moco_v2", "gersp"), help="augmentation (default: from --version)")
     p.add_argument("--schedule", choices=("step", "cosine"), help="lr schedule (default: from --version)")
-    p.add_argument("--lr-steps", type=int, nargs="+", help="epochs of lr x0.1 under the step schedule (default: "
-                   "120 160)")
+    p.add_argument(
+        "--lr-steps", type=int, nargs="+", help="epochs of lr x0.1 under the step schedule (default: 120 160)"
+    )
     p.add_argument("--arch", choices=ARCHS, default="resnet50", help="torchvision backbone (resnet18 for CPU)")
     p.add_argument("--dim", type=int, default=128, help="feature dimension of the projector output")
     p.add_argument("--queue", type=int, default=65536, help="K, keys in the queue (a multiple of --batch-size)")
     p.add_argument("--moco-m", type=float, default=0.999, help="momentum m of the key encoder (Eq. 2)")
-    p.add_argument("--bn-group", type=int, default=32, help="samples per BatchNorm group (shuffle-BN, Sec. 3.3); "
-                   "one process keeps at least 2 groups, so keys never share their queries' statistics")
+    p.add_argument(
+        "--bn-group",
+        type=int,
+        default=32,
+        help="samples per BatchNorm group (shuffle-BN, Sec. 3.3); "
+        "one process keeps at least 2 groups, so keys never share their queries' statistics",
+    )
     p.add_argument("--epochs", type=int, default=200, help="training epochs")
     p.add_argument("--batch-size", type=int, default=256, help="TOTAL batch over all processes")
     p.add_argument("--lr", type=float, default=0.03, help="base learning rate (SGD)")
@@ -101,12 +112,21 @@ def get_args(argv=None):
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
     p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
-                   "on CUDA, off on CPU")
-    p.add_argument("--knn-monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
-                   "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
-    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
-                   "and the end)")
+    p.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="autocast: auto = bf16 on CUDA, off on CPU",
+    )
+    p.add_argument(
+        "--knn-monitor",
+        metavar="DIR",
+        help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
+        "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features",
+    )
+    p.add_argument(
+        "--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start and the end)"
+    )
     args = p.parse_args(argv)
     args.data = args.data or [data.SYNTHETIC]
     for key, value in VERSIONS[args.version].items():
@@ -128,8 +148,9 @@ def check_args(args, world):
     if args.img_size < 32:
         raise UserError(f"--img-size {args.img_size} is too small: a ResNet downsamples by 32.")
     if args.queue % args.batch_size:
-        raise UserError(f"--queue {args.queue} is not a multiple of --batch-size {args.batch_size} (the queue "
-                        "takes whole batches).")
+        raise UserError(
+            f"--queue {args.queue} is not a multiple of --batch-size {args.batch_size} (the queue takes whole batches)."
+        )
     local = args.batch_size // world
     if local > args.bn_group and local % args.bn_group:
         raise UserError(f"the per-process batch {local} is not a multiple of --bn-group {args.bn_group}.")
@@ -151,11 +172,21 @@ def augmentation(name, size):
     if name == "moco_v1":
         steps = [crop, T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomHorizontalFlip()]
     elif name == "moco_v2":
-        steps = [crop, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-                 T.RandomApply([RandomGaussianBlur()], p=0.5), T.RandomHorizontalFlip()]
+        steps = [
+            crop,
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([RandomGaussianBlur()], p=0.5),
+            T.RandomHorizontalFlip(),
+        ]
     else:  # gersp: crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.16) p=0.8, gray 0.2, flip 0.5, blur 0.5
-        steps = [crop, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.16)], p=0.8), T.RandomGrayscale(p=0.2),
-                 T.RandomHorizontalFlip(), T.RandomApply([RandomGaussianBlur()], p=0.5)]
+        steps = [
+            crop,
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.16)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([RandomGaussianBlur()], p=0.5),
+        ]
     return T.Compose(steps + [T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
 
@@ -185,8 +216,16 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         n, c, h, w = x.shape
         s = self.splits
         mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        y = F.batch_norm(x.reshape(n // s, c * s, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
-                         True, self.momentum, self.eps)
+        y = F.batch_norm(
+            x.reshape(n // s, c * s, h, w),
+            mean,
+            var,
+            self.weight.repeat(s),
+            self.bias.repeat(s),
+            True,
+            self.momentum,
+            self.eps,
+        )
         with torch.no_grad():
             self.running_mean.copy_(mean.view(s, c).mean(0))
             self.running_var.copy_(var.view(s, c).mean(0))
@@ -234,7 +273,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def enqueue(self, keys):
         """Sec. 3.2: the newest keys replace the oldest; K is a multiple of the global batch, so no wrap inside."""
-        self.queue[self.queue_ptr:self.queue_ptr + len(keys)] = keys
+        self.queue[self.queue_ptr : self.queue_ptr + len(keys)] = keys
         self.queue_ptr = (self.queue_ptr + len(keys)) % len(self.queue)
 
     @torch.no_grad()
@@ -247,11 +286,11 @@ class MoCo(nn.Module):
         if dist.is_initialized():
             dist.broadcast(perm, 0)
         b = len(im_k)
-        k = F.normalize(self.encoder_k(all_images[perm[rank * b:(rank + 1) * b]]).float(), dim=1)
+        k = F.normalize(self.encoder_k(all_images[perm[rank * b : (rank + 1) * b]]).float(), dim=1)
         shuffled = gather(k)
         all_keys = torch.empty_like(shuffled)
         all_keys[perm] = shuffled  # un-shuffle: all_keys[i] is the key of global sample i
-        return all_keys[rank * b:(rank + 1) * b], all_keys
+        return all_keys[rank * b : (rank + 1) * b], all_keys
 
 
 def info_nce(q, k, queue, temperature):
@@ -294,8 +333,9 @@ def train(args):
     ctx = setup(args)
     paths = data.list_images(args.data)
     data.check_readable(paths, seed=args.seed)
-    dataset = data.ImageDataset(paths, transform=partial(two_views, augmentation(args.aug, args.img_size)),
-                                seed=args.seed)
+    dataset = data.ImageDataset(
+        paths, transform=partial(two_views, augmentation(args.aug, args.img_size)), seed=args.seed
+    )
     loader = make_loader(dataset, args, ctx)
     steps_per_epoch = loader.sampler.batches_per_epoch()
     last_step = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
@@ -306,14 +346,21 @@ def train(args):
     model = MoCo(encoder, args.queue, args.dim, args.moco_m, args.temperature).to(ctx.device)
     query_encoder = ddp(model.encoder_q)  # the same weights; a backward through it averages the gradients
     backbone = model.encoder_q.backbone  # exported as backbone.pth, probed by --knn-monitor
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.wd, fused=ctx.device.type == "cuda")  # one kernel for the update
+    optimizer = torch.optim.SGD(
+        model.encoder_q.parameters(),
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.wd,
+        fused=ctx.device.type == "cuda",
+    )  # one kernel for the update
     torch.manual_seed(args.seed + ctx.rank)  # shuffle-BN permutations: each process its own
     step = resume(args, ctx, model, optimizer)  # 0 when --out holds no checkpoint
 
     log = Log(args, ctx, f"moco {args.version}", args.batch_size, last_step, step)
-    log(f"{len(paths)} images, {steps_per_epoch} steps/epoch, {ctx.world} process(es) on {ctx.device.type}, "
-        f"{f'resuming at step {step}' if step else 'starting'}")
+    log(
+        f"{len(paths)} images, {steps_per_epoch} steps/epoch, {ctx.world} process(es) on {ctx.device.type}, "
+        f"{f'resuming at step {step}' if step else 'starting'}"
+    )
     monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if args.knn_monitor and not ctx.rank else None
     if monitor and step == 0:
         knn(log, monitor, backbone, 0, 0)  # random init: where the curve starts
@@ -326,8 +373,17 @@ def train(args):
         dataset.set_epoch(epoch)  # augmentations are seeded by (seed, epoch, image index): resumes are exact
         loader.sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
         for (im_q, im_k), _, n_skipped in loader:
-            log.add(train_step(model, query_encoder, im_q.to(ctx.device, non_blocking=True),
-                               im_k.to(ctx.device, non_blocking=True), optimizer, ctx.scaler, ctx.amp_dtype))
+            log.add(
+                train_step(
+                    model,
+                    query_encoder,
+                    im_q.to(ctx.device, non_blocking=True),
+                    im_k.to(ctx.device, non_blocking=True),
+                    optimizer,
+                    ctx.scaler,
+                    ctx.amp_dtype,
+                )
+            )
             step, skipped = step + 1, skipped + n_skipped.sum()
             signalled = ctx.world == 1 and stop_requests  # one process stops at once; several at a log step
             if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == last_step or signalled:
@@ -336,8 +392,9 @@ def train(args):
                     break
         seen, skipped = (step - first_step) * args.batch_size, log.skipped(skipped, step, epoch)
         if skipped > seen // 2:
-            raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check "
-                            "the dataset.")
+            raise UserError(
+                f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check the dataset."
+            )
         if monitor and not stopping and (step == last_step or (epoch + 1) % args.knn_every == 0):
             knn(log, monitor, backbone, step, epoch)
         save(args, ctx, log, model, optimizer, backbone, step, epoch)
@@ -410,15 +467,28 @@ def gather(x):
 def make_loader(dataset, args, ctx, sampler=None):
     """This process's share of each global batch (data.EpochSampler's by default). The workers start afresh each
     epoch, so they see the dataset's set_epoch(); they ignore SIGTERM / Ctrl-C, which the main process handles."""
-    sampler = sampler if sampler is not None else data.EpochSampler(len(dataset), args.batch_size, ctx.rank,
-                                                                   ctx.world, args.seed)
+    sampler = (
+        sampler
+        if sampler is not None
+        else data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, args.seed)
+    )
     if sampler.batches_per_epoch() == 0:
         raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
-    workers = args.workers if args.workers is not None else min(
-        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return DataLoader(dataset, args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
-                      pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if workers else None,
-                      worker_init_fn=data.ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
+    workers = (
+        args.workers
+        if args.workers is not None
+        else min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    )
+    return DataLoader(
+        dataset,
+        args.batch_size // ctx.world,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=ctx.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=data.ignore_stop_signals,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
 
 
 def catch_stop_signals():
@@ -446,8 +516,10 @@ def resume(args, ctx, model, optimizer):
         raise UserError(f"{path} is not a {SCRIPT} checkpoint; use another --out.")
     changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
     if changed:
-        raise UserError(f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
-                        "values to resume, or another --out.")
+        raise UserError(
+            f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
+            "values to resume, or another --out."
+        )
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     ctx.scaler.load_state_dict(ckpt["scaler"])
@@ -477,9 +549,20 @@ def save(args, ctx, log, model, optimizer, backbone, step, epoch, config=None):
     if ctx.rank == 0:
         prefix = next(name for name, module in model.named_modules() if module is backbone) + "."
         mine = {"arch": args.arch, "method": METHOD, "config": config or {}}
-        data.save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
-                          "step": step, "epoch": epoch, "args": vars(args), "rng": rngs, "backbone_prefix": prefix,
-                          **mine}, os.path.join(args.out, "checkpoint.pth"))
+        data.save_atomic(
+            {
+                "model": state,
+                "optimizer": optimizer.state_dict(),
+                "scaler": ctx.scaler.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "args": vars(args),
+                "rng": rngs,
+                "backbone_prefix": prefix,
+                **mine,
+            },
+            os.path.join(args.out, "checkpoint.pth"),
+        )
         data.save_atomic({**mine, "state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
     if ctx.world > 1:
         dist.barrier()
@@ -522,10 +605,17 @@ class Log:
         memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(0).ru_maxrss / 2**20
         speed, values = self.steps * self.images_per_step / (now - self.window_start), dict(zip(names, values))
         eta = timedelta(seconds=int((now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)))
-        self(f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | " + " | ".join(
-            [f"{k} {v:.5g}" for k, v in values.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()]) +
-             f" | {speed:.1f} img/s | mem {memory:.2f} GB | eta {eta}", epoch=epoch, step=step, **schedule,
-             **{k: round(v, 5) for k, v in values.items()}, images_per_s=round(speed, 1), peak_mem_gb=round(memory, 3))
+        self(
+            f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | "
+            + " | ".join([f"{k} {v:.5g}" for k, v in values.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()])
+            + f" | {speed:.1f} img/s | mem {memory:.2f} GB | eta {eta}",
+            epoch=epoch,
+            step=step,
+            **schedule,
+            **{k: round(v, 5) for k, v in values.items()},
+            images_per_s=round(speed, 1),
+            peak_mem_gb=round(memory, 3),
+        )
         self.sums, self.steps, self.window_start = 0, 0, time.time()
         return stop_votes > 0
 
@@ -534,15 +624,25 @@ class Log:
         if self.ctx.world > 1:
             dist.all_reduce(skipped := skipped.to(self.ctx.device))
         if skipped := int(skipped):
-            self(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)", epoch=epoch, step=step,
-                 skipped_images=skipped)
+            self(
+                f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)",
+                epoch=epoch,
+                step=step,
+                skipped_images=skipped,
+            )
         self.total_skipped += skipped
         return skipped
 
     def finish(self, step, stopping):
         skipped = f"; {self.total_skipped} unreadable image(s) were skipped in this run" if self.total_skipped else ""
-        self((f"stopped by a signal at step {step}; {self.args.out}/checkpoint.pth resumes it" if stopping else
-              f"done at step {step}: backbone in {self.args.out}/backbone.pth") + skipped)
+        self(
+            (
+                f"stopped by a signal at step {step}; {self.args.out}/checkpoint.pth resumes it"
+                if stopping
+                else f"done at step {step}: backbone in {self.args.out}/backbone.pth"
+            )
+            + skipped
+        )
         if self.ctx.rank == 0:
             self.file.close()
 
@@ -550,16 +650,22 @@ class Log:
 def knn(log, monitor, backbone, step, epoch):
     """--knn-monitor: the backbone's kNN top-1 now, logged (eval mode, no random draw: the training is unchanged)."""
     start, top1 = time.time(), monitor.top1(backbone, log.ctx.device, log.ctx.amp_dtype)
-    log(f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)", epoch=epoch,
-        step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))
+    log(
+        f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)",
+        epoch=epoch,
+        step=step,
+        knn_top1=round(top1, 2),
+        knn_s=round(time.time() - start, 1),
+    )
 
 
 def nan_stop(what, step, args, last_saved, steps=1):
     """The error that stops a run whose loss or weights are no longer finite; exit code 1."""
     where = f"at step {step}" if steps == 1 else f"in steps {step - steps + 1}-{step}"
     saved = f"{os.path.join(args.out, 'checkpoint.pth')} (step {last_saved})" if last_saved else "none"
-    return FloatingPointError(f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use "
-                              "--amp off.")
+    return FloatingPointError(
+        f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use --amp off."
+    )
 
 
 def main(argv=None):

@@ -58,6 +58,7 @@ Choices of this file:
 The file reads top to bottom: flags, the method, train(); below the HELPERS banner, what train() calls (processes,
 loader, gather, checkpoints, signals, the log, main), the same text in moco.py, gersp.py, pera.py and preco.py.
 """
+
 import copy
 import json
 import math
@@ -86,28 +87,67 @@ ARCHS = tuple(data.VIT_SIZES)  # vit_tiny / vit_small / vit_base: torchvision Vi
 OUT_DIMS = {"vit_tiny": 8192, "vit_small": 131072, "vit_base": 131072}  # --out-dim default per arch
 GLOBAL_CROPS = 2
 TO_TENSOR = T.Compose([T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])  # what the ViT reads
-RESUME_MUST_MATCH = ("arch", "patch_size", "img_size", "local_size", "local_crops", "out_dim", "head_hidden",
-                     "head_bottleneck", "batch_size", "data", "seed", "dense")
+RESUME_MUST_MATCH = (
+    "arch",
+    "patch_size",
+    "img_size",
+    "local_size",
+    "local_crops",
+    "out_dim",
+    "head_hidden",
+    "head_bottleneck",
+    "batch_size",
+    "data",
+    "seed",
+    "dense",
+)
 
 
 def get_args(argv=None):
     p = data.ArgumentParser(prog=SCRIPT, description="PerA pre-training (see the module docstring).")
-    p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
-                   "datasets; 'synthetic' = built-in generated images. Default: synthetic")
+    p.add_argument(
+        "--data",
+        action="append",
+        help="folder of unlabeled images (any nesting); repeat to mix "
+        "datasets; 'synthetic' = built-in generated images. Default: synthetic",
+    )
     p.add_argument("--arch", choices=ARCHS, default="vit_base", help="torchvision ViT (vit_tiny for CPU)")
     p.add_argument("--patch-size", type=int, default=16, help="ViT patch size (8 suits 64 px images)")
     p.add_argument("--img-size", type=int, default=224, help="size of the global crops (and of the exported ViT)")
-    p.add_argument("--local-size", type=int, help="local crop size (default: 96, the code's, or 3/7 of a smaller "
-                   "--img-size)")
+    p.add_argument(
+        "--local-size", type=int, help="local crop size (default: 96, the code's, or 3/7 of a smaller --img-size)"
+    )
     p.add_argument("--local-crops", type=int, default=8, help="local crop pairs per image (multi-crop; 0 = none)")
-    p.add_argument("--global-scale", type=float, nargs=2, default=[0.4, 1.0], metavar=("MIN", "MAX"),
-                   help="area range of the global crops")
-    p.add_argument("--local-scale", type=float, nargs=2, default=[0.05, 0.4], metavar=("MIN", "MAX"),
-                   help="area range of the local crops")
-    p.add_argument("--mask-ratios", type=float, nargs=3, default=[0.3, 0.2, 0.5], metavar=("S", "L", "T"),
-                   help="disjoint mask ratios of the student, learnable and teacher parts (Eq. 1-3); sum 1")
-    p.add_argument("--dense", action="store_true", help="full-length PerA: both networks on every patch from "
-                   "block 0 (Table 10's comparison of sequence lengths, for time and memory)")
+    p.add_argument(
+        "--global-scale",
+        type=float,
+        nargs=2,
+        default=[0.4, 1.0],
+        metavar=("MIN", "MAX"),
+        help="area range of the global crops",
+    )
+    p.add_argument(
+        "--local-scale",
+        type=float,
+        nargs=2,
+        default=[0.05, 0.4],
+        metavar=("MIN", "MAX"),
+        help="area range of the local crops",
+    )
+    p.add_argument(
+        "--mask-ratios",
+        type=float,
+        nargs=3,
+        default=[0.3, 0.2, 0.5],
+        metavar=("S", "L", "T"),
+        help="disjoint mask ratios of the student, learnable and teacher parts (Eq. 1-3); sum 1",
+    )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="full-length PerA: both networks on every patch from "
+        "block 0 (Table 10's comparison of sequence lengths, for time and memory)",
+    )
     p.add_argument("--out-dim", type=int, help="DINO head prototypes (default: 131072, the paper's; vit_tiny 8192)")
     p.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the head and predictor MLPs")
     p.add_argument("--head-bottleneck", type=int, default=384, help="bottleneck width before the last layer")
@@ -135,12 +175,21 @@ def get_args(argv=None):
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
     p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
-                   "on CUDA, off on CPU")
-    p.add_argument("--knn-monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
-                   "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
-    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
-                   "and the end)")
+    p.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="autocast: auto = bf16 on CUDA, off on CPU",
+    )
+    p.add_argument(
+        "--knn-monitor",
+        metavar="DIR",
+        help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
+        "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features",
+    )
+    p.add_argument(
+        "--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start and the end)"
+    )
     args = p.parse_args(argv)
     args.data = args.data or [data.SYNTHETIC]
     args.out_dim = args.out_dim or OUT_DIMS[args.arch]
@@ -152,17 +201,37 @@ def get_args(argv=None):
 
 def check_args(args, world):
     """Every impossible setting of the method is one sentence before anything runs or is written."""
-    for name in ("patch_size", "local_size", "out_dim", "head_hidden", "head_bottleneck", "student_temp",
-                 "teacher_temp", "warmup_teacher_temp"):
+    for name in (
+        "patch_size",
+        "local_size",
+        "out_dim",
+        "head_hidden",
+        "head_bottleneck",
+        "student_temp",
+        "teacher_temp",
+        "warmup_teacher_temp",
+    ):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
-    for name in ("local_crops", "warmup_epochs", "teacher_temp_epochs", "min_lr", "wd", "wd_end", "clip_grad",
-                 "cls_weight", "mse_weight", "koleo_weight"):
+    for name in (
+        "local_crops",
+        "warmup_epochs",
+        "teacher_temp_epochs",
+        "min_lr",
+        "wd",
+        "wd_end",
+        "clip_grad",
+        "cls_weight",
+        "mse_weight",
+        "koleo_weight",
+    ):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)}).")
     if min(args.mask_ratios) <= 0 or abs(sum(args.mask_ratios) - 1) > 1e-6:
-        raise UserError(f"--mask-ratios {' '.join(map(str, args.mask_ratios))} must be three positive fractions "
-                        "s l t that sum to 1 (Eq. 3), e.g. 0.3 0.2 0.5.")
+        raise UserError(
+            f"--mask-ratios {' '.join(map(str, args.mask_ratios))} must be three positive fractions "
+            "s l t that sum to 1 (Eq. 3), e.g. 0.3 0.2 0.5."
+        )
     for name in ("teacher_momentum", "center_momentum"):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)}).")
@@ -179,8 +248,10 @@ def check_args(args, world):
         n = (size // args.patch_size) ** 2
         counts = mask_counts(n, args.mask_ratios)
         if min(counts[0], counts[2], counts[1] if parts == 3 else 1) < 1:
-            raise UserError(f"{flag} {size} is too small: its {n} patches of {args.patch_size} px leave a part of "
-                            f"--mask-ratios empty ({counts}); use a larger {flag} or a smaller --patch-size.")
+            raise UserError(
+                f"{flag} {size} is too small: its {n} patches of {args.patch_size} px leave a part of "
+                f"--mask-ratios empty ({counts}); use a larger {flag} or a smaller --patch-size."
+            )
     if args.vis and os.path.isdir(args.vis):
         raise UserError(f"--vis {args.vis} is a folder; give a .png file name.")
 
@@ -230,7 +301,7 @@ def disjoint_masks(batch, n, ratios, device, generator=None):
     """Eq. 1-3: per image, a random partition of its n patches into s / l / t (index tensors, batch x part size)."""
     order = torch.rand(batch, n, device=device, generator=generator).argsort(dim=1)
     n_s, n_l, _ = mask_counts(n, ratios)
-    return order[:, :n_s], order[:, n_s:n_s + n_l], order[:, n_s + n_l:]
+    return order[:, :n_s], order[:, n_s : n_s + n_l], order[:, n_s + n_l :]
 
 
 def take(x, index):
@@ -264,8 +335,16 @@ def patch_positions(vit, grid):
     pos = vit.encoder.pos_embedding[:, 1:]
     side = math.isqrt(pos.shape[1])
     if grid != side:
-        pos = F.interpolate(pos.reshape(1, side, side, -1).permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic",
-                            align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+        pos = (
+            F.interpolate(
+                pos.reshape(1, side, side, -1).permute(0, 3, 1, 2),
+                size=(grid, grid),
+                mode="bicubic",
+                align_corners=False,
+            )
+            .permute(0, 2, 3, 1)
+            .flatten(1, 2)
+        )
     return pos
 
 
@@ -291,8 +370,9 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim, out_dim, hidden, bottleneck):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, bottleneck)
+        )
         for layer in self.mlp[::2]:
             nn.init.trunc_normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
@@ -312,10 +392,11 @@ class PerA(nn.Module):
         vit = data.build_model(args.arch, args.img_size, args.patch_size)
         vit.heads = nn.Identity()  # the exported keys are torchvision's minus the classifier
         width = vit.hidden_dim
-        self.student = nn.ModuleDict(dict(encoder=vit, head=DINOHead(width, args.out_dim, args.head_hidden,
-                                                                     args.head_bottleneck)))
+        self.student = nn.ModuleDict(
+            dict(encoder=vit, head=DINOHead(width, args.out_dim, args.head_hidden, args.head_bottleneck))
+        )
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        self.predictor = DINOHead(width, 3 * args.patch_size ** 2, args.head_hidden, args.head_bottleneck)
+        self.predictor = DINOHead(width, 3 * args.patch_size**2, args.head_hidden, args.head_bottleneck)
         self.mask_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.register_buffer("center", torch.zeros(args.out_dim))
         self.dense, self.rate = args.dense, args.drop_path
@@ -330,7 +411,7 @@ class PerA(nn.Module):
         cls = [x[:, 0]]
         if loc is not None:
             cls.append(encode(self.student.encoder, loc, None if self.dense else local_masks[0], rate=rate)[:, 0])
-        return torch.cat(cls), x[:, -l.shape[1]:]
+        return torch.cat(cls), x[:, -l.shape[1] :]
 
     def forward(self, glob, loc, masks, local_masks):
         """Head outputs of the global then local crops (crop-major rows) and the predicted pixels at l."""
@@ -412,7 +493,7 @@ def train_step(model, ddp_model, views, args, sched, optimizer, scaler, amp_dtyp
     s_out = s_out.float()
     l_cls = cls_loss(s_out, teacher_targets(t_out, model.center, sched["teacher_temp"]), args.student_temp)
     l_mse = pixel_loss(pred, s_glob, masks[1], args.patch_size)
-    l_koleo = sum(koleo(x) for x in s_out[:len(s_glob)].chunk(GLOBAL_CROPS))  # Eq. 8 per global crop
+    l_koleo = sum(koleo(x) for x in s_out[: len(s_glob)].chunk(GLOBAL_CROPS))  # Eq. 8 per global crop
     loss = args.cls_weight * l_cls + args.mse_weight * l_mse + args.koleo_weight * l_koleo  # Eq. 9
     update_center(model.center, t_out, args.center_momentum)
     optimizer.zero_grad(set_to_none=True)
@@ -436,12 +517,22 @@ def schedules(args, step, steps_per_epoch):
     the authors' np.linspace(start, peak, W): the peak at step W - 1."""
     total = args.epochs * steps_per_epoch
     warm, warm_t = args.warmup_epochs * steps_per_epoch, args.teacher_temp_epochs * steps_per_epoch
-    lr = args.lr * step / max(warm - 1, 1) if step < warm else \
-        cosine(args.lr, args.min_lr, (step - warm) / max(total - warm, 1))
-    temp = args.teacher_temp if step >= warm_t else \
-        args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * step / max(warm_t - 1, 1)
-    return {"lr": lr, "wd": cosine(args.wd, args.wd_end, step / total), "teacher_temp": temp,
-            "teacher_momentum": cosine(args.teacher_momentum, 1.0, step / total)}
+    lr = (
+        args.lr * step / max(warm - 1, 1)
+        if step < warm
+        else cosine(args.lr, args.min_lr, (step - warm) / max(total - warm, 1))
+    )
+    temp = (
+        args.teacher_temp
+        if step >= warm_t
+        else args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * step / max(warm_t - 1, 1)
+    )
+    return {
+        "lr": lr,
+        "wd": cosine(args.wd, args.wd_end, step / total),
+        "teacher_temp": temp,
+        "teacher_momentum": cosine(args.teacher_momentum, 1.0, step / total),
+    }
 
 
 @torch.no_grad()
@@ -453,8 +544,9 @@ def save_visualisation(model, paths, args, device, rows=4):
     dataset = data.ImageDataset(paths[:rows], transform=whole)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(device)
     p = args.patch_size
-    s, l, t = disjoint_masks(len(images), (args.img_size // p) ** 2, args.mask_ratios, device,
-                             torch.Generator(device).manual_seed(args.seed))
+    s, l, t = disjoint_masks(
+        len(images), (args.img_size // p) ** 2, args.mask_ratios, device, torch.Generator(device).manual_seed(args.seed)
+    )
     model.eval()
     _, pred = model(images, None, (s, l, t), None)
     model.train()
@@ -467,15 +559,23 @@ def save_visualisation(model, paths, args, device, rows=4):
 
     parts = paste(paste(img, l, take(0.4 * img + 0.6 * red, l)), t, take(0.4 * img + 0.6 * blue, t))
     gray = gray.expand_as(img)
-    panels = [img, parts, paste(gray, s, take(img, s)), paste(gray, t, take(img, t)), paste(gray, l, take(img, l)),
-              paste(gray, l, (pred.float() * std + mean).clamp(0, 1))]
+    panels = [
+        img,
+        parts,
+        paste(gray, s, take(img, s)),
+        paste(gray, t, take(img, t)),
+        paste(gray, l, take(img, l)),
+        paste(gray, l, (pred.float() * std + mean).clamp(0, 1)),
+    ]
     g = args.img_size // p  # patches per side; below: patchify's inverse, image-major, to (N * 6) x 3 x H x W
     tiles = torch.stack(panels, 1).reshape(-1, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(-1, 3, g * p, g * p)
     tiles = F.interpolate(tiles.float().cpu(), scale_factor=-(-128 // (g * p)), mode="nearest")
     os.makedirs(os.path.dirname(os.path.abspath(args.vis)), exist_ok=True)
     save_image(make_grid(tiles, nrow=len(panels), padding=2, pad_value=1.0), args.vis)
-    return (f"partition and reconstruction of {len(images)} images in {args.vis}; columns: image | s / l / t (l red, "
-            "t blue) | student input s | teacher input t | true pixels at l | predicted at l")
+    return (
+        f"partition and reconstruction of {len(images)} images in {args.vis}; columns: image | s / l / t (l red, "
+        "t blue) | student input s | teacher input t | true pixels at l | predicted at l"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -496,17 +596,25 @@ def train(args):
     # the same weights; a backward through it averages the gradients over processes (the centre: update_center())
     ddp_model = ddp(model, forward_sync_buffers=False)
     backbone = model.teacher.encoder  # Sec. 3.2.3: the TEACHER encoder is exported and probed by --knn-monitor
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
-                                  eps=2e-5, weight_decay=args.wd, fused=ctx.device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=args.lr,
+        betas=(0.9, 0.999),
+        eps=2e-5,
+        weight_decay=args.wd,
+        fused=ctx.device.type == "cuda",
+    )
     torch.manual_seed(args.seed + ctx.rank)  # masks and drop path: each process its own
     step = resume(args, ctx, model, optimizer)  # 0 when --out holds no checkpoint
 
     n = (args.img_size // args.patch_size) ** 2
     n_s, n_l, n_t = (n, 0, n) if args.dense else mask_counts(n, args.mask_ratios)
     log = Log(args, ctx, "pera --dense (full-length)" if args.dense else "pera", args.batch_size, last_step, step)
-    log(f"{len(paths)} images, {n} patches per global crop: student {1 + n_s} -> {1 + n_s + n_l} tokens, teacher "
+    log(
+        f"{len(paths)} images, {n} patches per global crop: student {1 + n_s} -> {1 + n_s + n_l} tokens, teacher "
         f"{1 + n_t}, {steps_per_epoch} steps/epoch, {ctx.world} process(es) on {ctx.device.type}, "
-        f"{f'resuming at step {step}' if step else 'starting'}")
+        f"{f'resuming at step {step}' if step else 'starting'}"
+    )
     monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if args.knn_monitor and not ctx.rank else None
     if monitor and step == 0:
         knn(log, monitor, backbone, 0, 0)  # random init: where the curve starts
@@ -529,12 +637,22 @@ def train(args):
                     break
         seen, skipped = (step - first_step) * args.batch_size, log.skipped(skipped, step, epoch)
         if skipped > seen // 2:
-            raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check "
-                            "the dataset.")
+            raise UserError(
+                f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check the dataset."
+            )
         if monitor and not stopping and (step == last_step or (epoch + 1) % args.knn_every == 0):
             knn(log, monitor, backbone, step, epoch)
-        save(args, ctx, log, model, optimizer, backbone, step, epoch,
-             config={"image_size": args.img_size, "patch_size": args.patch_size})
+        save(
+            args,
+            ctx,
+            log,
+            model,
+            optimizer,
+            backbone,
+            step,
+            epoch,
+            config={"image_size": args.img_size, "patch_size": args.patch_size},
+        )
     if args.vis and not stopping and ctx.rank == 0:
         log(save_visualisation(model, paths, args, ctx.device))
     log.finish(step, stopping)
@@ -606,15 +724,28 @@ def gather(x):
 def make_loader(dataset, args, ctx, sampler=None):
     """This process's share of each global batch (data.EpochSampler's by default). The workers start afresh each
     epoch, so they see the dataset's set_epoch(); they ignore SIGTERM / Ctrl-C, which the main process handles."""
-    sampler = sampler if sampler is not None else data.EpochSampler(len(dataset), args.batch_size, ctx.rank,
-                                                                   ctx.world, args.seed)
+    sampler = (
+        sampler
+        if sampler is not None
+        else data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, args.seed)
+    )
     if sampler.batches_per_epoch() == 0:
         raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
-    workers = args.workers if args.workers is not None else min(
-        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return DataLoader(dataset, args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
-                      pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if workers else None,
-                      worker_init_fn=data.ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
+    workers = (
+        args.workers
+        if args.workers is not None
+        else min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    )
+    return DataLoader(
+        dataset,
+        args.batch_size // ctx.world,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=ctx.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=data.ignore_stop_signals,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
 
 
 def catch_stop_signals():
@@ -642,8 +773,10 @@ def resume(args, ctx, model, optimizer):
         raise UserError(f"{path} is not a {SCRIPT} checkpoint; use another --out.")
     changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
     if changed:
-        raise UserError(f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
-                        "values to resume, or another --out.")
+        raise UserError(
+            f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
+            "values to resume, or another --out."
+        )
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     ctx.scaler.load_state_dict(ckpt["scaler"])
@@ -673,9 +806,20 @@ def save(args, ctx, log, model, optimizer, backbone, step, epoch, config=None):
     if ctx.rank == 0:
         prefix = next(name for name, module in model.named_modules() if module is backbone) + "."
         mine = {"arch": args.arch, "method": METHOD, "config": config or {}}
-        data.save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
-                          "step": step, "epoch": epoch, "args": vars(args), "rng": rngs, "backbone_prefix": prefix,
-                          **mine}, os.path.join(args.out, "checkpoint.pth"))
+        data.save_atomic(
+            {
+                "model": state,
+                "optimizer": optimizer.state_dict(),
+                "scaler": ctx.scaler.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "args": vars(args),
+                "rng": rngs,
+                "backbone_prefix": prefix,
+                **mine,
+            },
+            os.path.join(args.out, "checkpoint.pth"),
+        )
         data.save_atomic({**mine, "state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
     if ctx.world > 1:
         dist.barrier()
@@ -718,10 +862,17 @@ class Log:
         memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(0).ru_maxrss / 2**20
         speed, values = self.steps * self.images_per_step / (now - self.window_start), dict(zip(names, values))
         eta = timedelta(seconds=int((now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)))
-        self(f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | " + " | ".join(
-            [f"{k} {v:.5g}" for k, v in values.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()]) +
-             f" | {speed:.1f} img/s | mem {memory:.2f} GB | eta {eta}", epoch=epoch, step=step, **schedule,
-             **{k: round(v, 5) for k, v in values.items()}, images_per_s=round(speed, 1), peak_mem_gb=round(memory, 3))
+        self(
+            f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | "
+            + " | ".join([f"{k} {v:.5g}" for k, v in values.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()])
+            + f" | {speed:.1f} img/s | mem {memory:.2f} GB | eta {eta}",
+            epoch=epoch,
+            step=step,
+            **schedule,
+            **{k: round(v, 5) for k, v in values.items()},
+            images_per_s=round(speed, 1),
+            peak_mem_gb=round(memory, 3),
+        )
         self.sums, self.steps, self.window_start = 0, 0, time.time()
         return stop_votes > 0
 
@@ -730,15 +881,25 @@ class Log:
         if self.ctx.world > 1:
             dist.all_reduce(skipped := skipped.to(self.ctx.device))
         if skipped := int(skipped):
-            self(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)", epoch=epoch, step=step,
-                 skipped_images=skipped)
+            self(
+                f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)",
+                epoch=epoch,
+                step=step,
+                skipped_images=skipped,
+            )
         self.total_skipped += skipped
         return skipped
 
     def finish(self, step, stopping):
         skipped = f"; {self.total_skipped} unreadable image(s) were skipped in this run" if self.total_skipped else ""
-        self((f"stopped by a signal at step {step}; {self.args.out}/checkpoint.pth resumes it" if stopping else
-              f"done at step {step}: backbone in {self.args.out}/backbone.pth") + skipped)
+        self(
+            (
+                f"stopped by a signal at step {step}; {self.args.out}/checkpoint.pth resumes it"
+                if stopping
+                else f"done at step {step}: backbone in {self.args.out}/backbone.pth"
+            )
+            + skipped
+        )
         if self.ctx.rank == 0:
             self.file.close()
 
@@ -746,16 +907,22 @@ class Log:
 def knn(log, monitor, backbone, step, epoch):
     """--knn-monitor: the backbone's kNN top-1 now, logged (eval mode, no random draw: the training is unchanged)."""
     start, top1 = time.time(), monitor.top1(backbone, log.ctx.device, log.ctx.amp_dtype)
-    log(f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)", epoch=epoch,
-        step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))
+    log(
+        f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)",
+        epoch=epoch,
+        step=step,
+        knn_top1=round(top1, 2),
+        knn_s=round(time.time() - start, 1),
+    )
 
 
 def nan_stop(what, step, args, last_saved, steps=1):
     """The error that stops a run whose loss or weights are no longer finite; exit code 1."""
     where = f"at step {step}" if steps == 1 else f"in steps {step - steps + 1}-{step}"
     saved = f"{os.path.join(args.out, 'checkpoint.pth')} (step {last_saved})" if last_saved else "none"
-    return FloatingPointError(f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use "
-                              "--amp off.")
+    return FloatingPointError(
+        f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use --amp off."
+    )
 
 
 def main(argv=None):

@@ -61,6 +61,7 @@ batch 112 per GPU on 8 GPUs (--batch-size 896 in total); export the encoder. Whe
 The file reads top to bottom: flags, the method, train(); below the HELPERS banner, what train() calls (processes,
 loader, gather, checkpoints, signals, the log, main), the same text in moco.py, gersp.py, pera.py and preco.py.
 """
+
 import argparse
 import json
 import math
@@ -93,23 +94,41 @@ RESUME_MUST_MATCH = ("arch", "batch_size", "data", "img_size", "mask_unit", "mas
 
 def get_args(argv=None):
     p = data.ArgumentParser(prog=SCRIPT, description="PReCo pre-training (see the module docstring).")
-    p.add_argument("--data", action="append", help="folder of unlabeled images (any nesting); repeat to mix "
-                   "datasets; 'synthetic' = built-in generated images. Default: synthetic")
+    p.add_argument(
+        "--data",
+        action="append",
+        help="folder of unlabeled images (any nesting); repeat to mix "
+        "datasets; 'synthetic' = built-in generated images. Default: synthetic",
+    )
     p.add_argument("--arch", choices=ARCHS, default="swin_b", help="torchvision Swin encoder (swin_t for CPU)")
     p.add_argument("--mask-unit", type=int, default=32, help="side in px of a masked square (multiple of 4)")
     p.add_argument("--mask-ratio", type=float, default=0.6, help="fraction of mask units masked (rounded up)")
-    p.add_argument("--prompt", action=argparse.BooleanOptionalAction, default=True, help="the prompt-enhanced "
-                   "branch (Sec. 3.3); --no-prompt is the paper's ablation '- P-E' (Table 7), i.e. SimMIM")
+    p.add_argument(
+        "--prompt",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the prompt-enhanced "
+        "branch (Sec. 3.3); --no-prompt is the paper's ablation '- P-E' (Table 7), i.e. SimMIM",
+    )
     p.add_argument("--lambda-re", type=float, default=1.0, help="weight of L_Re, the masked reconstruction (Eq. 4)")
     p.add_argument("--lambda-pr", type=float, default=1.0, help="weight of L_Pr, the prompt branch's loss (Eq. 4)")
     p.add_argument("--lambda-sc", type=float, default=1.0, help="weight of L_Sc, semantic consistency (Eq. 3, 4)")
-    p.add_argument("--lambda-con", type=float, default=1.0, help="weight of the contrastive term (Sec. 3.3); 0 = Eq. 4 "
-                   "as printed")
-    p.add_argument("--pr-pixels", choices=("all", "masked"), default="all", help="pixels of L_Pr: every one, or the "
-                   "masked units only (Eq. 2's N)")
+    p.add_argument(
+        "--lambda-con", type=float, default=1.0, help="weight of the contrastive term (Sec. 3.3); 0 = Eq. 4 as printed"
+    )
+    p.add_argument(
+        "--pr-pixels",
+        choices=("all", "masked"),
+        default="all",
+        help="pixels of L_Pr: every one, or the masked units only (Eq. 2's N)",
+    )
     p.add_argument("--sc-dist", choices=("l1", "l2"), default="l1", help="Dist of Eq. 3 on the masked pixels")
-    p.add_argument("--sc-stop-grad", action=argparse.BooleanOptionalAction, default=True, help="L_Sc trains Y_Re "
-                   "only (Y_Pr detached); --no-sc-stop-grad also pulls Y_Pr towards Y_Re")
+    p.add_argument(
+        "--sc-stop-grad",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="L_Sc trains Y_Re only (Y_Pr detached); --no-sc-stop-grad also pulls Y_Pr towards Y_Re",
+    )
     p.add_argument("--temperature", type=float, default=0.2, help="temperature of the contrastive InfoNCE")
     p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth of the deepest Swin block")
     p.add_argument("--epochs", type=int, default=200, help="training epochs")
@@ -126,12 +145,21 @@ def get_args(argv=None):
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
     p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = bf16 "
-                   "on CUDA, off on CPU")
-    p.add_argument("--knn-monitor", metavar="DIR", help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
-                   "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features")
-    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start "
-                   "and the end)")
+    p.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="autocast: auto = bf16 on CUDA, off on CPU",
+    )
+    p.add_argument(
+        "--knn-monitor",
+        metavar="DIR",
+        help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
+        "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features",
+    )
+    p.add_argument(
+        "--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start and the end)"
+    )
     args = p.parse_args(argv)
     args.data = args.data or [data.SYNTHETIC]
     if args.min_lr is None:
@@ -149,8 +177,10 @@ def check_args(args, world):
             raise UserError(f"--{name.replace('_', '-')} must not be negative (got {getattr(args, name)}).")
     weights = (args.lambda_re, args.lambda_pr, args.lambda_sc, args.lambda_con) if args.prompt else (args.lambda_re,)
     if not any(weights):
-        raise UserError("every loss weight is 0: raise one of --lambda-re, --lambda-pr, --lambda-sc, --lambda-con "
-                        "(--no-prompt trains L_Re alone).")
+        raise UserError(
+            "every loss weight is 0: raise one of --lambda-re, --lambda-pr, --lambda-sc, --lambda-con "
+            "(--no-prompt trains L_Re alone)."
+        )
     if not 0 < args.mask_ratio < 1:
         raise UserError(f"--mask-ratio must be between 0 and 1 (got {args.mask_ratio}).")
     if not 0 <= args.drop_path < 1:
@@ -158,19 +188,24 @@ def check_args(args, world):
     if args.mask_unit % PATCH:
         raise UserError(f"--mask-unit {args.mask_unit} is not a multiple of Swin's {PATCH}-px patch.")
     if args.img_size % STRIDE:
-        raise UserError(f"--img-size {args.img_size} is not a multiple of {STRIDE}, the stride of Swin's last stage "
-                        "that the decoder upsamples by.")
+        raise UserError(
+            f"--img-size {args.img_size} is not a multiple of {STRIDE}, the stride of Swin's last stage "
+            "that the decoder upsamples by."
+        )
     if args.img_size % args.mask_unit:
         raise UserError(f"--img-size {args.img_size} is not a multiple of --mask-unit {args.mask_unit}.")
     units = (args.img_size // args.mask_unit) ** 2
     if math.ceil(units * args.mask_ratio) >= units:
-        raise UserError(f"--mask-ratio {args.mask_ratio} of {units} mask unit(s) masks the whole image; use a smaller "
-                        "--mask-unit or --mask-ratio.")
+        raise UserError(
+            f"--mask-ratio {args.mask_ratio} of {units} mask unit(s) masks the whole image; use a smaller "
+            "--mask-unit or --mask-ratio."
+        )
     if args.warmup_epochs >= args.epochs:
         raise UserError(f"--warmup-epochs {args.warmup_epochs} must be smaller than --epochs {args.epochs}.")
     if args.prompt and args.lambda_con > 0 and args.batch_size < 2:
-        raise UserError("the contrastive term needs at least 2 images per batch; raise --batch-size or set "
-                        "--lambda-con 0.")
+        raise UserError(
+            "the contrastive term needs at least 2 images per batch; raise --batch-size or set --lambda-con 0."
+        )
     if args.vis is not None and os.path.isdir(args.vis):
         raise UserError(f"--vis {args.vis} is a folder; give a .png file name.")
 
@@ -179,7 +214,7 @@ def check_args(args, world):
 def random_mask(grid, ratio):
     """Sec. 3.2 (SimMIM's MaskGenerator): exactly ceil(ratio * grid^2) of the grid x grid units, True = masked."""
     mask = torch.zeros(grid * grid, dtype=torch.bool)
-    mask[torch.randperm(grid * grid)[:math.ceil(grid * grid * ratio)]] = True
+    mask[torch.randperm(grid * grid)[: math.ceil(grid * grid * ratio)]] = True
     return mask.view(grid, grid)
 
 
@@ -193,9 +228,14 @@ class MaskedView:
     (seed, epoch, index), so the crop and the mask of every sample are the same before and after a resume."""
 
     def __init__(self, size, mask_unit, mask_ratio):
-        self.transform = T.Compose([T.RandomResizedCrop(size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
-                                    T.RandomHorizontalFlip(), T.ToTensor(),
-                                    T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+        self.transform = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+            ]
+        )
         self.grid, self.ratio = size // mask_unit, mask_ratio
 
     def __call__(self, img):
@@ -218,7 +258,8 @@ class PReCo(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(self.encoder.features[0][-1].normalized_shape[0]))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.decoder = nn.Sequential(  # SimMIM's 1x1 conv as a Linear on N H W C (a 1x1 conv's grad upsets DDP at 1x1)
-            nn.Linear(width, STRIDE ** 2 * 3), torchvision.ops.Permute([0, 3, 1, 2]), nn.PixelShuffle(STRIDE))
+            nn.Linear(width, STRIDE**2 * 3), torchvision.ops.Permute([0, 3, 1, 2]), nn.PixelShuffle(STRIDE)
+        )
         self.tokens_per_unit = mask_unit // PATCH
 
     def embed(self, images, mask):
@@ -250,12 +291,15 @@ def info_nce(z_a, z_b, temperature):
         z_a, z_b = F.normalize(z_a.float(), dim=1), F.normalize(z_b.float(), dim=1)
         offset = dist.get_rank() * len(z_a) if dist.is_initialized() else 0
         labels = torch.arange(len(z_a), device=z_a.device) + offset
-        return 0.5 * (F.cross_entropy(z_a @ gather(z_b).T / temperature, labels) +
-                      F.cross_entropy(z_b @ gather(z_a).T / temperature, labels))
+        return 0.5 * (
+            F.cross_entropy(z_a @ gather(z_b).T / temperature, labels)
+            + F.cross_entropy(z_b @ gather(z_a).T / temperature, labels)
+        )
 
 
-def preco_losses(model, images, mask, mask_unit, prompt=True, pr_pixels="all", sc_dist="l1", sc_stop_grad=True,
-                 temperature=0.2):
+def preco_losses(
+    model, images, mask, mask_unit, prompt=True, pr_pixels="all", sc_dist="l1", sc_stop_grad=True, temperature=0.2
+):
     """Both branches in ONE pass through the shared encoder and decoder; returns [L_Re, L_Pr, L_Sc, L_Con] in
     float32, or [L_Re] without the prompt branch ('- P-E')."""
     pixel_mask = upsample_mask(mask, mask_unit)
@@ -265,18 +309,29 @@ def preco_losses(model, images, mask, mask_unit, prompt=True, pr_pixels="all", s
     pixels, pooled = model(torch.cat([images, images]), torch.cat([mask, torch.zeros_like(mask)]))
     (y_re, y_pr), (z_re, z_pr) = pixels.float().chunk(2), pooled.float().chunk(2)
     pr_mask = pixel_mask if pr_pixels == "masked" else torch.ones_like(pixel_mask)
-    return [masked_distance(y_re, images, pixel_mask),  # Eq. 2
-            masked_distance(y_pr, images, pr_mask),  # Sec. 3.4: Eq. 2 for Y_Pr
-            masked_distance(y_re, y_pr.detach() if sc_stop_grad else y_pr, pixel_mask, sc_dist),  # Eq. 3
-            info_nce(z_re, z_pr, temperature)]  # Sec. 3.3
+    return [
+        masked_distance(y_re, images, pixel_mask),  # Eq. 2
+        masked_distance(y_pr, images, pr_mask),  # Sec. 3.4: Eq. 2 for Y_Pr
+        masked_distance(y_re, y_pr.detach() if sc_stop_grad else y_pr, pixel_mask, sc_dist),  # Eq. 3
+        info_nce(z_re, z_pr, temperature),
+    ]  # Sec. 3.3
 
 
 # ------------------------------------------------------------------------------------------------ training
 def train_step(model, images, mask, optimizer, scaler, amp_dtype, args):
     """One AdamW step on Eq. 4; returns [loss, L_Re, L_Pr, L_Sc, L_Con] ([loss, L_Re] with --no-prompt), no sync."""
     with autocast(images.device, amp_dtype):
-        terms = preco_losses(model, images, mask, args.mask_unit, args.prompt, args.pr_pixels, args.sc_dist,
-                             args.sc_stop_grad, args.temperature)
+        terms = preco_losses(
+            model,
+            images,
+            mask,
+            args.mask_unit,
+            args.prompt,
+            args.pr_pixels,
+            args.sc_dist,
+            args.sc_stop_grad,
+            args.temperature,
+        )
     weights = (args.lambda_re, args.lambda_pr, args.lambda_sc, args.lambda_con)
     loss = sum(w * term for w, term in zip(weights, terms))  # Eq. 4
     optimizer.zero_grad(set_to_none=True)
@@ -297,8 +352,14 @@ def build_optimizer(model, args):
         skip = param.ndim == 1 or name.endswith(".bias") or name == "mask_token" or "relative_position_bias" in name
         (no_decay if skip else decay).append(param)
     fused = next(model.parameters()).is_cuda  # one kernel for the whole update on a GPU
-    return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
-                             betas=(0.9, 0.999), eps=1e-8, weight_decay=args.wd, fused=fused)
+    return torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=args.wd,
+        fused=fused,
+    )
 
 
 def lr_at(args, step, steps_per_epoch):
@@ -332,8 +393,10 @@ def save_visualisation(model, dataset, path, device, count=8):
     tiles = F.interpolate(tiles, scale_factor=math.ceil(128 / images.shape[-1]), mode="nearest")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torchvision.utils.save_image(torchvision.utils.make_grid(tiles.cpu(), nrow=len(columns), pad_value=1.0), path)
-    return (f"reconstructions of {len(images)} images in {path}; columns: masked input (x_hat) | Y_Re in the masked "
-            "units (Eq. 1) | Y_Pr, the prompt branch | input (x)")
+    return (
+        f"reconstructions of {len(images)} images in {path}; columns: masked input (x_hat) | Y_Re in the masked "
+        "units (Eq. 1) | Y_Pr, the prompt branch | input (x)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -343,8 +406,9 @@ def train(args):
     ctx = setup(args)
     paths = data.list_images(args.data)
     data.check_readable(paths, seed=args.seed)
-    dataset = data.ImageDataset(paths, transform=MaskedView(args.img_size, args.mask_unit, args.mask_ratio),
-                                seed=args.seed)
+    dataset = data.ImageDataset(
+        paths, transform=MaskedView(args.img_size, args.mask_unit, args.mask_ratio), seed=args.seed
+    )
     loader = make_loader(dataset, args, ctx)
     steps_per_epoch = loader.sampler.batches_per_epoch()
     last_step = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
@@ -358,8 +422,10 @@ def train(args):
     step = resume(args, ctx, model, optimizer)  # 0 when --out holds no checkpoint
 
     log = Log(args, ctx, "preco" if args.prompt else "preco - P-E", args.batch_size, last_step, step)
-    log(f"{len(paths)} images{'' if args.prompt else ', no prompt-enhanced branch'}, {steps_per_epoch} steps/epoch, "
-        f"{ctx.world} process(es) on {ctx.device.type}, {f'resuming at step {step}' if step else 'starting'}")
+    log(
+        f"{len(paths)} images{'' if args.prompt else ', no prompt-enhanced branch'}, {steps_per_epoch} steps/epoch, "
+        f"{ctx.world} process(es) on {ctx.device.type}, {f'resuming at step {step}' if step else 'starting'}"
+    )
     monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if args.knn_monitor and not ctx.rank else None
     if monitor and step == 0:
         knn(log, monitor, backbone, 0, 0)  # random init: where the curve starts
@@ -373,8 +439,17 @@ def train(args):
             lr = lr_at(args, step, steps_per_epoch)  # per step, as SimMIM
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            log.add(train_step(ddp_model, images.to(ctx.device, non_blocking=True),
-                               mask.to(ctx.device, non_blocking=True), optimizer, ctx.scaler, ctx.amp_dtype, args))
+            log.add(
+                train_step(
+                    ddp_model,
+                    images.to(ctx.device, non_blocking=True),
+                    mask.to(ctx.device, non_blocking=True),
+                    optimizer,
+                    ctx.scaler,
+                    ctx.amp_dtype,
+                    args,
+                )
+            )
             step, skipped = step + 1, skipped + n_skipped.sum()
             signalled = ctx.world == 1 and stop_requests  # one process stops at once; several at a log step
             if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == last_step or signalled:
@@ -383,8 +458,9 @@ def train(args):
                     break
         seen, skipped = (step - first_step) * args.batch_size, log.skipped(skipped, step, epoch)
         if skipped > seen // 2:
-            raise UserError(f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check "
-                            "the dataset.")
+            raise UserError(
+                f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check the dataset."
+            )
         if monitor and not stopping and (step == last_step or (epoch + 1) % args.knn_every == 0):
             knn(log, monitor, backbone, step, epoch)
         save(args, ctx, log, model, optimizer, backbone, step, epoch)
@@ -459,15 +535,28 @@ def gather(x):
 def make_loader(dataset, args, ctx, sampler=None):
     """This process's share of each global batch (data.EpochSampler's by default). The workers start afresh each
     epoch, so they see the dataset's set_epoch(); they ignore SIGTERM / Ctrl-C, which the main process handles."""
-    sampler = sampler if sampler is not None else data.EpochSampler(len(dataset), args.batch_size, ctx.rank,
-                                                                   ctx.world, args.seed)
+    sampler = (
+        sampler
+        if sampler is not None
+        else data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, args.seed)
+    )
     if sampler.batches_per_epoch() == 0:
         raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
-    workers = args.workers if args.workers is not None else min(
-        8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return DataLoader(dataset, args.batch_size // ctx.world, sampler=sampler, num_workers=workers,
-                      pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if workers else None,
-                      worker_init_fn=data.ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
+    workers = (
+        args.workers
+        if args.workers is not None
+        else min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    )
+    return DataLoader(
+        dataset,
+        args.batch_size // ctx.world,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=ctx.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=data.ignore_stop_signals,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
 
 
 def catch_stop_signals():
@@ -495,8 +584,10 @@ def resume(args, ctx, model, optimizer):
         raise UserError(f"{path} is not a {SCRIPT} checkpoint; use another --out.")
     changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
     if changed:
-        raise UserError(f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
-                        "values to resume, or another --out.")
+        raise UserError(
+            f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
+            "values to resume, or another --out."
+        )
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     ctx.scaler.load_state_dict(ckpt["scaler"])
@@ -526,9 +617,20 @@ def save(args, ctx, log, model, optimizer, backbone, step, epoch, config=None):
     if ctx.rank == 0:
         prefix = next(name for name, module in model.named_modules() if module is backbone) + "."
         mine = {"arch": args.arch, "method": METHOD, "config": config or {}}
-        data.save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
-                          "step": step, "epoch": epoch, "args": vars(args), "rng": rngs, "backbone_prefix": prefix,
-                          **mine}, os.path.join(args.out, "checkpoint.pth"))
+        data.save_atomic(
+            {
+                "model": state,
+                "optimizer": optimizer.state_dict(),
+                "scaler": ctx.scaler.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "args": vars(args),
+                "rng": rngs,
+                "backbone_prefix": prefix,
+                **mine,
+            },
+            os.path.join(args.out, "checkpoint.pth"),
+        )
         data.save_atomic({**mine, "state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
     if ctx.world > 1:
         dist.barrier()
@@ -571,10 +673,17 @@ class Log:
         memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(0).ru_maxrss / 2**20
         speed, values = self.steps * self.images_per_step / (now - self.window_start), dict(zip(names, values))
         eta = timedelta(seconds=int((now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)))
-        self(f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | " + " | ".join(
-            [f"{k} {v:.5g}" for k, v in values.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()]) +
-             f" | {speed:.1f} img/s | mem {memory:.2f} GB | eta {eta}", epoch=epoch, step=step, **schedule,
-             **{k: round(v, 5) for k, v in values.items()}, images_per_s=round(speed, 1), peak_mem_gb=round(memory, 3))
+        self(
+            f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | "
+            + " | ".join([f"{k} {v:.5g}" for k, v in values.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()])
+            + f" | {speed:.1f} img/s | mem {memory:.2f} GB | eta {eta}",
+            epoch=epoch,
+            step=step,
+            **schedule,
+            **{k: round(v, 5) for k, v in values.items()},
+            images_per_s=round(speed, 1),
+            peak_mem_gb=round(memory, 3),
+        )
         self.sums, self.steps, self.window_start = 0, 0, time.time()
         return stop_votes > 0
 
@@ -583,15 +692,25 @@ class Log:
         if self.ctx.world > 1:
             dist.all_reduce(skipped := skipped.to(self.ctx.device))
         if skipped := int(skipped):
-            self(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)", epoch=epoch, step=step,
-                 skipped_images=skipped)
+            self(
+                f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)",
+                epoch=epoch,
+                step=step,
+                skipped_images=skipped,
+            )
         self.total_skipped += skipped
         return skipped
 
     def finish(self, step, stopping):
         skipped = f"; {self.total_skipped} unreadable image(s) were skipped in this run" if self.total_skipped else ""
-        self((f"stopped by a signal at step {step}; {self.args.out}/checkpoint.pth resumes it" if stopping else
-              f"done at step {step}: backbone in {self.args.out}/backbone.pth") + skipped)
+        self(
+            (
+                f"stopped by a signal at step {step}; {self.args.out}/checkpoint.pth resumes it"
+                if stopping
+                else f"done at step {step}: backbone in {self.args.out}/backbone.pth"
+            )
+            + skipped
+        )
         if self.ctx.rank == 0:
             self.file.close()
 
@@ -599,16 +718,22 @@ class Log:
 def knn(log, monitor, backbone, step, epoch):
     """--knn-monitor: the backbone's kNN top-1 now, logged (eval mode, no random draw: the training is unchanged)."""
     start, top1 = time.time(), monitor.top1(backbone, log.ctx.device, log.ctx.amp_dtype)
-    log(f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)", epoch=epoch,
-        step=step, knn_top1=round(top1, 2), knn_s=round(time.time() - start, 1))
+    log(
+        f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)",
+        epoch=epoch,
+        step=step,
+        knn_top1=round(top1, 2),
+        knn_s=round(time.time() - start, 1),
+    )
 
 
 def nan_stop(what, step, args, last_saved, steps=1):
     """The error that stops a run whose loss or weights are no longer finite; exit code 1."""
     where = f"at step {step}" if steps == 1 else f"in steps {step - steps + 1}-{step}"
     saved = f"{os.path.join(args.out, 'checkpoint.pth')} (step {last_saved})" if last_saved else "none"
-    return FloatingPointError(f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use "
-                              "--amp off.")
+    return FloatingPointError(
+        f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use --amp off."
+    )
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ N of the step's compute floor (the backbone passes alone: forward + backward of 
 the other); N steps fed by the file's real loader on --data. step_over_floor near 1 means the method adds little
 around its backbones. Nothing is written.
 """
+
 import argparse
 import importlib
 import itertools
@@ -33,10 +34,18 @@ def moco_run(m, args, ctx):
     encoder = m.Encoder(args.arch, args.dim, m.bn_groups(local, args.bn_group, ctx.world), args.head)
     model = m.MoCo(encoder, args.queue, args.dim, args.moco_m, args.temperature).to(ctx.device)
     query_encoder = m.ddp(model.encoder_q)
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.wd, fused=ctx.device.type == "cuda")
-    dataset = data.ImageDataset(data.list_images(args.data), seed=args.seed,
-                                transform=partial(m.two_views, m.augmentation(args.aug, args.img_size)))
+    optimizer = torch.optim.SGD(
+        model.encoder_q.parameters(),
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.wd,
+        fused=ctx.device.type == "cuda",
+    )
+    dataset = data.ImageDataset(
+        data.list_images(args.data),
+        seed=args.seed,
+        transform=partial(m.two_views, m.augmentation(args.aug, args.img_size)),
+    )
 
     def step(batch):
         return m.train_step(model, query_encoder, *batch, optimizer, ctx.scaler, ctx.amp_dtype)
@@ -48,8 +57,15 @@ def moco_run(m, args, ctx):
                 model.encoder_k(batch[1])
 
     synthetic = [torch.randn(local, 3, args.img_size, args.img_size, device=ctx.device) for _ in range(2)]
-    return dict(name=f"moco {args.version}", images=args.batch_size, step=step, floor=floor, synthetic=synthetic,
-                dataset=dataset, batch=lambda b: [x.to(ctx.device, non_blocking=True) for x in b[0]])
+    return dict(
+        name=f"moco {args.version}",
+        images=args.batch_size,
+        step=step,
+        floor=floor,
+        synthetic=synthetic,
+        dataset=dataset,
+        batch=lambda b: [x.to(ctx.device, non_blocking=True) for x in b[0]],
+    )
 
 
 def gersp_run(m, args, ctx):
@@ -58,13 +74,19 @@ def gersp_run(m, args, ctx):
     augment = m.augmentation(args.aug, args.img_size)
     dataset = data.ImageDataset(data.list_images(args.data), transform=partial(m.two_views, augment), seed=args.seed)
     natural, classes = m.natural_data(args, augment) if args.alpha > 0 else (None, 1)
-    student = m.Student(args.arch, args.dim, m.bn_groups(local, args.bn_group, ctx.world), classes,
-                        joint=args.nial_forward == "joint")
+    student = m.Student(
+        args.arch, args.dim, m.bn_groups(local, args.bn_group, ctx.world), classes, joint=args.nial_forward == "joint"
+    )
     student.predictor.requires_grad_(args.alpha > 0)
     model = m.GeRSP(student, args.queue, args.dim, args.teacher_m, args.temperature).to(ctx.device)
     ddp_student = m.ddp(model.student)
-    optimizer = torch.optim.SGD([p for p in model.student.parameters() if p.requires_grad], lr=args.lr,
-                                momentum=args.momentum, weight_decay=args.wd, fused=ctx.device.type == "cuda")
+    optimizer = torch.optim.SGD(
+        [p for p in model.student.parameters() if p.requires_grad],
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.wd,
+        fused=ctx.device.type == "cuda",
+    )
 
     def step(batch):
         return m.train_step(model, ddp_student, *batch, optimizer, ctx.scaler, ctx.amp_dtype, args.alpha)
@@ -82,12 +104,23 @@ def gersp_run(m, args, ctx):
 
     images = [torch.randn(local, 3, args.img_size, args.img_size, device=ctx.device) for _ in range(3)]
     synthetic = images + [torch.randint(classes, (local,), device=ctx.device)] if natural else images[:2] + [None] * 2
-    run = dict(name="gersp", images=args.batch_size * (2 if natural else 1), step=step, floor=floor,
-               synthetic=synthetic, dataset=dataset, batch=batch)
+    run = dict(
+        name="gersp",
+        images=args.batch_size * (2 if natural else 1),
+        step=step,
+        floor=floor,
+        synthetic=synthetic,
+        dataset=dataset,
+        batch=batch,
+    )
     if natural:
-        run.update(dataset=m.WithNatural(dataset, natural), sampler=m.NaturalPairs(
-            data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, args.seed),
-            data.EpochSampler(len(natural), args.batch_size, ctx.rank, ctx.world, args.seed + 1)))
+        run.update(
+            dataset=m.WithNatural(dataset, natural),
+            sampler=m.NaturalPairs(
+                data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, args.seed),
+                data.EpochSampler(len(natural), args.batch_size, ctx.rank, ctx.world, args.seed + 1),
+            ),
+        )
     return run
 
 
@@ -95,8 +128,14 @@ def pera_run(m, args, ctx):
     """PerA: sparse (or --dense) student and teacher; the floor is both encoders' passes on the same masks."""
     model = m.PerA(args).to(ctx.device)
     ddp_model = m.ddp(model, forward_sync_buffers=False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
-                                  eps=2e-5, weight_decay=args.wd, fused=ctx.device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=args.lr,
+        betas=(0.9, 0.999),
+        eps=2e-5,
+        weight_decay=args.wd,
+        fused=ctx.device.type == "cuda",
+    )
     crops = m.AlignedMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
     dataset = data.ImageDataset(data.list_images(args.data), transform=crops, seed=args.seed)
     sched = m.schedules(args, 0, 1)
@@ -115,11 +154,19 @@ def pera_run(m, args, ctx):
                 model.teacher_encode(t_glob, t_loc, masks, local_masks)
 
     local = args.batch_size // ctx.world  # the loader's layout: image x crop x 3 x h x w
-    synthetic = [torch.randn(local, n, 3, side, side, device=ctx.device) for n, side in
-                 [(m.GLOBAL_CROPS, args.img_size)] * 2 + [(args.local_crops, args.local_size)] * 2]
-    return dict(name="pera --dense (full-length)" if args.dense else "pera", images=args.batch_size, step=step,
-                floor=floor, synthetic=synthetic, dataset=dataset,
-                batch=lambda b: [v.to(ctx.device, non_blocking=True) for v in b[0]])
+    synthetic = [
+        torch.randn(local, n, 3, side, side, device=ctx.device)
+        for n, side in [(m.GLOBAL_CROPS, args.img_size)] * 2 + [(args.local_crops, args.local_size)] * 2
+    ]
+    return dict(
+        name="pera --dense (full-length)" if args.dense else "pera",
+        images=args.batch_size,
+        step=step,
+        floor=floor,
+        synthetic=synthetic,
+        dataset=dataset,
+        batch=lambda b: [v.to(ctx.device, non_blocking=True) for v in b[0]],
+    )
 
 
 def preco_run(m, args, ctx):
@@ -128,8 +175,11 @@ def preco_run(m, args, ctx):
     model = m.PReCo(args.arch, args.mask_unit, args.drop_path).to(ctx.device)
     ddp_model = m.ddp(model)
     optimizer = m.build_optimizer(model, args)
-    dataset = data.ImageDataset(data.list_images(args.data), seed=args.seed,
-                                transform=m.MaskedView(args.img_size, args.mask_unit, args.mask_ratio))
+    dataset = data.ImageDataset(
+        data.list_images(args.data),
+        seed=args.seed,
+        transform=m.MaskedView(args.img_size, args.mask_unit, args.mask_ratio),
+    )
 
     def step(batch):
         return m.train_step(ddp_model, *batch, optimizer, ctx.scaler, ctx.amp_dtype, args)
@@ -140,10 +190,19 @@ def preco_run(m, args, ctx):
             model.encoder(both).float().sum().backward()
 
     local, grid = args.batch_size // ctx.world, args.img_size // args.mask_unit
-    synthetic = [torch.randn(local, 3, args.img_size, args.img_size, device=ctx.device),
-                 torch.stack([m.random_mask(grid, args.mask_ratio) for _ in range(local)]).to(ctx.device)]
-    return dict(name="preco" if args.prompt else "preco - P-E", images=args.batch_size, step=step, floor=floor,
-                synthetic=synthetic, dataset=dataset, batch=lambda b: [x.to(ctx.device, non_blocking=True) for x in b[0]])
+    synthetic = [
+        torch.randn(local, 3, args.img_size, args.img_size, device=ctx.device),
+        torch.stack([m.random_mask(grid, args.mask_ratio) for _ in range(local)]).to(ctx.device),
+    ]
+    return dict(
+        name="preco" if args.prompt else "preco - P-E",
+        images=args.batch_size,
+        step=step,
+        floor=floor,
+        synthetic=synthetic,
+        dataset=dataset,
+        batch=lambda b: [x.to(ctx.device, non_blocking=True) for x in b[0]],
+    )
 
 
 RUNS = {"moco": moco_run, "gersp": gersp_run, "pera": pera_run, "preco": preco_run}
@@ -151,6 +210,7 @@ RUNS = {"moco": moco_run, "gersp": gersp_run, "pera": pera_run, "preco": preco_r
 
 def timed(fn, steps, device):
     """Seconds per call of fn: 3 warm-up calls, then `steps` timed calls between two synchronisations."""
+
     def synchronise():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -184,20 +244,37 @@ def main(argv=None):
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     step_s = timed(lambda: run["step"](run["synthetic"]), ours.steps, ctx.device)
-    peak = (torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # Linux: KiB
+    peak = (
+        torch.cuda.max_memory_allocated(ctx.device) / 2**30
+        if ctx.device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )  # Linux: KiB
     floor_s = timed(lambda: run["floor"](run["synthetic"]), ours.steps, ctx.device)
     loader = m.make_loader(run["dataset"], args, ctx, run.get("sampler"))
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # as many epochs as the timing needs
     loader_s = timed(lambda: run["step"](run["batch"](next(batches))), ours.steps, ctx.device)
     if ctx.rank == 0:
-        print(json.dumps({"method": run["name"], "arch": args.arch, "img_size": args.img_size,
-                          "batch_size": args.batch_size, "processes": ctx.world, "device": ctx.device.type,
-                          "amp": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "off",
-                          "images_per_s": round(run["images"] / step_s, 1), "step_s": round(step_s, 4),
-                          "floor_s": round(floor_s, 4), "step_over_floor": round(step_s / floor_s, 3),
-                          "peak_mem_gb": round(peak, 3), "workers": loader.num_workers,
-                          "loader_images_per_s": round(run["images"] / loader_s, 1)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "method": run["name"],
+                    "arch": args.arch,
+                    "img_size": args.img_size,
+                    "batch_size": args.batch_size,
+                    "processes": ctx.world,
+                    "device": ctx.device.type,
+                    "amp": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "off",
+                    "images_per_s": round(run["images"] / step_s, 1),
+                    "step_s": round(step_s, 4),
+                    "floor_s": round(floor_s, 4),
+                    "step_over_floor": round(step_s / floor_s, 3),
+                    "peak_mem_gb": round(peak, 3),
+                    "workers": loader.num_workers,
+                    "loader_images_per_s": round(run["images"] / loader_s, 1),
+                }
+            ),
+            flush=True,
+        )
     if dist.is_initialized():
         dist.destroy_process_group()
 

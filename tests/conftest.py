@@ -1,4 +1,5 @@
 """Shared test helpers: tiny generated image folders in a temp dir (never a real dataset) and script runners."""
+
 import os
 import subprocess
 import sys
@@ -9,8 +10,11 @@ from PIL import Image
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "smoke: the quick subset, `python -m pytest -q -m smoke` (under a minute on 2 "
-                            "cores): a real training step of each method, each evaluation program, one resume")
+    config.addinivalue_line(
+        "markers",
+        "smoke: the quick subset, `python -m pytest -q -m smoke` (under a minute on 2 "
+        "cores): a real training step of each method, each evaluation program, one resume",
+    )
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,16 +22,67 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses share the 2 cores with pytest itself
 
 # Tiny runs that every pre-training smoke test can afford on a CPU.
-TINY_RESNET = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "8", "--bn-group", "4", "--workers", "0",
-               "--log-every", "1"]
+TINY_RESNET = [
+    "--arch",
+    "resnet18",
+    "--img-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--bn-group",
+    "4",
+    "--workers",
+    "0",
+    "--log-every",
+    "1",
+]
 # vit_tiny (12 blocks, so the export loads anywhere) on 32 px crops of 8 px patches: 16 patches, s/l/t = 5/3/8;
 # 2 local crops of 16 px: 4 patches, s/t = 1/2. Small heads keep the checkpoints small.
-TINY_VIT = ["--arch", "vit_tiny", "--img-size", "32", "--patch-size", "8", "--local-size", "16", "--local-crops", "2",
-            "--out-dim", "64", "--head-hidden", "64", "--head-bottleneck", "32", "--batch-size", "4", "--workers", "0",
-            "--log-every", "1", "--warmup-epochs", "0", "--teacher-temp-epochs", "1"]
+TINY_VIT = [
+    "--arch",
+    "vit_tiny",
+    "--img-size",
+    "32",
+    "--patch-size",
+    "8",
+    "--local-size",
+    "16",
+    "--local-crops",
+    "2",
+    "--out-dim",
+    "64",
+    "--head-hidden",
+    "64",
+    "--head-bottleneck",
+    "32",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--log-every",
+    "1",
+    "--warmup-epochs",
+    "0",
+    "--teacher-temp-epochs",
+    "1",
+]
 # swin_t on 32 px images: 8 x 8 tokens, a 4 x 4 grid of 8-px mask units (10 masked), a 1 x 1 last stage.
-TINY_SWIN = ["--arch", "swin_t", "--img-size", "32", "--mask-unit", "8", "--batch-size", "2", "--warmup-epochs", "0",
-             "--workers", "0", "--log-every", "1"]
+TINY_SWIN = [
+    "--arch",
+    "swin_t",
+    "--img-size",
+    "32",
+    "--mask-unit",
+    "8",
+    "--batch-size",
+    "2",
+    "--warmup-epochs",
+    "0",
+    "--workers",
+    "0",
+    "--log-every",
+    "1",
+]
 
 
 def make_image_folder(root, classes=3, per_class=8, size=32, ext=".png", seed=0):
@@ -44,8 +99,13 @@ def make_image_folder(root, classes=3, per_class=8, size=32, ext=".png", seed=0)
 
 def run_script(script, *args, env=None, timeout=300):
     """Run a script of the repo as a user would; returns the CompletedProcess (text output)."""
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_ran_cleanly(result):
@@ -55,8 +115,15 @@ def assert_ran_cleanly(result):
 
 
 def run_torchrun(script, nproc, *args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(REPO, script), *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        os.path.join(REPO, script),
+        *map(str, args),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,5 +1,6 @@
 """tests/benchmark.py: one JSON line with the step, its compute floor and the loader-fed step, for every method.
 Benchmarks report numbers; these tests check the report, never a timing."""
+
 import json
 import os
 
@@ -8,11 +9,13 @@ import pytest
 import benchmark
 from conftest import TINY_RESNET, TINY_SWIN, TINY_VIT, make_image_folder
 
-RUNS = {"moco": ("moco.py", TINY_RESNET + ["--queue", "16"]),
-        "gersp": ("gersp.py", TINY_RESNET + ["--queue", "16", "--natural", "synthetic"]),
-        "pera": ("pera.py", TINY_VIT),
-        "pera (dense baseline)": ("pera.py", TINY_VIT + ["--dense"]),
-        "preco": ("preco.py", TINY_SWIN)}
+RUNS = {
+    "moco": ("moco.py", TINY_RESNET + ["--queue", "16"]),
+    "gersp": ("gersp.py", TINY_RESNET + ["--queue", "16", "--natural", "synthetic"]),
+    "pera": ("pera.py", TINY_VIT),
+    "pera (dense baseline)": ("pera.py", TINY_VIT + ["--dense"]),
+    "preco": ("preco.py", TINY_SWIN),
+}
 
 
 @pytest.mark.parametrize("name", RUNS)

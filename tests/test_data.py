@@ -1,5 +1,6 @@
 """data.py: discovery, labeled folders, RGB conversion, skipping unreadable files, deterministic augmentations, the
 sampler, the float flags, the kNN."""
+
 import os
 
 import numpy as np
@@ -27,10 +28,13 @@ def test_list_images_finds_every_extension_at_any_depth_and_ignores_the_rest(tmp
     assert len(data.list_images(["synthetic"])) == data.SYNTHETIC_IMAGES
 
 
-@pytest.mark.parametrize("make, fragment", [
-    (lambda p: None, "is not a folder"),
-    (lambda p: os.makedirs(p / "empty" / "sub"), "holds no images"),
-])
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda p: None, "is not a folder"),
+        (lambda p: os.makedirs(p / "empty" / "sub"), "holds no images"),
+    ],
+)
 def test_list_images_rejects_missing_and_empty_folders(tmp_path, make, fragment):
     make(tmp_path)
     with pytest.raises(data.UserError, match=fragment):
@@ -106,7 +110,7 @@ def test_epoch_sampler_splits_global_batches_between_ranks_and_resumes_mid_epoch
     size, batch, world = 50, 8, 2
     per_rank = [list(data.EpochSampler(size, batch, rank, world, seed=1)) for rank in range(world)]
     assert all(len(r) == 24 for r in per_rank)  # 6 full global batches of 8, the last 2 images dropped
-    batches = [per_rank[0][b * 4:(b + 1) * 4] + per_rank[1][b * 4:(b + 1) * 4] for b in range(6)]
+    batches = [per_rank[0][b * 4 : (b + 1) * 4] + per_rank[1][b * 4 : (b + 1) * 4] for b in range(6)]
     indices = [i for b in batches for i in b]
     assert len(set(indices)) == 48  # no image twice in an epoch
     sampler = data.EpochSampler(size, batch, 1, world, seed=1)
@@ -129,8 +133,11 @@ def test_list_images_reads_each_folder_once_through_a_link_loop_and_a_second_lin
 def test_labeled_images_refuses_class_folders_that_hold_image_folders_and_ignores_macosx(tmp_path):
     make_image_folder(tmp_path / "nwpu" / "train", classes=2, per_class=2)  # a copy split into train/ and test/
     make_image_folder(tmp_path / "nwpu" / "test", classes=2, per_class=2)
-    with pytest.raises(data.UserError, match=r"class folder .*test holds image folders \(e\.g\. test.class0\).*found "
-                                             r"2: test, train"):
+    with pytest.raises(
+        data.UserError,
+        match=r"class folder .*test holds image folders \(e\.g\. test.class0\).*found "
+        r"2: test, train",
+    ):
         data.labeled_images(str(tmp_path / "nwpu"))
     make_image_folder(tmp_path / "zip" / "NWPU-RESISC45", classes=3, per_class=2)
     make_image_folder(tmp_path / "zip" / "__MACOSX" / "NWPU-RESISC45", classes=3, per_class=2)
@@ -148,13 +155,13 @@ def test_knn_predict_weights_the_k_nearest_by_exp_cosine_over_temperature():
     # T=0.07 sharpens: e^(0.995/0.07) = e^14.2 outweighs e^11.1 + e^1.4
     assert data.knn_predict(train, labels, query, 2, k=3, temperature=0.07).tolist() == [0]
     # cosine, not dot product: a short vector at 0.995 is nearer than a long one at 0.961 (dot products 0.1 and 5.2)
-    assert data.knn_predict(torch.tensor([[0.1, 0.0], [5.0, 2.0]]), torch.tensor([0, 1]), query, 2, k=1,
-                            temperature=1.0).tolist() == [0]
+    assert data.knn_predict(
+        torch.tensor([[0.1, 0.0], [5.0, 2.0]]), torch.tensor([0, 1]), query, 2, k=1, temperature=1.0
+    ).tolist() == [0]
     assert data.knn_predict(train, labels, torch.tensor([[0.0, 1.0], [1.0, 0.0]]), 2, k=20).tolist() == [1, 0]
 
 
-def test_knn_monitor_halves_each_class_by_seed_leaves_out_unreadable_files_and_measures_without_side_effects(
-        tmp_path):
+def test_knn_monitor_halves_each_class_by_seed_leaves_out_unreadable_files_and_measures_without_side_effects(tmp_path):
     folder = make_image_folder(tmp_path / "scenes", classes=2, per_class=5, size=8)
     (tmp_path / "scenes" / "class1" / "4.png").write_bytes(b"not an image")
     monitor = data.KnnMonitor(folder, 8, seed=3)
@@ -172,9 +179,14 @@ def test_knn_monitor_halves_each_class_by_seed_leaves_out_unreadable_files_and_m
     assert mean_colour.training and torch.equal(state, torch.get_rng_state())
 
 
-@pytest.mark.parametrize("argv, shown", [(["--lr", "nan"], "--lr: must be a finite number (got nan)"),
-                                         (["--lr=-inf"], "--lr: must be a finite number (got -inf)"),
-                                         (["--betas", "0.9", "inf"], "--betas: must be a finite number (got [0.9, inf])")])
+@pytest.mark.parametrize(
+    "argv, shown",
+    [
+        (["--lr", "nan"], "--lr: must be a finite number (got nan)"),
+        (["--lr=-inf"], "--lr: must be a finite number (got -inf)"),
+        (["--betas", "0.9", "inf"], "--betas: must be a finite number (got [0.9, inf])"),
+    ],
+)
 def test_the_parser_refuses_nan_and_inf_for_every_float_flag_in_one_line(argv, shown, capsys):
     parser = data.ArgumentParser(prog="script.py")
     parser.add_argument("--lr", type=float, default=0.1)

@@ -1,5 +1,6 @@
 """eval_linear.py and finetune_cls.py: splits, frozen features, probe, loading every kind of weights, fine-tuning,
 domain-adaptive chaining, resume, and bad input."""
+
 import json
 import os
 import pickle
@@ -40,17 +41,31 @@ def trained(tmp_path_factory):
             m.running_var.uniform_(0.5, 1.5)
     state = backbone.state_dict()
     encoder = {f"backbone.{k}": v for k, v in state.items()} | {
-        "projector.0.weight": torch.randn(512, 512), "projector.0.bias": torch.randn(512),
-        "projector.2.weight": torch.randn(16, 512), "projector.2.bias": torch.randn(16)}
-    model = {f"encoder_q.{k}": v for k, v in encoder.items()} | {
-        f"encoder_k.{k}": torch.randn_like(v) if v.is_floating_point() else v for k, v in encoder.items()} | {
-        "queue": torch.randn(16, 16), "_extra_state": {"queue_ptr": 0}}
+        "projector.0.weight": torch.randn(512, 512),
+        "projector.0.bias": torch.randn(512),
+        "projector.2.weight": torch.randn(16, 512),
+        "projector.2.bias": torch.randn(16),
+    }
+    model = (
+        {f"encoder_q.{k}": v for k, v in encoder.items()}
+        | {f"encoder_k.{k}": torch.randn_like(v) if v.is_floating_point() else v for k, v in encoder.items()}
+        | {"queue": torch.randn(16, 16), "_extra_state": {"queue_ptr": 0}}
+    )
     run, written = root / "moco", {"arch": "resnet18", "method": "moco", "config": {}}
     run.mkdir()
     torch.save({**written, "state_dict": state}, run / "backbone.pth")
-    torch.save({**written, "model": model, "optimizer": {"state": {}, "param_groups": []}, "step": 2, "epoch": 0,
-                "args": {"arch": "resnet18", "queue": 16}, "backbone_prefix": "encoder_q.backbone."},
-               run / "checkpoint.pth")
+    torch.save(
+        {
+            **written,
+            "model": model,
+            "optimizer": {"state": {}, "param_groups": []},
+            "step": 2,
+            "epoch": 0,
+            "args": {"arch": "resnet18", "queue": 16},
+            "backbone_prefix": "encoder_q.backbone.",
+        },
+        run / "checkpoint.pth",
+    )
     return folder, run
 
 
@@ -122,39 +137,93 @@ def test_backbone_file_and_checkpoint_give_the_same_frozen_features(trained):
 @pytest.mark.smoke
 def test_linear_evaluation_of_several_backbones_writes_one_table(trained, tmp_path):
     folder, run = trained
-    results = eval_linear.evaluate(eval_linear.get_args(FAST_PROBE + [
-        "--data", folder, "--dataset", "scenes", "--weights", str(run / "backbone.pth"), "--weights", "random",
-        "--arch", "resnet18", "--runs", "2", "--train-ratio", "0.5", "--stages", "--out", str(tmp_path)]))
+    results = eval_linear.evaluate(
+        eval_linear.get_args(
+            FAST_PROBE
+            + [
+                "--data",
+                folder,
+                "--dataset",
+                "scenes",
+                "--weights",
+                str(run / "backbone.pth"),
+                "--weights",
+                "random",
+                "--arch",
+                "resnet18",
+                "--runs",
+                "2",
+                "--train-ratio",
+                "0.5",
+                "--stages",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    )
     assert [r["method"] for r in results] == ["moco", "random"] and all(r["backbone_unchanged"] for r in results)
     for r in results:
         scenes = r["scenes"]
         assert len(scenes["accuracies"]) == 2 and (scenes["mean"], scenes["std"]) == pytest.approx(
-            eval_linear.mean_std(scenes["accuracies"]))
+            eval_linear.mean_std(scenes["accuracies"])
+        )
         assert sum(map(sum, scenes["confusion_last_run"])) == 15 and set(scenes["stages"]) == {
-            "stage1", "stage2", "stage3", "stage4"}
+            "stage1",
+            "stage2",
+            "stage3",
+            "stage4",
+        }
     table = (tmp_path / "results.md").read_text().splitlines()
     assert table[2] == "| weights | method | arch | protocol | scenes top-1 |" and table[4].startswith(
-        f"| {run / 'backbone.pth'} | moco | resnet18 | linear | ")
+        f"| {run / 'backbone.pth'} | moco | resnet18 | linear | "
+    )
     assert json.loads((tmp_path / "results.json").read_text())["protocol"] == "linear"
-    stages = table[table.index("Stage-wise linear probe (GeRSP Fig. 6), top-1 mean +- std") + 2:]
+    stages = table[table.index("Stage-wise linear probe (GeRSP Fig. 6), top-1 mean +- std") + 2 :]
     assert stages[0] == "| weights | method | arch | dataset | stage1 | stage2 | stage3 | stage4 |" and len(stages) == 4
     for row, r in zip(stages[2:], results):  # results.md carries the numbers of results.json
-        assert row == f"| {r['weights']} | {r['method']} | resnet18 | scenes | " + " | ".join(
-            "%.2f +- %.2f" % (r["scenes"]["stages"][k]["mean"], r["scenes"]["stages"][k]["std"])
-            for k in ("stage1", "stage2", "stage3", "stage4")) + " |"
+        assert (
+            row
+            == f"| {r['weights']} | {r['method']} | resnet18 | scenes | "
+            + " | ".join(
+                "%.2f +- %.2f" % (r["scenes"]["stages"][k]["mean"], r["scenes"]["stages"][k]["std"])
+                for k in ("stage1", "stage2", "stage3", "stage4")
+            )
+            + " |"
+        )
 
 
 def test_knn_protocol_uses_the_same_features_and_splits_and_has_its_own_rows(trained, tmp_path):
     folder, run = trained
-    argv = FAST_PROBE + ["--data", folder, "--weights", str(run / "backbone.pth"), "--runs", "2", "--train-ratio",
-                         "0.5", "--knn", "--knn-k", "5", "--out", str(tmp_path)]
+    argv = FAST_PROBE + [
+        "--data",
+        folder,
+        "--weights",
+        str(run / "backbone.pth"),
+        "--runs",
+        "2",
+        "--train-ratio",
+        "0.5",
+        "--knn",
+        "--knn-k",
+        "5",
+        "--out",
+        str(tmp_path),
+    ]
     [result] = eval_linear.evaluate(eval_linear.get_args(argv))
     [(_, paths, labels, classes, splits)] = eval_linear.labeled_datasets([folder], None, 0.5, 2, seed=0)
-    features = eval_linear.extract_features(eval_linear.load_backbone(str(run / "backbone.pth"))[0], paths,
-                                            eval_linear.get_args(argv), torch.device("cpu"))["final"]
+    features = eval_linear.extract_features(
+        eval_linear.load_backbone(str(run / "backbone.pth"))[0], paths, eval_linear.get_args(argv), torch.device("cpu")
+    )["final"]
     labels = torch.tensor(labels)
-    expected = [float((data.knn_predict(features[tr], labels[tr], features[te], 3, k=5, temperature=0.07)
-                       == labels[te]).float().mean() * 100) for tr, te in splits]
+    expected = [
+        float(
+            (data.knn_predict(features[tr], labels[tr], features[te], 3, k=5, temperature=0.07) == labels[te])
+            .float()
+            .mean()
+            * 100
+        )
+        for tr, te in splits
+    ]
     knn = result["scenes"]["knn"]
     assert knn["accuracies"] == pytest.approx(expected) and (knn["k"], knn["temperature"]) == (5, 0.07)
     table = (tmp_path / "results.md").read_text().splitlines()
@@ -173,9 +242,11 @@ def test_imagenet_means_the_classic_v1_weights_and_v2_is_asked_for(image_folder,
     [result] = eval_linear.evaluate(eval_linear.get_args(argv + ["--weights", "imagenet", "--out", str(tmp_path)]))
     assert result["method"] == "torchvision IMAGENET1K_V1"
     assert "| imagenet | torchvision IMAGENET1K_V1 | resnet18 | linear |" in (tmp_path / "results.md").read_text()
-    for weights, arch, fragment in [("imagenet:V2", "resnet18", "no IMAGENET1K_V2 weights for resnet18"),
-                                    ("imagenet", "resnet50", "resnet50-0676ba61.pth"),  # V1; V2 is resnet50-11ad3fa6
-                                    ("imagenet:V2", "resnet50", "resnet50-11ad3fa6.pth")]:
+    for weights, arch, fragment in [
+        ("imagenet:V2", "resnet18", "no IMAGENET1K_V2 weights for resnet18"),
+        ("imagenet", "resnet50", "resnet50-0676ba61.pth"),  # V1; V2 is resnet50-11ad3fa6
+        ("imagenet:V2", "resnet50", "resnet50-11ad3fa6.pth"),
+    ]:
         with pytest.raises(SystemExit):
             eval_linear.main(argv + ["--weights", weights, "--arch", arch, "--out", str(tmp_path / "no")])
         err = capsys.readouterr().err.strip().splitlines()
@@ -183,8 +254,9 @@ def test_imagenet_means_the_classic_v1_weights_and_v2_is_asked_for(image_folder,
     assert not (tmp_path / "no").exists()
 
 
-def test_paper004_preprocessing_resizes_to_292_and_crops_the_centre_256_and_extraction_is_float32(tmp_path,
-                                                                                                    monkeypatch):
+def test_paper004_preprocessing_resizes_to_292_and_crops_the_centre_256_and_extraction_is_float32(
+    tmp_path, monkeypatch
+):
     pixels = np.zeros((292, 292, 3), dtype=np.uint8)
     pixels[..., 0] = 255  # a red border of 18 px on each side of a 292-px image, blue inside
     pixels[18:274, 18:274] = (0, 0, 255)
@@ -200,8 +272,9 @@ def test_paper004_preprocessing_resizes_to_292_and_crops_the_centre_256_and_extr
     monkeypatch.setattr(torch, "autocast", lambda device, dtype, enabled: calls.append(enabled) or nullcontext())
     model = eval_linear.load_backbone("random", "resnet18")[0]
     for amp in ("off", "bf16"):
-        eval_linear.extract_features(model, ["synthetic://0"], eval_linear.get_args(FAST_PROBE + ["--amp", amp]),
-                                     torch.device("cpu"))
+        eval_linear.extract_features(
+            model, ["synthetic://0"], eval_linear.get_args(FAST_PROBE + ["--amp", amp]), torch.device("cpu")
+        )
     assert calls == [False, True]
 
 
@@ -210,8 +283,9 @@ def test_unreadable_images_are_dropped_before_the_split_in_both_scripts(tmp_path
     (tmp_path / "scenes" / "class0" / "9.png").write_bytes(b"\x89PNG truncated")  # sorted last in class 0
     argv = ["--data", folder, "--weights", "random", "--arch", "resnet18", "--runs", "1"]
     [linear] = eval_linear.evaluate(eval_linear.get_args(FAST_PROBE + argv + ["--out", str(tmp_path / "a")]))
-    [finetuned] = finetune_cls.evaluate(finetune_cls.get_args(FAST_FINETUNE + argv + [
-        "--batch-size", "2", "--out", str(tmp_path / "b")]))
+    [finetuned] = finetune_cls.evaluate(
+        finetune_cls.get_args(FAST_FINETUNE + argv + ["--batch-size", "2", "--out", str(tmp_path / "b")])
+    )
     for result in (linear, finetuned):  # 2 + 2 + 2 train, 7 + 8 + 8 test: 29 readable images, 1 dropped
         confusion = result["scenes"]["confusion_last_run"]
         assert sum(map(sum, confusion)) == 23 and sum(confusion[0]) == 7
@@ -220,8 +294,18 @@ def test_unreadable_images_are_dropped_before_the_split_in_both_scripts(tmp_path
 @pytest.mark.smoke
 def test_finetuning_resumes_after_a_signal_and_matches_an_uninterrupted_evaluation(trained, tmp_path, monkeypatch):
     folder, run = trained
-    argv = FAST_FINETUNE + ["--data", folder, "--weights", str(run / "backbone.pth"), "--runs", "2",
-                            "--epochs", "2", "--train-ratio", "0.5"]
+    argv = FAST_FINETUNE + [
+        "--data",
+        folder,
+        "--weights",
+        str(run / "backbone.pth"),
+        "--runs",
+        "2",
+        "--epochs",
+        "2",
+        "--train-ratio",
+        "0.5",
+    ]
     straight = finetune_cls.evaluate(finetune_cls.get_args(argv + ["--out", str(tmp_path / "a")]))
     real_train_epoch = finetune_cls.train_epoch
 
@@ -242,9 +326,25 @@ def test_finetuning_resumes_after_a_signal_and_matches_an_uninterrupted_evaluati
 def test_domain_adaptive_chain_saved_backbone_reloads_everywhere_but_on_its_source(trained, tmp_path, capsys):
     folder, run = trained
     saved = tmp_path / "dapt" / "backbone.pth"
-    finetune_cls.main(FAST_FINETUNE + ["--data", folder, "--weights", str(run / "checkpoint.pth"), "--runs", "1",
-                                       "--recipe", "risojevic", "--train-ratio", "0.5", "--save-backbone", str(saved),
-                                       "--out", str(tmp_path / "ft")])
+    finetune_cls.main(
+        FAST_FINETUNE
+        + [
+            "--data",
+            folder,
+            "--weights",
+            str(run / "checkpoint.pth"),
+            "--runs",
+            "1",
+            "--recipe",
+            "risojevic",
+            "--train-ratio",
+            "0.5",
+            "--save-backbone",
+            str(saved),
+            "--out",
+            str(tmp_path / "ft"),
+        ]
+    )
     obj = torch.load(saved, weights_only=True)
     assert obj["arch"] == "resnet18" and obj["method"] == "moco+finetune:scenes"
     result = torchvision.models.resnet18().load_state_dict(obj["state_dict"], strict=False)
@@ -253,8 +353,20 @@ def test_domain_adaptive_chain_saved_backbone_reloads_everywhere_but_on_its_sour
     torch.testing.assert_close(model.conv1.weight, obj["state_dict"]["conv1.weight"])
     for module in (eval_linear, finetune_cls):  # its source's test split holds its training images (paper 004)
         with pytest.raises(SystemExit) as exit_info:
-            module.main(["--data", folder, "--dataset", "Scenes", "--weights", str(saved), "--workers", "0",
-                         "--out", str(tmp_path / "again")])
+            module.main(
+                [
+                    "--data",
+                    folder,
+                    "--dataset",
+                    "Scenes",
+                    "--weights",
+                    str(saved),
+                    "--workers",
+                    "0",
+                    "--out",
+                    str(tmp_path / "again"),
+                ]
+            )
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and "was fine-tuned on Scenes" in err[0], err
     assert not (tmp_path / "again").exists()
@@ -262,8 +374,22 @@ def test_domain_adaptive_chain_saved_backbone_reloads_everywhere_but_on_its_sour
 
 def test_a_resumed_job_keeps_the_method_of_weights_whose_runs_had_finished(trained, tmp_path, monkeypatch):
     folder, run = trained
-    argv = FAST_FINETUNE + ["--data", folder, "--weights", str(run / "backbone.pth"), "--weights", "random",
-                            "--arch", "resnet18", "--runs", "1", "--train-ratio", "0.5", "--out", str(tmp_path)]
+    argv = FAST_FINETUNE + [
+        "--data",
+        folder,
+        "--weights",
+        str(run / "backbone.pth"),
+        "--weights",
+        "random",
+        "--arch",
+        "resnet18",
+        "--runs",
+        "1",
+        "--train-ratio",
+        "0.5",
+        "--out",
+        str(tmp_path),
+    ]
     real_train_epoch = finetune_cls.train_epoch
 
     def sigterm_in_the_random_run(*args, **kwargs):
@@ -282,8 +408,20 @@ def test_a_resumed_job_keeps_the_method_of_weights_whose_runs_had_finished(train
 def test_a_job_killed_before_its_backbone_was_saved_saves_it_on_resume(trained, tmp_path, monkeypatch):
     folder, run = trained
     saved = tmp_path / "dapt" / "backbone.pth"
-    argv = FAST_FINETUNE + ["--data", folder, "--weights", str(run / "backbone.pth"), "--runs", "1",
-                            "--train-ratio", "0.5", "--save-backbone", str(saved), "--out", str(tmp_path / "ft")]
+    argv = FAST_FINETUNE + [
+        "--data",
+        folder,
+        "--weights",
+        str(run / "backbone.pth"),
+        "--runs",
+        "1",
+        "--train-ratio",
+        "0.5",
+        "--save-backbone",
+        str(saved),
+        "--out",
+        str(tmp_path / "ft"),
+    ]
     real_save = data.save_atomic
 
     def killed_at_the_backbone(obj, path):
@@ -344,16 +482,33 @@ def _test_with_own_batchnorm_statistics(rank, folder, init, out):
 def test_processes_without_synchronised_batchnorm_all_test_with_rank_0_statistics(trained, tmp_path):
     folder, _ = trained
     out = tmp_path / "confusions.json"
-    torch.multiprocessing.start_processes(_test_with_own_batchnorm_statistics, nprocs=2, start_method="fork",
-                                          args=(folder, f"file://{tmp_path / 'rendezvous'}", str(out)))
+    torch.multiprocessing.start_processes(
+        _test_with_own_batchnorm_statistics,
+        nprocs=2,
+        start_method="fork",
+        args=(folder, f"file://{tmp_path / 'rendezvous'}", str(out)),
+    )
     shared, alone = json.loads(out.read_text())
     assert shared == alone and sum(map(sum, shared)) == 30
 
 
 def test_two_process_finetuning_completes(trained, tmp_path):
     folder, run = trained
-    result = run_torchrun("finetune_cls.py", 2, *FAST_FINETUNE, "--data", folder, "--weights", run / "backbone.pth",
-                          "--runs", "1", "--train-ratio", "0.5", "--out", tmp_path)
+    result = run_torchrun(
+        "finetune_cls.py",
+        2,
+        *FAST_FINETUNE,
+        "--data",
+        folder,
+        "--weights",
+        run / "backbone.pth",
+        "--runs",
+        "1",
+        "--train-ratio",
+        "0.5",
+        "--out",
+        tmp_path,
+    )
     assert_ran_cleanly(result)
     accuracy = json.loads((tmp_path / "results.json").read_text())["backbones"][0]["scenes"]["accuracies"]
     assert len(accuracy) == 1 and 0 <= accuracy[0] <= 100
@@ -379,16 +534,36 @@ def write_bad_weights(tmp_path, kind):
     return path
 
 
-@pytest.mark.parametrize("kind, fragment", [
-    ("other_arch", "matches only"), ("other_keys", "matches only 0 of"), ("pickle", "weights_only=True"),
-    ("text", "weights_only=True")])
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("other_arch", "matches only"),
+        ("other_keys", "matches only 0 of"),
+        ("pickle", "weights_only=True"),
+        ("text", "weights_only=True"),
+    ],
+)
 def test_bad_weights_are_refused_in_one_sentence_and_nothing_is_written(trained, tmp_path, capsys, kind, fragment):
     folder, _ = trained
     path = write_bad_weights(tmp_path, kind)
     for module in (eval_linear, finetune_cls):
         with pytest.raises(SystemExit) as exit_info:
-            module.main(["--data", folder, "--weights", "random", "--weights", str(path), "--arch", "resnet18",
-                         "--out", str(tmp_path / "out"), "--workers", "0"])
+            module.main(
+                [
+                    "--data",
+                    folder,
+                    "--weights",
+                    "random",
+                    "--weights",
+                    str(path),
+                    "--arch",
+                    "resnet18",
+                    "--out",
+                    str(tmp_path / "out"),
+                    "--workers",
+                    "0",
+                ]
+            )
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and fragment in err[0], err
         assert not (tmp_path / "out").exists()
@@ -396,8 +571,9 @@ def test_bad_weights_are_refused_in_one_sentence_and_nothing_is_written(trained,
 
 def test_bad_datasets_and_missing_imagenet_weights_are_one_sentence(tmp_path, capsys, monkeypatch):
     few = make_image_folder(tmp_path / "few", classes=2, per_class=2)
-    result = run_script("eval_linear.py", "--data", few, "--arch", "resnet18", "--train-ratio", "0.2",
-                        "--out", tmp_path / "out")
+    result = run_script(
+        "eval_linear.py", "--data", few, "--arch", "resnet18", "--train-ratio", "0.2", "--out", tmp_path / "out"
+    )
     assert_one_sentence_error(result, "eval_linear.py", "leaves it without training images")
     os.makedirs(tmp_path / "few" / "class7")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))

@@ -1,5 +1,6 @@
 """Fault injection for every script: real signals to real training processes, crashes in the middle of a checkpoint
 write, corrupt and odd image files among good ones, a dead DDP process, and every kind of bad input."""
+
 import hashlib
 import json
 import os
@@ -22,8 +23,7 @@ import gersp
 import moco
 import pera
 import preco
-from conftest import (REPO, TINY_RESNET, TINY_SWIN, TINY_VIT, assert_one_sentence_error, make_image_folder,
-                      run_script)
+from conftest import REPO, TINY_RESNET, TINY_SWIN, TINY_VIT, assert_one_sentence_error, make_image_folder, run_script
 
 METHODS = {"moco": moco, "gersp": gersp, "pera": pera, "preco": preco}
 EVALS = {"eval_linear": eval_linear, "finetune_cls": finetune_cls}
@@ -32,17 +32,22 @@ EVALS = {"eval_linear": eval_linear, "finetune_cls": finetune_cls}
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    return {"rs": make_image_folder(root / "rs", classes=2, per_class=8),
-            "natural": make_image_folder(root / "natural", classes=2, per_class=8, seed=1),
-            "one_image": make_image_folder(root / "one", classes=1, per_class=1), "root": root}
+    return {
+        "rs": make_image_folder(root / "rs", classes=2, per_class=8),
+        "natural": make_image_folder(root / "natural", classes=2, per_class=8, seed=1),
+        "one_image": make_image_folder(root / "one", classes=1, per_class=1),
+        "root": root,
+    }
 
 
 def tiny_argv(script, folders, data_folder=None):
     """Arguments of a run of a few real steps for each pre-training script (16 images: 2 or 4 steps per epoch)."""
-    return {"moco": TINY_RESNET + ["--queue", "16"],
-            "gersp": TINY_RESNET + ["--queue", "16", "--natural", folders["natural"]],
-            "pera": TINY_VIT,
-            "preco": TINY_SWIN + ["--batch-size", "4"]}[script] + ["--data", data_folder or folders["rs"]]
+    return {
+        "moco": TINY_RESNET + ["--queue", "16"],
+        "gersp": TINY_RESNET + ["--queue", "16", "--natural", folders["natural"]],
+        "pera": TINY_VIT,
+        "preco": TINY_SWIN + ["--batch-size", "4"],
+    }[script] + ["--data", data_folder or folders["rs"]]
 
 
 def model_tensors(out):
@@ -50,8 +55,13 @@ def model_tensors(out):
 
 
 def start(script, argv, **popen):
-    return subprocess.Popen([sys.executable, "-u", os.path.join(REPO, f"{script}.py"), *map(str, argv)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-u", os.path.join(REPO, f"{script}.py"), *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def wait_for(proc, fragment, timeout=120):
@@ -100,8 +110,11 @@ def test_sigterm_then_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(s
 
 
 def test_a_process_group_sigterm_with_data_workers_saves_before_exiting(folders, tmp_path):
-    proc = start("moco", tiny_argv("moco", folders) + ["--workers", "2", "--epochs", "50", "--out", tmp_path],
-                 start_new_session=True)
+    proc = start(
+        "moco",
+        tiny_argv("moco", folders) + ["--workers", "2", "--epochs", "50", "--out", tmp_path],
+        start_new_session=True,
+    )
     wait_for(proc, "step 2/")
     os.killpg(proc.pid, signal.SIGTERM)  # the workers get it too, as from a terminal or a batch scheduler
     rest, _ = proc.communicate(timeout=120)
@@ -129,10 +142,22 @@ def test_a_crash_in_the_middle_of_a_checkpoint_write_leaves_the_previous_checkpo
 
 def test_when_one_ddp_process_dies_torchrun_restarts_and_the_run_resumes(folders, tmp_path):
     argv = tiny_argv("moco", folders) + ["--epochs", "4", "--out", tmp_path]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "--max-restarts=1", os.path.join(REPO, "moco.py"), *map(str, argv)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "--max-restarts=1",
+            os.path.join(REPO, "moco.py"),
+            *map(str, argv),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+    )
     wait_for(proc, "step 3/")  # the checkpoint of epoch 1 (step 2) is on disk
     workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == proc.pid]
     rank1 = next(p for p in workers if "RANK=1" in open(f"/proc/{p}/environ").read().split("\0"))
@@ -162,7 +187,8 @@ def messy_folder(tmp_path_factory):
     Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(os.path.join(folder, "1a_gray.png"))
     Image.fromarray(rng.integers(0, 255, (37, 53, 4), dtype=np.uint8)).save(os.path.join(folder, "3a_rgba.png"))
     Image.fromarray(rng.integers(0, 255, (33, 45, 3), dtype=np.uint8)).convert("P").save(
-        os.path.join(folder, "5a_palette.png"))
+        os.path.join(folder, "5a_palette.png")
+    )
     Image.fromarray(rng.integers(0, 60000, (48, 36), dtype=np.uint16)).save(os.path.join(folder, "7a_16bit.tif"))
     good_jpeg = os.path.join(folder, "9a.jpg")
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(good_jpeg)
@@ -179,8 +205,9 @@ def messy_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("script", METHODS)
-def test_unreadable_files_are_skipped_counted_and_odd_images_trained_on(script, folders, messy_folder, tmp_path,
-                                                                        capsys):
+def test_unreadable_files_are_skipped_counted_and_odd_images_trained_on(
+    script, folders, messy_folder, tmp_path, capsys
+):
     argv = tiny_argv(script, folders, messy_folder) + ["--epochs", "1", "--out", str(tmp_path)]
     METHODS[script].main(argv)
     out = capsys.readouterr().out
@@ -213,8 +240,17 @@ def test_a_pickle_that_would_run_code_is_one_line_on_the_command_line(folders, t
     result = run_script("moco.py", *tiny_argv("moco", folders), "--out", out)
     assert_one_sentence_error(result, "moco.py", "loads with weights_only=True")
     assert snapshot(out) == before
-    result = run_script("eval_linear.py", "--data", folders["rs"], "--weights", out / "checkpoint.pth",
-                        "--arch", "resnet18", "--out", tmp_path / "eval")
+    result = run_script(
+        "eval_linear.py",
+        "--data",
+        folders["rs"],
+        "--weights",
+        out / "checkpoint.pth",
+        "--arch",
+        "resnet18",
+        "--out",
+        tmp_path / "eval",
+    )
     assert_one_sentence_error(result, "eval_linear.py", "loads with weights_only=True")
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "eval").exists()
 
@@ -225,8 +261,11 @@ def snapshot(path):
         return None
     if os.path.isfile(path):
         return hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return {os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-            for d, _, files in os.walk(path) for f in files}
+    return {
+        os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+        for d, _, files in os.walk(path)
+        for f in files
+    }
 
 
 def bad_cases(folders, tmp):
@@ -269,8 +308,9 @@ def bad_cases(folders, tmp):
 
 
 @pytest.mark.parametrize("script", METHODS)
-def test_every_bad_input_of_a_pretraining_script_is_one_sentence_and_touches_nothing(script, folders, tmp_path,
-                                                                                     capsys, monkeypatch):
+def test_every_bad_input_of_a_pretraining_script_is_one_sentence_and_touches_nothing(
+    script, folders, tmp_path, capsys, monkeypatch
+):
     cases = [c for c in bad_cases(folders, tmp_path) if script in c[1]]
     cases.append(("batch per process", (script,), ["--batch-size", "6"], "not divisible by the 4 processes", None))
     for name, _, extra, fragment, setup in cases:
@@ -281,7 +321,7 @@ def test_every_bad_input_of_a_pretraining_script_is_one_sentence_and_touches_not
         if name == "batch per process":
             monkeypatch.setenv("WORLD_SIZE", "4")
         data_folder = extra[extra.index("--data") + 1] if "--data" in extra else None  # --data is repeatable
-        extra = [a for i, a in enumerate(extra) if "--data" not in extra[max(i - 1, 0):i + 1]]
+        extra = [a for i, a in enumerate(extra) if "--data" not in extra[max(i - 1, 0) : i + 1]]
         with pytest.raises(SystemExit) as exit_info:
             METHODS[script].main(tiny_argv(script, folders, data_folder) + ["--out", str(out)] + extra)
         monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -293,8 +333,7 @@ def test_every_bad_input_of_a_pretraining_script_is_one_sentence_and_touches_not
 
 
 @pytest.mark.parametrize("script", EVALS)
-def test_every_bad_input_of_an_evaluation_script_is_one_sentence_and_touches_nothing(script, folders, tmp_path,
-                                                                                      capsys):
+def test_every_bad_input_of_an_evaluation_script_is_one_sentence_and_touches_nothing(script, folders, tmp_path, capsys):
     one_class = make_image_folder(tmp_path / "one_class", classes=1, per_class=4)
     empty_class = make_image_folder(tmp_path / "empty_class", classes=2, per_class=4)
     os.makedirs(os.path.join(empty_class, "class9"))
@@ -303,11 +342,19 @@ def test_every_bad_input_of_an_evaluation_script_is_one_sentence_and_touches_not
     for part in ("train", "test"):
         make_image_folder(nested / part, classes=2, per_class=4)
     deeper = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [2, 2, 3, 2])  # resnet18 + 1
-    weights = {"other_arch": torchvision.models.resnet50().state_dict(),
-               "other_keys": {f"encoder.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()},
-               "deeper": deeper.state_dict(), "vit": data.build_model("vit_tiny", 32, 8).state_dict(),
-               "dapt": {"arch": "resnet18", "method": "moco+finetune:rs", "state_dict": {
-                   k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}}}
+    weights = {
+        "other_arch": torchvision.models.resnet50().state_dict(),
+        "other_keys": {f"encoder.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()},
+        "deeper": deeper.state_dict(),
+        "vit": data.build_model("vit_tiny", 32, 8).state_dict(),
+        "dapt": {
+            "arch": "resnet18",
+            "method": "moco+finetune:rs",
+            "state_dict": {
+                k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")
+            },
+        },
+    }
     for name, state in weights.items():
         torch.save(state, tmp_path / f"{name}.pth")
     (tmp_path / "text.pth").write_text("not weights")
@@ -334,15 +381,31 @@ def test_every_bad_input_of_an_evaluation_script_is_one_sentence_and_touches_not
         (["--weights", "imagenet:V2"], "torchvision has no IMAGENET1K_V2 weights for resnet18"),
         (["--weights", str(tmp_path / "dapt.pth")], "was fine-tuned on rs"),
         (["--data", str(nested)], "test holds image folders"),
-    ] + {"eval_linear": [], "finetune_cls": [
-        ([], "fewer than one batch of 64"),  # 2 classes x 8 images: a training split of 4
-        (["--save-backbone", str(tmp_path / "a_file.txt" / "backbone.pth")], "--save-backbone's folder"),
-    ]}[script]
+    ] + {
+        "eval_linear": [],
+        "finetune_cls": [
+            ([], "fewer than one batch of 64"),  # 2 classes x 8 images: a training split of 4
+            (["--save-backbone", str(tmp_path / "a_file.txt" / "backbone.pth")], "--save-backbone's folder"),
+        ],
+    }[script]
     out = tmp_path / "out"
     for extra, fragment in cases:
         with pytest.raises(SystemExit) as exit_info:
-            EVALS[script].main(["--data", folders["rs"], "--arch", "resnet18", "--weights", "random", "--workers",
-                                "0", "--out", str(out)] + extra)
+            EVALS[script].main(
+                [
+                    "--data",
+                    folders["rs"],
+                    "--arch",
+                    "resnet18",
+                    "--weights",
+                    "random",
+                    "--workers",
+                    "0",
+                    "--out",
+                    str(out),
+                ]
+                + extra
+            )
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert exit_info.value.code == 2 and len(err) == 1, (extra, err)
         assert err[0].startswith(f"{script}.py: error:") and fragment in err[0], (extra, err)

@@ -1,4 +1,5 @@
 """gersp.py: each component against its definition (Eq. 1-5), alpha = 0 against moco.py, and real training runs."""
+
 import json
 import os
 
@@ -39,8 +40,9 @@ def test_total_loss_is_l_ct_plus_alpha_l_ce_with_labels_in_their_order(alpha):
     assert not torch.isclose(l_ce, l_ce_shuffled)  # the check below would catch labels out of order
     optimizer = torch.optim.SGD(model.student.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss, loss_ct, loss_ce, _ = gersp.train_step(model, model.student, rs_q, rs_k, natural, labels, optimizer,
-                                                 scaler, None, alpha)
+    loss, loss_ct, loss_ce, _ = gersp.train_step(
+        model, model.student, rs_q, rs_k, natural, labels, optimizer, scaler, None, alpha
+    )
     torch.testing.assert_close(loss_ct, l_ct)
     torch.testing.assert_close(loss_ce, l_ce)
     torch.testing.assert_close(loss, l_ct + alpha * l_ce)
@@ -58,8 +60,9 @@ def test_alpha_zero_switches_nial_off_and_the_step_equals_mocos():
     ge.queue.copy_(mo.queue)
     rs_q, rs_k = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
     opt_mo = torch.optim.SGD(mo.encoder_q.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    opt_ge = torch.optim.SGD([p for p in ge.student.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
-                             weight_decay=5e-4)
+    opt_ge = torch.optim.SGD(
+        [p for p in ge.student.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=5e-4
+    )
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     predictor_before = ge.student.predictor.weight.clone()
     torch.manual_seed(1)  # the same shuffle permutation for both
@@ -78,8 +81,18 @@ def test_teacher_gets_no_gradient_and_its_projector_follows_the_ema():
     model = per_sample_gersp()
     optimizer = torch.optim.SGD(model.student.parameters(), lr=0.5)
     teacher_before = [p.clone() for p in model.teacher.parameters()]
-    gersp.train_step(model, model.student, torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2),
-                     torch.tensor([0, 1, 2, 0]), optimizer, torch.amp.GradScaler("cpu", enabled=False), None, 1.0)
+    gersp.train_step(
+        model,
+        model.student,
+        torch.randn(4, 3, 2, 2),
+        torch.randn(4, 3, 2, 2),
+        torch.randn(4, 3, 2, 2),
+        torch.tensor([0, 1, 2, 0]),
+        optimizer,
+        torch.amp.GradScaler("cpu", enabled=False),
+        None,
+        1.0,
+    )
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
     student = list(model.student.backbone.parameters()) + list(model.student.projector.parameters())
     for p_t, old, p_s in zip(model.teacher.parameters(), teacher_before, student):
@@ -125,14 +138,15 @@ def test_natural_pairs_cycle_reshuffle_and_resume_at_the_same_pair():
         pairs.set_epoch(epoch)
         items += list(pairs)
     assert [r for r, _, _ in items] == [r for e in range(2) for r in (rs.set_epoch(e), list(rs))[1]]  # RS untouched
-    steps = [[(e, n) for _, e, n in items[i:i + 4]] for i in range(0, 24, 4)]  # natural (pass, index) of each step
+    steps = [[(e, n) for _, e, n in items[i : i + 4]] for i in range(0, 24, 4)]  # natural (pass, index) of each step
     assert [{e for e, _ in s} for s in steps] == [{0}, {0}, {1}, {1}, {2}, {2}]  # step s = natural batch s, cycled
     first_pass = [i for s in steps[:2] for _, i in s]
     assert len(set(first_pass)) == 8 and first_pass != [i for s in steps[2:4] for _, i in s]  # reshuffled each pass
     pairs.set_epoch(1, start_batch=1)  # a run resumed at step 4
     assert list(pairs) == items[16:]
-    natural = data.ImageDataset([f"synthetic://{i}" for i in range(10)], list(range(10)),
-                                lambda img: torch.randint(1000, ()).item(), seed=1)
+    natural = data.ImageDataset(
+        [f"synthetic://{i}" for i in range(10)], list(range(10)), lambda img: torch.randint(1000, ()).item(), seed=1
+    )
     joined = gersp.WithNatural(data.ImageDataset(["synthetic://0"] * 12, transform=lambda img: [0, 1]), natural)
     rs_index, natural_epoch, natural_index = items[17]  # natural pass 2
     (rs_q, rs_k, image), label, skipped = joined[items[17]]
@@ -147,8 +161,12 @@ def test_a_real_data_folder_without_natural_is_refused_unless_alpha_is_0(tmp_pat
         gersp.main(TINY_RESNET + ["--data", rs, "--queue", "16", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1, err
-    for fragment in ("needs --natural", "ImageNet's train/ layout (one folder per class)", "--alpha 0 trains without",
-                     "--natural synthetic uses the built-in textures, for smoke runs only"):
+    for fragment in (
+        "needs --natural",
+        "ImageNet's train/ layout (one folder per class)",
+        "--alpha 0 trains without",
+        "--natural synthetic uses the built-in textures, for smoke runs only",
+    ):
         assert fragment in err[0], err
     assert not (tmp_path / "out").exists()
     gersp.check_args(gersp.get_args(["--data", rs, "--alpha", "0"]), 1)  # NIAL off: --natural is never read
@@ -164,8 +182,9 @@ def gersp_tiny(rs, natural, out, *extra):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("gersp")
-    return make_image_folder(root / "rs", classes=2, per_class=8), make_image_folder(root / "nat", classes=3,
-                                                                                     per_class=4, seed=1)
+    return make_image_folder(root / "rs", classes=2, per_class=8), make_image_folder(
+        root / "nat", classes=3, per_class=4, seed=1
+    )
 
 
 @pytest.mark.smoke
@@ -187,16 +206,46 @@ def test_resume_continues_exactly_and_the_backbone_reaches_torchvision_and_eval_
         model, width, arch, method = eval_linear.load_backbone(str(tmp_path / "b" / weights))
         assert (width, arch, method) == (512, "resnet18", "gersp")
         torch.testing.assert_close(model.conv1.weight, saved["state_dict"]["conv1.weight"])
-    results = eval_linear.evaluate(eval_linear.get_args(
-        ["--data", natural, "--weights", str(tmp_path / "b" / "backbone.pth"), "--img-size", "32", "--runs", "1",
-         "--epochs", "2", "--workers", "0", "--out", str(tmp_path / "eval")]))
+    results = eval_linear.evaluate(
+        eval_linear.get_args(
+            [
+                "--data",
+                natural,
+                "--weights",
+                str(tmp_path / "b" / "backbone.pth"),
+                "--img-size",
+                "32",
+                "--runs",
+                "1",
+                "--epochs",
+                "2",
+                "--workers",
+                "0",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+    )
     assert results[0]["method"] == "gersp" and 0 <= results[0]["nat"]["mean"] <= 100
 
 
 def test_two_process_torchrun_completes(tmp_path, folders):
     rs, natural = folders
-    result = run_torchrun("gersp.py", 2, *TINY_RESNET, "--data", rs, "--natural", natural, "--queue", "16",
-                          "--max-steps", "2", "--out", tmp_path)
+    result = run_torchrun(
+        "gersp.py",
+        2,
+        *TINY_RESNET,
+        "--data",
+        rs,
+        "--natural",
+        natural,
+        "--queue",
+        "16",
+        "--max-steps",
+        "2",
+        "--out",
+        tmp_path,
+    )
     assert_ran_cleanly(result)
     assert "2 process(es)" in result.stdout and "done at step 2" in result.stdout
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]["_extra_state"]["queue_ptr"] == 0

@@ -2,6 +2,7 @@
 from random weights (no download) and checks that the torchvision model it loads into computes what the original
 arrangement computes: for ResNets the unrenamed network, for ViTs and Swin a short forward written here from the
 layout's own definition. A file that maps only partly, or not exactly, is one sentence and exit code 2."""
+
 import argparse
 
 import pytest
@@ -59,24 +60,40 @@ def body(sd):
 # ------------------------------------------------------------------------------------------------ ResNet layouts
 def moco_v1_v2(sd):  # main_moco.py: DDP(MoCo), query encoder with v2's MLP head, the key encoder, the queue
     q = body(sd) | mlp("fc", 512, 512, 128)
-    return {"epoch": 800, "arch": "resnet18", "state_dict": prefixed("module.encoder_q.", q) | prefixed(
-        "module.encoder_k.", other(q)) | {"module.queue": torch.randn(128, 1024), "module.queue_ptr": torch.zeros(
-            1, dtype=torch.long)}, "optimizer": {"state": {}, "param_groups": [{"lr": 0.03, "params": [0, 1]}]}}
+    return {
+        "epoch": 800,
+        "arch": "resnet18",
+        "state_dict": prefixed("module.encoder_q.", q)
+        | prefixed("module.encoder_k.", other(q))
+        | {"module.queue": torch.randn(128, 1024), "module.queue_ptr": torch.zeros(1, dtype=torch.long)},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.03, "params": [0, 1]}]},
+    }
 
 
 def moco_v3(sd):  # MoCo v3 main_moco.py: base encoder whose fc is a BN projector, momentum encoder, predictor
     q = body(sd) | mlp("fc", 512, 64, 32, bn=True)
-    return {"epoch": 100, "arch": "resnet18", "state_dict": prefixed("module.base_encoder.", q) | prefixed(
-        "module.momentum_encoder.", other(q)) | prefixed("module.", mlp("predictor", 32, 64, 32, bn=True)),
-        "optimizer": {"state": {}, "param_groups": []}, "scaler": {"scale": 65536.0, "_growth_tracker": 0}}
+    return {
+        "epoch": 100,
+        "arch": "resnet18",
+        "state_dict": prefixed("module.base_encoder.", q)
+        | prefixed("module.momentum_encoder.", other(q))
+        | prefixed("module.", mlp("predictor", 32, 64, 32, bn=True)),
+        "optimizer": {"state": {}, "param_groups": []},
+        "scaler": {"scale": 65536.0, "_growth_tracker": 0},
+    }
 
 
 def gersp_training(sd):  # GeRSP's mmselfsup 0.x checkpoint: backbone IS encoder_q (saved twice), key encoder, queue
-    return {"meta": {"epoch": 100, "mmcv_version": "1.6.2", "config": "model = dict(type='MoCoGeRSP')"},
-            "state_dict": prefixed("encoder_q.", body(sd)) | prefixed("backbone.", body(sd))
-            | prefixed("encoder_k.", other(body(sd))) | mlp("proj_q.projector", 512, 64, 16)
-            | mlp("neck.projector", 512, 64, 16) | mlp("pred_q", 512, 10)
-            | {"queue": torch.randn(16, 64), "queue_ptr": torch.zeros(1, dtype=torch.long)}}
+    return {
+        "meta": {"epoch": 100, "mmcv_version": "1.6.2", "config": "model = dict(type='MoCoGeRSP')"},
+        "state_dict": prefixed("encoder_q.", body(sd))
+        | prefixed("backbone.", body(sd))
+        | prefixed("encoder_k.", other(body(sd)))
+        | mlp("proj_q.projector", 512, 64, 16)
+        | mlp("neck.projector", 512, 64, 16)
+        | mlp("pred_q", 512, 10)
+        | {"queue": torch.randn(16, 64), "queue_ptr": torch.zeros(1, dtype=torch.long)},
+    }
 
 
 def gersp_release(sd):  # M_Convert_Checkpoints/convert_gersp.py keeps the keys that contain 'backbone'
@@ -85,17 +102,33 @@ def gersp_release(sd):  # M_Convert_Checkpoints/convert_gersp.py keeps the keys 
 
 def mmselfsup_1x(sd):  # mmselfsup 1.x / mmpretrain MoCo v2: backbone, neck, EMA of Sequential(backbone, neck), queue
     neck = mlp("mlp", 512, 512, 128)
-    return {"meta": {"epoch": 200, "mmengine_version": "0.9.0"},
-            "state_dict": prefixed("backbone.", body(sd)) | prefixed("neck.", neck)
-            | prefixed("momentum_encoder.module.0.", other(body(sd))) | prefixed("momentum_encoder.module.1.", neck)
-            | {"momentum_encoder.steps": torch.tensor(5), "queue": torch.randn(128, 64),
-               "queue_ptr": torch.zeros(1, dtype=torch.long)}}
+    return {
+        "meta": {"epoch": 200, "mmengine_version": "0.9.0"},
+        "state_dict": prefixed("backbone.", body(sd))
+        | prefixed("neck.", neck)
+        | prefixed("momentum_encoder.module.0.", other(body(sd)))
+        | prefixed("momentum_encoder.module.1.", neck)
+        | {
+            "momentum_encoder.steps": torch.tensor(5),
+            "queue": torch.randn(128, 64),
+            "queue_ptr": torch.zeros(1, dtype=torch.long),
+        },
+    }
 
 
 def lightning_attribute(sd):  # a LightningModule with self.model.encoder = resnet18 without fc
-    return {"epoch": 9, "global_step": 900, "pytorch-lightning_version": "2.2.1", "state_dict": prefixed(
-        "model.encoder.", body(sd)) | prefixed("model.", mlp("projector", 512, 128)), "loops": {}, "callbacks": {},
-        "optimizer_states": [{}], "lr_schedulers": [], "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.1}}
+    return {
+        "epoch": 9,
+        "global_step": 900,
+        "pytorch-lightning_version": "2.2.1",
+        "state_dict": prefixed("model.encoder.", body(sd)) | prefixed("model.", mlp("projector", 512, 128)),
+        "loops": {},
+        "callbacks": {},
+        "optimizer_states": [{}],
+        "lr_schedulers": [],
+        "hparams_name": "kwargs",
+        "hyper_parameters": {"lr": 0.1},
+    }
 
 
 def lightning_sequential(sd):  # self.backbone = nn.Sequential(*list(resnet.children())[:-1]): 0 conv1 ... 7 layer4
@@ -113,8 +146,11 @@ def ddp(sd):  # torch.save(DistributedDataParallel(resnet).state_dict())
 
 
 RESNET_LAYOUTS = {  # writer, the prefix the printed line names, what it says it dropped
-    "moco_v1_v2": (moco_v1_v2, "state_dict.module.encoder_q.",
-                   ["fc (4 tensors)", "encoder_k (", "queue (1 tensor)", "queue_ptr (1 tensor)"]),
+    "moco_v1_v2": (
+        moco_v1_v2,
+        "state_dict.module.encoder_q.",
+        ["fc (4 tensors)", "encoder_k (", "queue (1 tensor)", "queue_ptr (1 tensor)"],
+    ),
     "moco_v3": (moco_v3, "state_dict.module.base_encoder.", ["fc (", "momentum_encoder (", "predictor ("]),
     "gersp_mmselfsup_training": (gersp_training, "state_dict.backbone.", ["encoder_q (", "encoder_k (", "queue ("]),
     "gersp_release": (gersp_release, "state_dict.backbone.", []),
@@ -145,9 +181,28 @@ def test_resnet_layouts_load_exactly_and_compute_the_original_network(layout, tm
 def test_a_published_checkpoint_runs_through_the_linear_probe(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "scenes", classes=2, per_class=4)
     torch.save(moco_v1_v2(resnet18().state_dict()), tmp_path / "moco_v2_800ep_pretrain.pth.tar")
-    [entry] = eval_linear.evaluate(eval_linear.get_args([
-        "--data", folder, "--weights", str(tmp_path / "moco_v2_800ep_pretrain.pth.tar"), "--img-size", "32",
-        "--epochs", "1", "--runs", "1", "--train-ratio", "0.5", "--workers", "0", "--out", str(tmp_path / "out")]))
+    [entry] = eval_linear.evaluate(
+        eval_linear.get_args(
+            [
+                "--data",
+                folder,
+                "--weights",
+                str(tmp_path / "moco_v2_800ep_pretrain.pth.tar"),
+                "--img-size",
+                "32",
+                "--epochs",
+                "1",
+                "--runs",
+                "1",
+                "--train-ratio",
+                "0.5",
+                "--workers",
+                "0",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+    )
     assert (entry["arch"], entry["method"]) == ("resnet18", "torchvision encoder_q") and entry["backbone_unchanged"]
     assert "torchvision key names under 'state_dict.module.encoder_q.'" in capsys.readouterr().out
 
@@ -160,17 +215,30 @@ def timm_vit(patch, grid, width=192, layerscale=False, seed=0):
     def r(*shape, std=1.0, mean=0.0):
         return torch.randn(*shape, generator=g) * std + mean
 
-    sd = {"cls_token": r(1, 1, width), "pos_embed": r(1, 1 + grid * grid, width),
-          "patch_embed.proj.weight": r(width, 3, patch, patch, std=0.1), "patch_embed.proj.bias": r(width, std=0.1),
-          "norm.weight": r(width, std=0.2, mean=1), "norm.bias": r(width, std=0.2)}
+    sd = {
+        "cls_token": r(1, 1, width),
+        "pos_embed": r(1, 1 + grid * grid, width),
+        "patch_embed.proj.weight": r(width, 3, patch, patch, std=0.1),
+        "patch_embed.proj.bias": r(width, std=0.1),
+        "norm.weight": r(width, std=0.2, mean=1),
+        "norm.bias": r(width, std=0.2),
+    }
     for i in range(12):
         b = f"blocks.{i}."
-        sd |= {b + "norm1.weight": r(width, std=0.2, mean=1), b + "norm1.bias": r(width, std=0.2),
-               b + "attn.qkv.weight": r(3 * width, width, std=width ** -0.5), b + "attn.qkv.bias": r(3 * width),
-               b + "attn.proj.weight": r(width, width, std=width ** -0.5), b + "attn.proj.bias": r(width, std=0.1),
-               b + "norm2.weight": r(width, std=0.2, mean=1), b + "norm2.bias": r(width, std=0.2),
-               b + "mlp.fc1.weight": r(4 * width, width, std=width ** -0.5), b + "mlp.fc1.bias": r(4 * width),
-               b + "mlp.fc2.weight": r(width, 4 * width, std=(4 * width) ** -0.5), b + "mlp.fc2.bias": r(width)}
+        sd |= {
+            b + "norm1.weight": r(width, std=0.2, mean=1),
+            b + "norm1.bias": r(width, std=0.2),
+            b + "attn.qkv.weight": r(3 * width, width, std=width**-0.5),
+            b + "attn.qkv.bias": r(3 * width),
+            b + "attn.proj.weight": r(width, width, std=width**-0.5),
+            b + "attn.proj.bias": r(width, std=0.1),
+            b + "norm2.weight": r(width, std=0.2, mean=1),
+            b + "norm2.bias": r(width, std=0.2),
+            b + "mlp.fc1.weight": r(4 * width, width, std=width**-0.5),
+            b + "mlp.fc1.bias": r(4 * width),
+            b + "mlp.fc2.weight": r(width, 4 * width, std=(4 * width) ** -0.5),
+            b + "mlp.fc2.bias": r(width),
+        }
         if layerscale:  # trained gammas spread around small values; far from 1, so an unfolded one shows
             sd |= {b + "ls1.gamma": r(width, std=0.5, mean=0.5), b + "ls2.gamma": r(width, std=0.5, mean=0.5)}
     return sd
@@ -180,6 +248,7 @@ def vit_reference(sd, x, heads, patch):
     """The forward of timm's / DINO's / DINOv2's VisionTransformer, from their definition: patch convolution, class
     token, positions; blocks x = x + ls1 * attn(norm1(x)), x = x + ls2 * mlp(norm2(x)) (ls = 1 without LayerScale),
     attention from the fused qkv of shape (3, heads, head_dim) per token; final norm; the class token."""
+
     def ln(t, name):
         return F.layer_norm(t, t.shape[-1:], sd[name + ".weight"], sd[name + ".bias"], eps=1e-6)
 
@@ -191,8 +260,9 @@ def vit_reference(sd, x, heads, patch):
         qkv = F.linear(ln(x, b + "norm1"), sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"])
         q, k, v = qkv.reshape(n, tokens, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
         attention = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(-1) @ v
-        h = F.linear(attention.transpose(1, 2).reshape(n, tokens, c), sd[b + "attn.proj.weight"],
-                     sd[b + "attn.proj.bias"])
+        h = F.linear(
+            attention.transpose(1, 2).reshape(n, tokens, c), sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"]
+        )
         x = x + sd.get(b + "ls1.gamma", 1) * h
         h = F.gelu(F.linear(ln(x, b + "norm2"), sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"]))
         x = x + sd.get(b + "ls2.gamma", 1) * F.linear(h, sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"])
@@ -212,25 +282,37 @@ def test_dinov2_layerscale_is_folded_exactly_and_its_mask_token_dropped(tmp_path
 
 
 def dino_full_checkpoint(teacher):  # main_dino.py's checkpoint.pth: ViTs are not DDP-wrapped in the teacher
-    head = mlp("head.mlp", 192, 64, 32) | {"head.last_layer.weight_g": torch.ones(256, 1),
-                                          "head.last_layer.weight_v": torch.randn(256, 32)}
-    return {"student": prefixed("module.backbone.", other(teacher)) | prefixed("module.", head),
-            "teacher": prefixed("backbone.", teacher) | head, "optimizer": {"state": {}, "param_groups": []},
-            "epoch": 100, "args": argparse.Namespace(arch="vit_tiny", patch_size=8, out_dim=256, lr=0.0005),
-            "dino_loss": {"center": torch.randn(1, 256)}}
+    head = mlp("head.mlp", 192, 64, 32) | {
+        "head.last_layer.weight_g": torch.ones(256, 1),
+        "head.last_layer.weight_v": torch.randn(256, 32),
+    }
+    return {
+        "student": prefixed("module.backbone.", other(teacher)) | prefixed("module.", head),
+        "teacher": prefixed("backbone.", teacher) | head,
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": 100,
+        "args": argparse.Namespace(arch="vit_tiny", patch_size=8, out_dim=256, lr=0.0005),
+        "dino_loss": {"center": torch.randn(1, 256)},
+    }
 
 
 def timm_with_classifier(sd):  # timm's vit_*: the classifier is `head`
     return sd | {"head.weight": torch.randn(10, 192), "head.bias": torch.randn(10)}
 
 
-@pytest.mark.parametrize("layout, patch, grid, prefix, dropped", [
-    ("dino_full_checkpoint", 8, 4, "'teacher.backbone.'", ["head (", "student (", "dino_loss (1 tensor)"]),
-    ("timm_with_classifier", 16, 2, "''", ["head (2 tensors)"])])
+@pytest.mark.parametrize(
+    "layout, patch, grid, prefix, dropped",
+    [
+        ("dino_full_checkpoint", 8, 4, "'teacher.backbone.'", ["head (", "student (", "dino_loss (1 tensor)"]),
+        ("timm_with_classifier", 16, 2, "''", ["head (2 tensors)"]),
+    ],
+)
 def test_dino_teacher_and_timm_vits_load_exactly(layout, patch, grid, prefix, dropped, tmp_path, capsys):
     sd = timm_vit(patch, grid)
-    torch.save({"dino_full_checkpoint": dino_full_checkpoint, "timm_with_classifier": timm_with_classifier}[layout](sd),
-               tmp_path / "weights.pth")
+    torch.save(
+        {"dino_full_checkpoint": dino_full_checkpoint, "timm_with_classifier": timm_with_classifier}[layout](sd),
+        tmp_path / "weights.pth",
+    )
     model, _, arch, _ = eval_linear.load_backbone(str(tmp_path / "weights.pth"), image_size=patch * grid)
     line = capsys.readouterr().out
     assert arch == "vit_tiny" and model.patch_size == patch and prefix in line and all(d in line for d in dropped)
@@ -257,8 +339,9 @@ def shifted_window_mask(size, window, shift):
     for h in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
         for w in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
             regions[h, w], count = count, count + 1
-    windows = regions.view(size // window, window, size // window, window).permute(0, 2, 1, 3).reshape(
-        -1, window * window)
+    windows = (
+        regions.view(size // window, window, size // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
+    )
     mask = windows[:, None, :] - windows[:, :, None]
     return mask.masked_fill(mask != 0, -100.0)
 
@@ -280,14 +363,24 @@ def ms_swin(window=7, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), size=224, seed=
     for i, (depth, nh) in enumerate(zip(depths, heads)):
         for m in range(depth):
             b = f"layers.{i}.blocks.{m}."
-            sd |= norm(b + "norm1", c) | norm(b + "norm2", c) | {
-                b + "attn.qkv.weight": r(3 * c, c, std=c ** -0.5), b + "attn.qkv.bias": r(3 * c),
-                b + "attn.proj.weight": r(c, c, std=c ** -0.5), b + "attn.proj.bias": r(c, std=0.1),
-                b + "attn.relative_position_bias_table": r((2 * window - 1) ** 2, nh),
-                b + "attn.relative_position_index": torch.randint((2 * window - 1) ** 2, (window ** 2, window ** 2),
-                                                                   generator=g),
-                b + "mlp.fc1.weight": r(4 * c, c, std=c ** -0.5), b + "mlp.fc1.bias": r(4 * c),
-                b + "mlp.fc2.weight": r(c, 4 * c, std=(4 * c) ** -0.5), b + "mlp.fc2.bias": r(c)}
+            sd |= (
+                norm(b + "norm1", c)
+                | norm(b + "norm2", c)
+                | {
+                    b + "attn.qkv.weight": r(3 * c, c, std=c**-0.5),
+                    b + "attn.qkv.bias": r(3 * c),
+                    b + "attn.proj.weight": r(c, c, std=c**-0.5),
+                    b + "attn.proj.bias": r(c, std=0.1),
+                    b + "attn.relative_position_bias_table": r((2 * window - 1) ** 2, nh),
+                    b + "attn.relative_position_index": torch.randint(
+                        (2 * window - 1) ** 2, (window**2, window**2), generator=g
+                    ),
+                    b + "mlp.fc1.weight": r(4 * c, c, std=c**-0.5),
+                    b + "mlp.fc1.bias": r(4 * c),
+                    b + "mlp.fc2.weight": r(c, 4 * c, std=(4 * c) ** -0.5),
+                    b + "mlp.fc2.bias": r(c),
+                }
+            )
             if m % 2 and resolution > window and resolution % window == 0:
                 sd[b + "attn_mask"] = shifted_window_mask(resolution, window, window // 2)
         if i < len(depths) - 1:
@@ -303,6 +396,7 @@ def swin_reference(sd, x, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), window=7):
     the saved attn_mask (no shift where the map is not larger than the window), the bias table read through the
     saved index, then x + mlp(norm2 x); PatchMerging after stages 0-2: cat of (0,0) (1,0) (0,1) (1,1), norm,
     reduction; final norm; mean over tokens."""
+
     def ln(t, name):
         return F.layer_norm(t, t.shape[-1:], sd[name + ".weight"], sd[name + ".bias"])
 
@@ -323,7 +417,8 @@ def swin_reference(sd, x, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), window=7):
             if shift:
                 mask = sd[b + "attn_mask"]
                 attention = (attention.view(-1, len(mask), nh, tokens, tokens) + mask[None, :, None]).view(
-                    -1, nh, tokens, tokens)
+                    -1, nh, tokens, tokens
+                )
             h = (attention.softmax(-1) @ v).transpose(1, 2).reshape(-1, tokens, c)
             h = F.linear(h, sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"])
             h = h.view(n, size // w, size // w, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(n, size, size, c)
@@ -340,9 +435,13 @@ def swin_reference(sd, x, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), window=7):
 
 def simmim(sd):  # SimMIM's checkpoint: model = SimMIM(encoder=SwinTransformerForSimMIM, decoder); no classifier
     encoder = {k: v for k, v in sd.items() if not k.startswith("head.")} | {"mask_token": torch.randn(1, 1, 96)}
-    return {"model": prefixed("encoder.", encoder) | {"decoder.0.weight": torch.randn(3072, 768, 1, 1),
-                                                      "decoder.0.bias": torch.randn(3072)},
-            "optimizer": {"state": {}, "param_groups": []}, "max_accuracy": 0.0, "epoch": 99}
+    return {
+        "model": prefixed("encoder.", encoder)
+        | {"decoder.0.weight": torch.randn(3072, 768, 1, 1), "decoder.0.bias": torch.randn(3072)},
+        "optimizer": {"state": {}, "param_groups": []},
+        "max_accuracy": 0.0,
+        "epoch": 99,
+    }
 
 
 @pytest.mark.parametrize("layout", ["swin_official", "simmim"])
@@ -371,8 +470,14 @@ def vit_with(extra, drop=()):
 
 
 def swiglu():  # DINOv2 ViT-g's feed-forward: w12 (gate and value), w3
-    return vit_with({f"blocks.{i}.mlp.{n}.weight": torch.randn(*s) for i in range(12)
-                     for n, s in (("w12", (1024, 192)), ("w3", (192, 512)))}, drop=(".mlp.fc",))
+    return vit_with(
+        {
+            f"blocks.{i}.mlp.{n}.weight": torch.randn(*s)
+            for i in range(12)
+            for n, s in (("w12", (1024, 192)), ("w3", (192, 512)))
+        },
+        drop=(".mlp.fc",),
+    )
 
 
 def swin_window6():  # simmim_pretrain__swin_base__img192_window6__800ep's shape of tables, on swin_t's widths
@@ -380,21 +485,39 @@ def swin_window6():  # simmim_pretrain__swin_base__img192_window6__800ep's shape
 
 
 REFUSALS = {  # file, what the one sentence says
-    "moco_encoder_q_missing_a_block": (moco_missing_a_block, [
-        "(read as torchvision encoder_q) matches only 108 of the 120 tensors of resnet18",
-        "layer4.1.conv1.weight is missing"]),
+    "moco_encoder_q_missing_a_block": (
+        moco_missing_a_block,
+        [
+            "(read as torchvision encoder_q) matches only 108 of the 120 tensors of resnet18",
+            "layer4.1.conv1.weight is missing",
+        ],
+    ),
     "swin_window_6": (swin_window6, ["is a Swin with window 6 (121-row relative-position tables)", "window 7"]),
-    "dinov2_register_tokens": (lambda: vit_with({"register_tokens": torch.randn(1, 4, 192)}),
-                               ["ViT with register tokens (register_tokens)"]),
+    "dinov2_register_tokens": (
+        lambda: vit_with({"register_tokens": torch.randn(1, 4, 192)}),
+        ["ViT with register tokens (register_tokens)"],
+    ),
     "dinov2_swiglu": (swiglu, ["ViT with a SwiGLU feed-forward (encoder.layers.encoder_layer_0.mlp.w12.weight)"]),
-    "moco_v3_vit_small": (lambda: {"state_dict": {"module.base_encoder.cls_token": torch.zeros(1, 1, 384)}},
-                          ["MoCo v3's vit_small, whose 12 heads"]),
-    "dinov2_vitl14": (lambda: {"cls_token": torch.zeros(1, 1, 1024)} | {
-        f"blocks.{i}.norm1.weight": torch.ones(1024) for i in range(24)}, ["a ViT of width 1024 with 24 blocks"]),
-    "timm_no_embed_class": (lambda: vit_with({"pos_embed": torch.randn(1, 4, 192)}),  # positions without the class's
-                            ["has 4 position embeddings, not a class token's and a square grid's"]),
-    "two_backbones": (lambda: {"state_dict": prefixed("net_a.", resnet18().state_dict()) | prefixed(
-        "net_b.", resnet18().state_dict())}, ["holds several backbones (state_dict.net_a., state_dict.net_b.)"]),
+    "moco_v3_vit_small": (
+        lambda: {"state_dict": {"module.base_encoder.cls_token": torch.zeros(1, 1, 384)}},
+        ["MoCo v3's vit_small, whose 12 heads"],
+    ),
+    "dinov2_vitl14": (
+        lambda: (
+            {"cls_token": torch.zeros(1, 1, 1024)} | {f"blocks.{i}.norm1.weight": torch.ones(1024) for i in range(24)}
+        ),
+        ["a ViT of width 1024 with 24 blocks"],
+    ),
+    "timm_no_embed_class": (
+        lambda: vit_with({"pos_embed": torch.randn(1, 4, 192)}),  # positions without the class's
+        ["has 4 position embeddings, not a class token's and a square grid's"],
+    ),
+    "two_backbones": (
+        lambda: {
+            "state_dict": prefixed("net_a.", resnet18().state_dict()) | prefixed("net_b.", resnet18().state_dict())
+        },
+        ["holds several backbones (state_dict.net_a., state_dict.net_b.)"],
+    ),
 }
 
 
@@ -405,8 +528,20 @@ def test_files_that_do_not_map_completely_are_one_sentence_and_exit_2(case, tmp_
     folder = make_image_folder(tmp_path / "scenes", classes=2, per_class=2)
     for module in (eval_linear, finetune_cls):
         with pytest.raises(SystemExit) as exit_info:
-            module.main(["--data", folder, "--weights", str(tmp_path / "weights.pth"), "--arch", "resnet18",
-                         "--workers", "0", "--out", str(tmp_path / "out")])
+            module.main(
+                [
+                    "--data",
+                    folder,
+                    "--weights",
+                    str(tmp_path / "weights.pth"),
+                    "--arch",
+                    "resnet18",
+                    "--workers",
+                    "0",
+                    "--out",
+                    str(tmp_path / "out"),
+                ]
+            )
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and all(f in err[0] for f in fragments), err
         assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
 """moco.py: each component against its definition, then real training steps on tiny models."""
+
 import json
 import math
 import os
@@ -75,8 +76,10 @@ def test_one_process_keeps_two_bn_groups_when_its_batch_fits_in_one(tmp_path, im
     assert moco.bn_groups(8, 32, world=2) == 1  # keys are shuffled across processes: one group each is enough
     built, encoder = [], moco.Encoder
     monkeypatch.setattr(moco, "Encoder", lambda *a, **k: built.append(encoder(*a, **k)) or built[-1])
-    moco.main(TINY_RESNET + ["--bn-group", "32", "--queue", "16", "--data", image_folder, "--max-steps", "1",
-                             "--out", str(tmp_path)])
+    moco.main(
+        TINY_RESNET
+        + ["--bn-group", "32", "--queue", "16", "--data", image_folder, "--max-steps", "1", "--out", str(tmp_path)]
+    )
     assert {m.splits for m in built[0].modules() if isinstance(m, moco.SplitBatchNorm2d)} == {2}
 
 
@@ -107,10 +110,11 @@ def _two_process_keys(rank, init_file, result_file):
     images = torch.full((2, 3, 2, 2), float(rank + 1)) + torch.arange(2.0).view(2, 1, 1, 1)
     local, all_keys = model.keys(images)
     model.enqueue(all_keys)
-    everyone = torch.cat([torch.full((2, 3, 2, 2), float(r + 1)) + torch.arange(2.0).view(2, 1, 1, 1)
-                          for r in range(2)])
+    everyone = torch.cat(
+        [torch.full((2, 3, 2, 2), float(r + 1)) + torch.arange(2.0).view(2, 1, 1, 1) for r in range(2)]
+    )
     expected = F.normalize(model.encoder_k(everyone), dim=1)
-    ok = torch.allclose(local, expected[2 * rank:2 * rank + 2]) and torch.allclose(model.queue[:4], expected)
+    ok = torch.allclose(local, expected[2 * rank : 2 * rank + 2]) and torch.allclose(model.queue[:4], expected)
     torch.save({"ok": ok, "ptr": model.queue_ptr}, f"{result_file}.{rank}")
     dist.destroy_process_group()
 
@@ -131,14 +135,17 @@ def test_train_step_updates_the_query_encoder_only_through_sgd():
     q_before = [p.clone() for p in model.encoder_q.parameters()]
     im_q, im_k = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
     with torch.no_grad():  # Eq. 1 on the weights before the step; the encoder has no BN, so shuffling is invisible
-        expected, logits = moco.info_nce(F.normalize(model.encoder_q(im_q), dim=1),
-                                         F.normalize(model.encoder_k(im_k), dim=1), model.queue.clone(), 0.5)
+        expected, logits = moco.info_nce(
+            F.normalize(model.encoder_q(im_q), dim=1),
+            F.normalize(model.encoder_k(im_k), dim=1),
+            model.queue.clone(),
+            0.5,
+        )
     loss, accuracy = moco.train_step(model, model.encoder_q, im_q, im_k, optimizer, scaler, None)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and logits.shape == (4, 7)
     assert accuracy.item() == pytest.approx((logits.argmax(1) == 0).float().mean().item() * 100)
     assert all(p.grad is None for p in model.encoder_k.parameters())
-    for p_k, old_k, p_q, old_q in zip(model.encoder_k.parameters(), k_before, model.encoder_q.parameters(),
-                                      q_before):
+    for p_k, old_k, p_q, old_q in zip(model.encoder_k.parameters(), k_before, model.encoder_q.parameters(), q_before):
         assert not torch.equal(p_q, old_q)
         torch.testing.assert_close(p_k, 0.9 * old_k + 0.1 * p_q)  # EMA towards the updated query encoder
     assert model.queue_ptr == 4
@@ -192,16 +199,19 @@ def test_corrupt_image_among_good_ones_is_skipped_counted_and_logged(tmp_path, c
     assert {"epoch": 0, "step": 1, "skipped_images": 1} in records
 
 
-@pytest.mark.parametrize("setup, extra, fragment", [
-    (lambda tmp: str(tmp / "missing"), [], "is not a folder"),
-    (lambda tmp: (os.makedirs(tmp / "empty"), str(tmp / "empty"))[1], [], "holds no images"),
-    (lambda tmp: make_image_folder(tmp / "few", classes=1, per_class=4), [], "fewer than one batch"),
-    (lambda tmp: make_image_folder(tmp / "ok"), ["--queue", "12"], "not a multiple of --batch-size"),
-    (lambda tmp: make_image_folder(tmp / "ok"), ["--epochs", "0"], "--epochs must be positive"),
-    (lambda tmp: make_image_folder(tmp / "ok"), ["--out", __file__], "is a file"),
-    (lambda tmp: make_image_folder(tmp / "ok"), ["--lr-steps", "30"], "--lr-steps applies to the step schedule"),
-    (lambda tmp: make_image_folder(tmp / "ok"), ["--batch-size", "3", "--queue", "3"], "odd"),
-])
+@pytest.mark.parametrize(
+    "setup, extra, fragment",
+    [
+        (lambda tmp: str(tmp / "missing"), [], "is not a folder"),
+        (lambda tmp: (os.makedirs(tmp / "empty"), str(tmp / "empty"))[1], [], "holds no images"),
+        (lambda tmp: make_image_folder(tmp / "few", classes=1, per_class=4), [], "fewer than one batch"),
+        (lambda tmp: make_image_folder(tmp / "ok"), ["--queue", "12"], "not a multiple of --batch-size"),
+        (lambda tmp: make_image_folder(tmp / "ok"), ["--epochs", "0"], "--epochs must be positive"),
+        (lambda tmp: make_image_folder(tmp / "ok"), ["--out", __file__], "is a file"),
+        (lambda tmp: make_image_folder(tmp / "ok"), ["--lr-steps", "30"], "--lr-steps applies to the step schedule"),
+        (lambda tmp: make_image_folder(tmp / "ok"), ["--batch-size", "3", "--queue", "3"], "odd"),
+    ],
+)
 def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys, setup, extra, fragment):
     folder = setup(tmp_path)
     with pytest.raises(SystemExit) as exit_info:

@@ -1,4 +1,5 @@
 """pera.py: each component against its definition, then real training steps on a tiny ViT."""
+
 import json
 import math
 import os
@@ -51,11 +52,19 @@ def test_student_and_teacher_sequences_are_the_short_ones(dense):
     t_out = model.teacher_forward(views[1], views[3], masks, local_masks)
     assert s_out.shape == t_out.shape == (8 + 8, 64) and pred.shape == (8, 3, 8 * 8 * 3)
     if dense:  # Table 10's baseline: every patch in both networks from the first block
-        assert lengths == {("student", 0): [17, 5], ("student", 6): [17, 5], ("teacher", 0): [17, 5],
-                           ("teacher", 6): [17, 5]}
+        assert lengths == {
+            ("student", 0): [17, 5],
+            ("student", 6): [17, 5],
+            ("teacher", 0): [17, 5],
+            ("teacher", 6): [17, 5],
+        }
     else:  # cls + s (5), mask tokens (3) from block depth // 2; teacher cls + t (8); local crops cls + 1 / cls + 2
-        assert lengths == {("student", 0): [6, 2], ("student", 6): [9, 2], ("teacher", 0): [9, 3],
-                           ("teacher", 6): [9, 3]}
+        assert lengths == {
+            ("student", 0): [6, 2],
+            ("student", 6): [9, 2],
+            ("teacher", 0): [9, 3],
+            ("teacher", 6): [9, 3],
+        }
 
 
 def test_student_and_teacher_crops_are_spatially_identical_and_only_colour_differs():
@@ -88,8 +97,9 @@ def test_centering_temperatures_and_schedules_follow_their_formulas():
     assert pera.get_args(["--img-size", "448"]).local_size == 96  # the authors' 448 px global, 96 px local crops
     at = [pera.schedules(args, step * 10, 10) for step in (0, 10, 15, 30, 60, 100)]  # 10 steps per epoch
     # warm-ups as the authors' np.linspace(start, peak, W): W = 300 steps for the temperature, 200 for the lr
-    assert [s["teacher_temp"] for s in at] == pytest.approx([0.03, 0.03 + 0.02 * 100 / 299, 0.03 + 0.02 * 150 / 299,
-                                                             0.05, 0.05, 0.05])
+    assert [s["teacher_temp"] for s in at] == pytest.approx(
+        [0.03, 0.03 + 0.02 * 100 / 299, 0.03 + 0.02 * 150 / 299, 0.05, 0.05, 0.05]
+    )
     assert [s["lr"] for s in at[:2]] == pytest.approx([0.0, 1e-3 * 100 / 199])
     assert pera.schedules(args, 299, 10)["teacher_temp"] == pytest.approx(0.05)  # the peak at step W - 1
     assert pera.schedules(args, 199, 10)["lr"] == pera.schedules(args, 200, 10)["lr"] == pytest.approx(1e-3)
@@ -126,8 +136,9 @@ def test_pixel_loss_is_the_mse_at_the_learnable_patches_only():
     images = torch.randn(2, 3, 16, 16)  # 4 patches of 8 px each
     learnable = torch.tensor([[1, 3], [0, 2]])
     predicted = torch.zeros(2, 2, 8 * 8 * 3)
-    patches = [[images[b, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] for r in range(2) for c in range(2)]
-               for b in range(2)]
+    patches = [
+        [images[b, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] for r in range(2) for c in range(2)] for b in range(2)
+    ]
     expected = torch.stack([patches[b][i] for b in range(2) for i in learnable[b].tolist()]).pow(2).mean()
     assert pera.pixel_loss(predicted, images, learnable, 8).item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -156,8 +167,7 @@ def test_train_step_gives_the_teacher_no_gradient_and_moves_it_by_the_ema():
     assert math.isfinite(loss) and loss == pytest.approx(l_cls + 0.1 * l_mse + 0.01 * l_koleo, rel=1e-5)
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
     assert model.mask_token.grad is not None and model.predictor.mlp[0].weight.grad is not None
-    for t, old_t, s, old_s in zip(model.teacher.parameters(), teacher_before, model.student.parameters(),
-                                  student_before):
+    for t, old_t, s, _ in zip(model.teacher.parameters(), teacher_before, model.student.parameters(), student_before):
         torch.testing.assert_close(t, 0.9 * old_t + 0.1 * s)  # Eq. 10 towards the updated student
     assert not torch.equal(student_before[0], next(model.student.parameters()))
     assert model.center.abs().sum() > 0  # Eq. 7 moved the centre
@@ -187,16 +197,21 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path):
     args = pera.get_args(TINY + ["--epochs", "2"])
     for r in log:
         assert {k: r[k] for k in ("lr", "wd", "teacher_momentum")} == pytest.approx(
-            {k: v for k, v in pera.schedules(args, r["step"] - 1, 3).items() if k != "teacher_temp"})
+            {k: v for k, v in pera.schedules(args, r["step"] - 1, 3).items() if k != "teacher_temp"}
+        )
 
 
-def test_exported_teacher_loads_into_torchvision_and_eval_linear_and_vis_draws_the_parts(tmp_path, image_folder,
-                                                                                          capsys):
+def test_exported_teacher_loads_into_torchvision_and_eval_linear_and_vis_draws_the_parts(
+    tmp_path, image_folder, capsys
+):
     ckpt = train_tiny(image_folder, tmp_path / "run", "--max-steps", "2", "--vis", str(tmp_path / "vis" / "parts.png"))
     assert "columns: image | s / l / t (l red, t blue) | student input s | teacher input t" in capsys.readouterr().out
     saved = torch.load(tmp_path / "run" / "backbone.pth", weights_only=True)
-    assert (saved["arch"], saved["method"], saved["config"]) == ("vit_tiny", "pera", {"image_size": 32,
-                                                                                      "patch_size": 8})
+    assert (saved["arch"], saved["method"], saved["config"]) == (
+        "vit_tiny",
+        "pera",
+        {"image_size": 32, "patch_size": 8},
+    )
     for key, value in saved["state_dict"].items():
         assert torch.equal(value, ckpt["model"]["teacher.encoder." + key])  # Sec. 3.2.3: the teacher
     vit = torchvision.models.VisionTransformer(32, 8, 12, 3, 192, 768)
@@ -205,18 +220,34 @@ def test_exported_teacher_loads_into_torchvision_and_eval_linear_and_vis_draws_t
     for weights in ("backbone.pth", "checkpoint.pth"):
         model, width, arch, method = eval_linear.load_backbone(str(tmp_path / "run" / weights), image_size=48)
         assert (width, arch, method) == (192, "vit_tiny", "pera")
-    eval_linear.main(["--data", image_folder, "--weights", str(tmp_path / "run" / "backbone.pth"), "--img-size",
-                      "32", "--runs", "1", "--epochs", "2", "--workers", "0", "--stages", "--out",
-                      str(tmp_path / "eval")])
+    eval_linear.main(
+        [
+            "--data",
+            image_folder,
+            "--weights",
+            str(tmp_path / "run" / "backbone.pth"),
+            "--img-size",
+            "32",
+            "--runs",
+            "1",
+            "--epochs",
+            "2",
+            "--workers",
+            "0",
+            "--stages",
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
     results = json.load(open(tmp_path / "eval" / "results.json"))["backbones"][0]
     assert results["method"] == "pera" and len(results["images"]["stages"]) == 4
     png = Image.open(tmp_path / "vis" / "parts.png")  # 4 images x 6 panels of 32 px scaled x4, 2 px gaps
     assert png.size == (6 * (128 + 2) + 2, 4 * (128 + 2) + 2) and png.mode == "RGB"
     pixels = np.asarray(png).astype(int)
-    parts, student_input = (pixels[2:130, 2 + c * 130:c * 130 + 130] for c in (1, 2))  # first image, columns 2, 3
+    parts, student_input = (pixels[2:130, 2 + c * 130 : c * 130 + 130] for c in (1, 2))  # first image, columns 2, 3
     assert (parts[..., 0] - parts[..., 1:].max(-1) > 40).any()  # l: tinted red
     assert (parts[..., 2] - parts[..., :2].max(-1) > 40).any()  # t: tinted blue
-    assert ((student_input == 128).all(-1).sum() / 128 ** 2) == pytest.approx(11 / 16)  # only s (5 of 16) shown
+    assert ((student_input == 128).all(-1).sum() / 128**2) == pytest.approx(11 / 16)  # only s (5 of 16) shown
 
 
 def test_two_process_torchrun_on_gloo_trains(tmp_path, image_folder):
@@ -228,15 +259,18 @@ def test_two_process_torchrun_on_gloo_trains(tmp_path, image_folder):
     assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2]
 
 
-@pytest.mark.parametrize("extra, fragment", [
-    (["--data", "MISSING"], "is not a folder"),
-    (["--mask-ratios", "0.3", "0.3", "0.3"], "sum to 1"),
-    (["--mask-ratios", "0.5", "0.0", "0.5"], "three positive fractions"),
-    (["--img-size", "36"], "not a multiple of --patch-size"),
-    (["--img-size", "8", "--local-crops", "0"], "is too small"),
-    (["--batch-size", "100"], "fewer than one batch"),
-    (["--out", __file__], "is a file"),
-])
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--data", "MISSING"], "is not a folder"),
+        (["--mask-ratios", "0.3", "0.3", "0.3"], "sum to 1"),
+        (["--mask-ratios", "0.5", "0.0", "0.5"], "three positive fractions"),
+        (["--img-size", "36"], "not a multiple of --patch-size"),
+        (["--img-size", "8", "--local-crops", "0"], "is too small"),
+        (["--batch-size", "100"], "fewer than one batch"),
+        (["--out", __file__], "is a file"),
+    ],
+)
 def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys, image_folder, extra, fragment):
     extra = [str(tmp_path / "missing") if e == "MISSING" else e for e in extra]
     with pytest.raises(SystemExit) as exit_info:

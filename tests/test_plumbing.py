@@ -1,6 +1,7 @@
 """The helper block below each method file's banner: the same text in all four, each file's own train() above it, and
 what the helpers do for every method (bf16 autocast, window means in the log, the kNN monitor that never changes the
 training, a two-node launch)."""
+
 import argparse
 import ast
 import json
@@ -30,9 +31,10 @@ def test_the_helper_block_is_the_same_text_in_the_four_method_files():
     for name in ("moco.py", "gersp.py", "pera.py", "preco.py"):
         text = open(os.path.join(REPO, name)).read()
         assert text.count(BANNER) == 1, name
-        blocks[name] = text[text.index(BANNER):]
-    assert all(block == blocks["moco.py"] for block in blocks.values()), [n for n, b in blocks.items()
-                                                                           if b != blocks["moco.py"]]
+        blocks[name] = text[text.index(BANNER) :]
+    assert all(block == blocks["moco.py"] for block in blocks.values()), [
+        n for n, b in blocks.items() if b != blocks["moco.py"]
+    ]
     assert "def setup(" in blocks["moco.py"] and "def train(" not in blocks["moco.py"]  # the loop is above
 
 
@@ -41,9 +43,9 @@ def test_each_method_file_runs_its_own_loop_above_the_banner(name):
     """README, Reading a method file: the method, then its train() that calls train_step() directly, then the
     helpers; no function longer than 70 lines, no class longer than 60."""
     text = open(os.path.join(REPO, name)).read()
-    above = text[:text.index(BANNER)]
+    above = text[: text.index(BANNER)]
     tree = ast.parse(text)
-    train, = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train"]
+    (train,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train"]
     assert train.lineno < above.count("\n") + 1 and train.end_lineno - train.lineno + 1 <= 70
     called = {n.func.id for n in ast.walk(train) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert {"train_step", "setup", "make_loader", "save"} <= called, called
@@ -88,17 +90,23 @@ def first_logged(module, argv, out):
 def test_every_method_trains_under_bf16_autocast_and_computes_the_same_loss(name, folder, tmp_path):
     """CUDA runs use bf16 by default; the CPU runs the same autocast path. Step 1 starts from the same weights and
     batch, so its loss under bf16 must differ from float32's only by rounding."""
-    module, argv = {"moco": (moco, TINY_RESNET + ["--queue", "16"]),
-                    "gersp": (gersp, TINY_RESNET + ["--queue", "16", "--natural", folder]),
-                    "pera": (pera, TINY_VIT), "preco": (preco, TINY_SWIN + ["--batch-size", "4"])}[name]
+    module, argv = {
+        "moco": (moco, TINY_RESNET + ["--queue", "16"]),
+        "gersp": (gersp, TINY_RESNET + ["--queue", "16", "--natural", folder]),
+        "pera": (pera, TINY_VIT),
+        "preco": (preco, TINY_SWIN + ["--batch-size", "4"]),
+    }[name]
     argv = argv + ["--data", folder, "--max-steps", "1"]
     exact = first_logged(module, argv + ["--amp", "off"], tmp_path / "fp32")
     rounded = first_logged(module, argv + ["--amp", "bf16"], tmp_path / "bf16")
     assert rounded["loss"] != exact["loss"]  # autocast did run in bf16
     assert rounded["loss"] == pytest.approx(exact["loss"], rel=0.1)
     weights = torch.load(tmp_path / "bf16" / "checkpoint.pth", weights_only=True)["model"]
-    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values()
-               if torch.is_tensor(w) and w.is_floating_point())  # the master weights stay float32
+    assert all(
+        w.dtype == torch.float32 and torch.isfinite(w).all()
+        for w in weights.values()
+        if torch.is_tensor(w) and w.is_floating_point()
+    )  # the master weights stay float32
 
 
 def test_logged_values_are_means_over_the_window_acc_included(folder, tmp_path):
@@ -106,7 +114,7 @@ def test_logged_values_are_means_over_the_window_acc_included(folder, tmp_path):
     moco.main(argv + ["--out", str(tmp_path / "every"), "--log-every", "1"])
     moco.main(argv + ["--out", str(tmp_path / "window"), "--log-every", "2"])
     every = [json.loads(line) for line in open(tmp_path / "every" / "log.jsonl")]
-    window, = [json.loads(line) for line in open(tmp_path / "window" / "log.jsonl")]
+    (window,) = [json.loads(line) for line in open(tmp_path / "window" / "log.jsonl")]
     assert every[0]["acc"] != every[1]["acc"]  # the last step alone would not be the mean
     for key in ("loss", "acc"):
         assert window[key] == pytest.approx((every[0][key] + every[1][key]) / 2, abs=1e-4), key
@@ -128,6 +136,7 @@ def test_the_knn_monitor_logs_the_backbone_and_leaves_a_resumed_run_bit_identica
     assert "knn_top1" in capsys.readouterr().out
     # the first point is the random init: the same kNN on a fresh torchvision ResNet-18 of the same seed
     import data
+
     torch.manual_seed(0)
     fresh = moco.Encoder("resnet18", 128, 2).backbone
     assert knn[0][1] == pytest.approx(data.KnnMonitor(folder, 32).top1(fresh, torch.device("cpu")))
@@ -143,9 +152,26 @@ def test_two_nodes_of_one_process_each_train_fill_the_queue_from_both_and_export
     """Multi-node is plain torchrun: two launchers meet at a c10d rendezvous, here both on 127.0.0.1. (Also moco.py's
     two-process test: two gloo processes, each enqueueing its keys.)"""
     port = free_port()
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-              f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", os.path.join(REPO, "moco.py"),
-              *TINY_RESNET, "--data", folder, "--queue", "32", "--max-steps", "3", "--out", str(tmp_path)]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=two-nodes",
+        os.path.join(REPO, "moco.py"),
+        *TINY_RESNET,
+        "--data",
+        folder,
+        "--queue",
+        "32",
+        "--max-steps",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
     nodes = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs

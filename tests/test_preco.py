@@ -1,4 +1,5 @@
 """preco.py: masking, each loss term against a hand computation, then real steps of a tiny swin_t (32 px)."""
+
 import contextlib
 import json
 import math
@@ -99,7 +100,7 @@ class StubModel(nn.Module):
 
     def forward(self, images, mask):
         self.calls.append((images, mask))
-        return self.pixels[:len(images)], self.pooled[:len(images)]
+        return self.pixels[: len(images)], self.pooled[: len(images)]
 
 
 def test_losses_run_both_branches_in_one_pass_and_match_eq_2_3_and_infonce():
@@ -107,7 +108,7 @@ def test_losses_run_both_branches_in_one_pass_and_match_eq_2_3_and_infonce():
     images, mask = torch.randn(2, 3, 32, 32), torch.stack([preco.random_mask(4, 0.6) for _ in range(2)])
     model = StubModel(torch.randn(4, 3, 32, 32), torch.randn(4, 5))
     l_re, l_pr, l_sc, l_con = preco.preco_losses(model, images, mask, 8, temperature=0.5)
-    (seen, seen_mask), = model.calls  # ONE call: [masked; unmasked] through the same modules
+    ((seen, seen_mask),) = model.calls  # ONE call: [masked; unmasked] through the same modules
     assert torch.equal(seen, torch.cat([images, images]))
     assert torch.equal(seen_mask[:2], mask) and not seen_mask[2:].any()
     y_re, y_pr = model.pixels[:2].detach(), model.pixels[2:].detach()
@@ -253,8 +254,9 @@ def test_log_has_every_term_and_the_visualisation_has_four_columns(trained):
     assert [r["step"] for r in log] == [1, 2, 3] and [r["epoch"] for r in log] == [0, 0, 1]
     for record in log:
         assert {"loss", "l_re", "l_pr", "l_sc", "l_con", "lr", "images_per_s", "peak_mem_gb"} <= set(record)
-        assert record["loss"] == pytest.approx(record["l_re"] + record["l_pr"] + record["l_sc"] + record["l_con"],
-                                               abs=1e-4)
+        assert record["loss"] == pytest.approx(
+            record["l_re"] + record["l_pr"] + record["l_sc"] + record["l_con"], abs=1e-4
+        )
     assert json.load(open(root / "run" / "args.json"))["mask_unit"] == 8
     png = np.asarray(Image.open(root / "vis.png").convert("RGB"))  # 4 images x 4 columns of 32 px zoomed 4x, 2 px gaps
     assert png.shape == (4 * (128 + 2) + 2, 4 * (128 + 2) + 2, 3)
@@ -262,12 +264,12 @@ def test_log_has_every_term_and_the_visualisation_has_four_columns(trained):
     assert f"reconstructions of 4 images in {root / 'vis.png'}; {captions}" in open(root / "stdout.txt").read()
     dataset = data.ImageDataset(data.list_images([folder]), transform=preco.MaskedView(32, 8, 0.6))
     (image, mask), _, _ = dataset.load(1, 0)  # row 1: epoch 0's crop and mask of image 1
-    pixels = (image * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1))
+    pixels = image * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
     expected = (pixels.clamp(0, 1) * 255).round().permute(1, 2, 0).numpy()
     row, last_column = 2 + 130, 2 + 3 * 130
-    input_tile = png[row:row + 128:4, last_column:last_column + 128:4].astype(float)
+    input_tile = png[row : row + 128 : 4, last_column : last_column + 128 : 4].astype(float)
     assert np.abs(input_tile - expected).max() <= 1  # the last column is the input x
-    masked_tile = png[row:row + 128:4, 2:2 + 128:4].astype(float)
+    masked_tile = png[row : row + 128 : 4, 2 : 2 + 128 : 4].astype(float)
     unmasked = ~preco.upsample_mask(mask, 8).numpy()
     assert np.abs(masked_tile - expected)[unmasked].max() <= 1 and np.abs(masked_tile - expected).max() > 10
 
@@ -289,8 +291,9 @@ def test_two_processes_log_the_same_first_step_as_one_process_with_the_whole_bat
     """Same weights, images and masks as the one-process run: every term of step 1 must match, and with one image
     per process the contrastive term exists only through the gathered batch (a local InfoNCE would be 0)."""
     folder, root, _ = trained
-    result = run_torchrun("preco.py", 2, *TINY_SWIN, "--data", folder, "--epochs", "3", "--max-steps", "1",
-                          "--out", tmp_path)
+    result = run_torchrun(
+        "preco.py", 2, *TINY_SWIN, "--data", folder, "--epochs", "3", "--max-steps", "1", "--out", tmp_path
+    )
     assert_ran_cleanly(result)
     assert "2 process(es)" in result.stdout and "done at step 1" in result.stdout
     one = json.loads(open(root / "run" / "log.jsonl").readline())
@@ -321,21 +324,24 @@ def test_a_non_finite_loss_stops_the_run_with_exit_1(tmp_path, capsys):
     assert exit_info.value.code == 1 and "the loss became nan at step 2" in err and "checkpoint is none" in err
 
 
-@pytest.mark.parametrize("extra, fragment", [
-    (["--data", "/nonexistent/images"], "is not a folder"),
-    (["--batch-size", "8"], "fewer than one batch"),
-    (["--img-size", "48"], "not a multiple of 32"),
-    (["--mask-unit", "6"], "not a multiple of Swin's 4-px patch"),
-    (["--mask-unit", "24"], "not a multiple of --mask-unit 24"),
-    (["--mask-ratio", "1"], "--mask-ratio must be between 0 and 1"),
-    (["--mask-unit", "16", "--mask-ratio", "0.9"], "masks the whole image"),
-    (["--epochs", "0"], "--epochs must be positive"),
-    (["--lambda-sc", "-1"], "--lambda-sc must not be negative"),
-    (["--warmup-epochs", "3"], "must be smaller than --epochs 3"),
-    (["--batch-size", "1"], "at least 2 images per batch"),
-    (["--out", __file__], "is a file"),
-    (["--vis", os.path.dirname(__file__)], "is a folder"),
-])
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--data", "/nonexistent/images"], "is not a folder"),
+        (["--batch-size", "8"], "fewer than one batch"),
+        (["--img-size", "48"], "not a multiple of 32"),
+        (["--mask-unit", "6"], "not a multiple of Swin's 4-px patch"),
+        (["--mask-unit", "24"], "not a multiple of --mask-unit 24"),
+        (["--mask-ratio", "1"], "--mask-ratio must be between 0 and 1"),
+        (["--mask-unit", "16", "--mask-ratio", "0.9"], "masks the whole image"),
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--lambda-sc", "-1"], "--lambda-sc must not be negative"),
+        (["--warmup-epochs", "3"], "must be smaller than --epochs 3"),
+        (["--batch-size", "1"], "at least 2 images per batch"),
+        (["--out", __file__], "is a file"),
+        (["--vis", os.path.dirname(__file__)], "is a folder"),
+    ],
+)
 def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys, extra, fragment):
     folder = make_image_folder(tmp_path / "images", classes=2, per_class=2)
     with pytest.raises(SystemExit) as exit_info:
