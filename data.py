@@ -1,25 +1,34 @@
 """What the pre-training scripts share (the evaluation scripts use it too): the flag parser, image discovery and
-opening, the built-in "synthetic" textures (every script runs without a download), the dataset (augmentations seeded
-by (seed, epoch, index)) and sampler, torchvision backbones, weights_only loading, and the kNN monitor."""
+opening, what a run knows its data by (the file list, by content), the built-in "synthetic" textures (every script
+runs without a download), the dataset (augmentations seeded by (seed, epoch, index)) and sampler, torchvision
+backbones, weights_only loading, the kNN monitor, and the few run pieces every script uses the same way: the --out
+lock, the atomic writer, the finiteness check and the stop signals."""
 
 import argparse
+import fcntl
+import hashlib
 import math
 import os
 import random
 import signal
+import socket
 import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_png, read_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SYNTHETIC, SYNTHETIC_IMAGES, SYNTHETIC_SIZE = "synthetic", 2048, 64
+SYNTHETIC = "synthetic"
+SYNTHETIC_IMAGES = 2048
+SYNTHETIC_SIZE = 64
 SYNTHETIC_CLASS_NAMES = ("stripes", "checkerboard", "dots", "blobs")
 
 
@@ -46,13 +55,22 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed, extras
 
 
+def seed_value(text):
+    """The type of --seed: an int from 0 to 2**32 - 1, so that numpy and torch accept every seed derived from it."""
+    seed = int(text)
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**32 - 1} (got {text})")
+    return seed
+
+
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # a default computed at run time is described in the flag's help
         return action.help if action.default is None else super()._get_help_string(action)
 
 
 def check_out_dir(path, flag="--out"):
-    """An output folder must be a folder or creatable: one sentence when it, or a folder above it, is a file."""
+    """An output folder must be a folder or creatable: one sentence when it, or a folder above it, is a file. Whether it
+    can be written is found by hold_out(), which writes its lock there before any work."""
     target = probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
@@ -84,25 +102,45 @@ def _scan(root):
 
 
 def list_images(roots):
-    """Sorted image paths under each root; "synthetic" stands for the built-in generated dataset."""
-    paths = []
+    """(sorted image paths under each root, their identity: file_list_id); "synthetic" stands for the built-in
+    generated dataset."""
+    paths, groups = [], []
     for root in roots:
         if root == SYNTHETIC:
-            paths += [f"{SYNTHETIC}://{i}" for i in range(SYNTHETIC_IMAGES)]
+            found = [f"{SYNTHETIC}://{i}" for i in range(SYNTHETIC_IMAGES)]
         elif not os.path.isdir(root):
             raise UserError(f"--data {root} is not a folder (give a folder of images, or 'synthetic').")
-        elif not (found := _scan(root)):
+        elif not (found := sorted(_scan(root))):
             raise UserError(f"--data {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-        else:
-            paths += sorted(found)
-    return paths
+        paths += found
+        groups.append((root, found))
+    return paths, file_list_id(groups)
+
+
+def file_list_id(groups):
+    """What a run knows a dataset by, whatever path names it: the number of files and a sha256 of every file's path
+    relative to its root and its size, root after root (a folder typed with a trailing slash, moved or reached
+    through a link is the same dataset; an image added, removed or renamed makes another)."""
+    digest, count = hashlib.sha256(), 0
+    for root, paths in groups:
+        for path in paths:
+            relative = path if path.startswith(SYNTHETIC) else os.path.relpath(path, root)
+            try:
+                size = 0 if path.startswith(SYNTHETIC) else os.stat(path).st_size
+            except OSError:  # a dangling link: listed, never readable
+                size = -1
+            digest.update(f"{relative}\0{size}\n".encode())
+            count += 1
+    return {"files": count, "sha256": digest.hexdigest()}
 
 
 def labeled_images(root):
-    """(paths, labels, class_names) of a class-per-folder dataset, below single wrapper folders (EuroSAT's 2750/).
-    macOS's __MACOSX/ is never a class; a class folder holding image folders (train/ and test/ copies) is refused."""
+    """(paths, labels, class_names, identity) of a class-per-folder dataset, below single wrapper folders (EuroSAT's
+    2750/): the identity (file_list_id) is taken relative to the folder of the classes, so `ds` and `ds/2750` are the
+    same dataset. macOS's __MACOSX/ is never a class; a class folder holding image folders is refused."""
     if root == SYNTHETIC:  # the class of synthetic image i is i mod 4
-        return list_images([SYNTHETIC]), [i % 4 for i in range(SYNTHETIC_IMAGES)], list(SYNTHETIC_CLASS_NAMES)
+        paths, identity = list_images([SYNTHETIC])
+        return paths, [i % 4 for i in range(SYNTHETIC_IMAGES)], list(SYNTHETIC_CLASS_NAMES), identity
     if not os.path.isdir(root):
         raise UserError(f"--data {root} is not a folder (give a folder with one sub-folder per class).")
     while True:
@@ -129,7 +167,7 @@ def labeled_images(root):
             )
         paths += files
         labels += [label] * len(files)
-    return paths, labels, subdirs
+    return paths, labels, subdirs, file_list_id([(root, paths)])
 
 
 def synthetic_image(index, size=SYNTHETIC_SIZE):
@@ -155,23 +193,43 @@ def synthetic_image(index, size=SYNTHETIC_SIZE):
 
 
 def open_rgb(path):
-    """Open any image as 8-bit RGB: grayscale, palette, RGBA, CMYK and 16-bit / float files are converted."""
+    """Open any image as 8-bit RGB: grayscale, palette, RGBA and CMYK files are converted; 16-bit and float files are
+    read at their full depth and stretched from their minimum to their maximum (a 16-bit RGB PNG through torchvision,
+    whose decoder keeps the 16 bits that Pillow cuts to the high byte). A 16-bit colour file of another format is
+    refused, never read black."""
     if path.startswith(SYNTHETIC):
         return synthetic_image(int(path.rsplit("/", 1)[1]))
     with Image.open(path) as img:
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit or float: stretch to 0-255
-            arr = np.asarray(img, dtype=np.float32)
-            lo, hi = float(arr.min()), float(arr.max())
-            img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8))
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # one band, 16-bit or float
+            return _stretched(np.asarray(img, dtype=np.float32))
+        if any(";16" in str(tile[3]) for tile in img.tile):  # several bands of 16 bits, which Pillow cuts to 8
+            if img.format != "PNG":
+                raise UserError(
+                    f"{path} is a 16-bit {img.mode} {img.format}, which Pillow reads as its high bytes only (black "
+                    "for values below 256); convert it to a 16-bit PNG or to 8 bits."
+                )
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (in favour of TorchCodec)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                bands = decode_png(read_file(path), ImageReadMode.UNCHANGED)  # C x H x W, uint16
+            return _stretched(bands[: 3 if len(bands) >= 3 else 1].permute(1, 2, 0).squeeze(-1).float().numpy())
         return img.convert("RGB")
+
+
+def _stretched(pixels):
+    """float32 pixels (H x W, or H x W x 3) -> 8-bit RGB, stretched from their minimum to their maximum."""
+    low, high = float(pixels.min()), float(pixels.max())
+    return Image.fromarray(((pixels - low) / max(high - low, 1e-6) * 255).astype(np.uint8)).convert("RGB")
 
 
 def check_readable(paths, samples=32, seed=0):
     """Open a random sample of the files at start-up: a dataset whose files mostly fail is an error, not a slow run."""
-    picked, failed = random.Random(seed).sample(paths, min(samples, len(paths))), []
+    picked = random.Random(seed).sample(paths, min(samples, len(paths)))
+    failed = []
     for path in picked:
         try:
             open_rgb(path)
+        except UserError:  # a file this project refuses to read (a 16-bit colour TIFF): its own sentence
+            raise
         except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable"
             failed.append(f"{path} ({type(err).__name__})")
     if len(failed) > len(picked) // 2:
@@ -181,8 +239,9 @@ def check_readable(paths, samples=32, seed=0):
         )
 
 
-def stratified_split(labels, train_ratio, seed):
-    """Per class, a random `train_ratio` of the images for training and the rest for testing (fixed by `seed`)."""
+def stratified_split(labels, train_ratio, seed, classes, fix="add images or change --train-ratio"):
+    """Per class, a random `train_ratio` of the images for training and the rest for testing (fixed by `seed`). A
+    class left without either is one sentence naming its folder and ending in `fix`."""
     if not 0 < train_ratio < 1:
         raise UserError(f"--train-ratio must be between 0 and 1 (got {train_ratio}).")
     labels = np.asarray(labels)
@@ -193,8 +252,8 @@ def stratified_split(labels, train_ratio, seed):
         n_train = int(round(train_ratio * len(idx)))
         if n_train < 1 or n_train >= len(idx):
             raise UserError(
-                f"class {c} has {len(idx)} images: a train ratio of {train_ratio} leaves it without "
-                f"{'training' if n_train < 1 else 'test'} images; add images or change --train-ratio."
+                f"class {classes[c]} has {len(idx)} readable image(s): a train ratio of {train_ratio} leaves it "
+                f"without {'training' if n_train < 1 else 'test'} images; {fix}."
             )
         train.append(idx[:n_train])
         test.append(idx[n_train:])
@@ -209,8 +268,11 @@ class ImageDataset(Dataset):
     epoch, so they see it)."""
 
     def __init__(self, paths, labels=None, transform=None, seed=0):
-        self.paths, self.transform, self.seed, self.epoch = paths, transform, seed, 0
+        self.paths = paths
         self.labels = [-1] * len(paths) if labels is None else labels
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
         self.reported = 0
 
     def __len__(self):
@@ -237,7 +299,7 @@ class ImageDataset(Dataset):
         else:
             raise UserError("no image of the dataset could be read.")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**64)  # torch takes < 2**64
             x = self.transform(img) if self.transform else img
         return x, self.labels[(index + offset) % len(self.paths)], skipped
 
@@ -247,14 +309,20 @@ class EpochSampler(Sampler):
     process taking its slice of every batch; set_epoch(e, start_batch) resumes mid-epoch on the same batches."""
 
     def __init__(self, size, global_batch, rank=0, world_size=1, seed=0):
-        self.size, self.global_batch, self.rank, self.world, self.seed = size, global_batch, rank, world_size, seed
-        self.epoch, self.start_batch = 0, 0
+        self.size = size
+        self.global_batch = global_batch
+        self.rank = rank
+        self.world = world_size
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
 
     def batches_per_epoch(self):
         return self.size // self.global_batch
 
     def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
+        self.epoch = epoch
+        self.start_batch = start_batch
 
     def __iter__(self):
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
@@ -272,11 +340,14 @@ class EpochSampler(Sampler):
 VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads; 12 blocks
 
 
-def build_model(arch, image_size=224, patch_size=16):
-    """A torchvision classification model; vit_tiny / vit_small / vit_base are VisionTransformer(12 blocks, mlp 4x)."""
+def build_model(arch, image_size=224, patch_size=16, heads=None):
+    """A torchvision classification model; vit_tiny / vit_small / vit_base are VisionTransformer(12 blocks, mlp 4x),
+    with width / 64 heads (DINO's and DeiT's) unless `heads` says otherwise (MoCo v3's vit_small has 12)."""
     if arch in VIT_SIZES:
-        width, heads = VIT_SIZES[arch]
-        return torchvision.models.VisionTransformer(image_size, patch_size, 12, heads, width, 4 * width)
+        width, default_heads = VIT_SIZES[arch]
+        return torchvision.models.VisionTransformer(
+            image_size, patch_size, 12, heads or default_heads, width, 4 * width
+        )
     if arch not in torchvision.models.list_models(torchvision.models):
         raise UserError(f"unknown --arch {arch}; use a torchvision model name such as resnet50, swin_t or vit_small.")
     return torchvision.models.get_model(arch, **({"image_size": image_size} if arch.startswith("vit") else {}))
@@ -296,15 +367,91 @@ def load_weights_only(path, fix="give a backbone.pth, a checkpoint.pth or a torc
         ) from None
 
 
+# ---------------------------------------------------------------- what every script's run does the same way
+_held = {}  # the --out lock files this process holds (hold_out), by folder; closed by release_out()
+
+
+def hold_out(out):
+    """One run per --out: an exclusive lock on out/.lock, which the kernel releases when the process ends, however it
+    ends; a note says so when the previous holder died without releasing it. A folder that cannot be written, or one
+    that a live run holds, is one sentence: the last check before any work. Held already by this process: nothing
+    to do (a script's evaluate() or train() called twice in one Python session)."""
+    if os.path.realpath(out) in _held:
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a+")
+    except OSError as err:
+        raise UserError(f"--out {out} cannot be written ({err.strerror}); give a folder this user can write.") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"--out {out} is in use by {holder}; wait for that run to end, or use another --out.") from None
+    lock.seek(0)
+    previous = lock.read().strip()
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}")
+    lock.flush()
+    _held[os.path.realpath(out)] = lock
+    if previous:  # a killed run leaves its name: say that this run is taking its place
+        print(f"note: --out {out} was held by {previous}, which ended without releasing it; this run takes it over")
+
+
+def release_out():
+    """Every --out this process holds is released (its .lock emptied, so the next run knows it ended cleanly)."""
+    for lock in _held.values():
+        lock.truncate(0)
+        lock.close()
+    _held.clear()
+
+
 def save_atomic(obj, path):
-    """torch.save to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half."""
-    with open(f"{path}.tmp", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """torch.save to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half. A
+    failed write (a full disk) removes the partial file and is one sentence: the file at `path` is left as it was."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(f"{path}.tmp", "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        if os.path.lexists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
+        why = err.strerror if isinstance(err, OSError) else "the write failed; is the disk full?"
+        kept = f"{path} is left as it was" if os.path.exists(path) else f"no {os.path.basename(path)} was written yet"
+        raise UserError(f"writing {path} failed ({why}): the partial file is removed and {kept}.") from None
     os.replace(f"{path}.tmp", path)
     os.fsync(folder := os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY))  # the rename survives a crash
     os.close(folder)
+
+
+def first_non_finite(state_dict):
+    """The name of the first floating-point tensor holding a NaN or inf on any process, else None: one pass over the
+    weights, one host sync, the same answer on every process."""
+    weights = {k: v for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()}
+    finite = torch.stack([v.isfinite().all() for v in weights.values()]).float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, dist.ReduceOp.MIN)
+    return next((name for name, ok in zip(weights, finite.tolist()) if not ok), None)
+
+
+def catch_stop_signals():
+    """SIGTERM (a scheduler's notice) or Ctrl-C is recorded in the returned list, for the loop to stop at a step it
+    chooses; a second one interrupts at once."""
+    received = []
+
+    def request_stop(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, request_stop)
+    return received
 
 
 def ignore_stop_signals(worker_id=None):
@@ -335,8 +482,9 @@ class KnnMonitor:
     training."""
 
     def __init__(self, root, size, seed=0, per_class=200):
-        paths, labels, classes = labeled_images(root)
-        labels, rng = np.asarray(labels), np.random.default_rng(seed)
+        paths, labels, classes, _ = labeled_images(root)
+        labels = np.asarray(labels)
+        rng = np.random.default_rng(seed)
         chosen = np.sort(
             np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(len(classes))])
         )
@@ -347,9 +495,14 @@ class KnnMonitor:
                 kept.append(i)
             except Exception:  # noqa: BLE001 - an unreadable file is left out
                 continue
-        self.images, self.labels, self.classes = torch.stack(images), torch.from_numpy(labels[kept]), len(classes)
-        self.train, self.test = (torch.from_numpy(i) for i in stratified_split(labels[kept], 0.5, seed))
-        self.description = f"{len(self.test)} test images of {len(classes)} classes"
+        fix = f"the kNN monitor of --knn-monitor {root} needs 2 of each class, one to remember and one to test"
+        train, test = stratified_split(labels[kept], 0.5, seed, classes, fix)
+        self.images = torch.stack(images)
+        self.labels = torch.from_numpy(labels[kept])
+        self.classes = len(classes)
+        self.train = torch.from_numpy(train)
+        self.test = torch.from_numpy(test)
+        self.description = f"{len(test)} test images of {len(classes)} classes"
 
     @torch.no_grad()
     def top1(self, backbone, device, amp_dtype=None, batch=256):

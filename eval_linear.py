@@ -16,8 +16,12 @@ that is GeRSP's protocol; paper 004 reports a single accuracy (--runs 1). Every 
 the same splits, and the results form one table (GeRSP Table I's shape) in results.md beside results.json.
 Images that do not decode are dropped before splitting, by one decoding pass over the dataset at start-up
 (labeled_datasets): the splits are drawn over the readable images, the same for every backbone.
-A backbone fine-tuned on the evaluated dataset (finetune_cls.py --save-backbone) is refused: its training images
-would be in the test split (paper 004 never uses one dataset as source and target).
+What a table measured is known by content: each --data by its file list (paths below the class folders, and sizes),
+each --weights file by its sha256, both in results.json; a dataset's name in the table is unique (its folder's name,
+with parent folders where two share it), and the same files given twice are refused.
+A backbone fine-tuned on the evaluated dataset (finetune_cls.py --save-backbone, or its checkpoint.pth) is refused,
+whatever path names the dataset: its training images would be in the test split (paper 004 never uses one dataset
+as source and target).
 --stages probes the globally pooled output of each stage (ResNet layer1-4, Swin's four stages, the class token after
 each quarter of a ViT's blocks), one accuracy per stage: a second table in results.md (GeRSP Fig. 6 as numbers).
 --knn adds the weighted kNN protocol of InstDisc / DINO (cosine similarity, the k = 20 nearest training features vote
@@ -28,10 +32,13 @@ Preprocessing (--preprocess): paper004 = paper 004's test pipeline, resize to 29
 silent about its linear probe's preprocessing) = the whole image resized to --img-size (default 224, GeRSP's
 fine-tuning size), which keeps the borders of EuroSAT's 64-px images that a centre crop would cut.
 Choices where the papers are silent: features are not normalised; the std is the sample std (ddof=1).
-This file also holds what finetune_cls.py shares with it: the flags, the datasets and their splits, loading any
-backbone file exactly (published checkpoints' layouts included), the source-dataset check and the results table.
+The file reads: the flags, the datasets and their splits, the features, the probe, the results table and evaluate();
+then what finetune_cls.py shares with it: loading any backbone file exactly, and the published checkpoints' layouts.
 """
 
+import hashlib
+import importlib.util
+import itertools
 import json
 import math
 import os
@@ -39,6 +46,7 @@ import re
 import shlex
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -65,23 +73,29 @@ def evaluation_parser(script, description):
     p.add_argument(
         "--dataset",
         action="append",
-        help="name of each --data in the report (eurosat, nwpu, ...); default: the folder name",
+        help="name of each --data in the report (eurosat, nwpu, ...); default: the folder name (with its parents "
+        "where two --data share it)",
     )
     p.add_argument(
         "--weights",
         action="append",
-        help="random | imagenet (torchvision's IMAGENET1K_V1, the papers' "
-        "baseline) | imagenet:V2 (a newer torchvision recipe) | a backbone.pth / checkpoint.pth of this "
-        "project | a torchvision state dict | a published checkpoint (MoCo v1-v3, mmselfsup, Lightning, "
-        "DINO, DINOv2, timm, torchgeo, Swin, SimMIM: see README); repeat to compare backbones. Default: "
-        "random",
+        help="random | imagenet (torchvision's IMAGENET1K_V1, the papers' baseline) | imagenet:V2 (a newer "
+        "torchvision recipe) | a backbone.pth / checkpoint.pth of this project | a torchvision state dict | a "
+        "published checkpoint (MoCo v1-v3, mmselfsup, Lightning, DINO, DINOv2, timm, torchgeo, Swin, SimMIM: see "
+        "docs/weights.md); repeat to compare backbones. Default: random",
     )
     p.add_argument("--arch", help="architecture, when the weights file does not say it (e.g. resnet50)")
     p.add_argument("--patch-size", type=int, default=16, help="ViT patch size, when the weights file does not say it")
+    p.add_argument(
+        "--heads", type=int, help="ViT attention heads, when the file does not say them (default: width / 64)"
+    )
     p.add_argument("--train-ratio", type=float, default=0.2, help="fraction of each class used for training")
     p.add_argument("--runs", type=int, default=5, help="repetitions with different splits (mean +- std)")
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the first split (run r uses seed + r) and of random weights"
+        "--seed",
+        type=data.seed_value,
+        default=0,
+        help="seed of the first split (run r uses seed + r) and of random weights",
     )
     return p
 
@@ -95,16 +109,21 @@ def parse_evaluation_args(parser, argv):
 
 
 def check_datasets(args):
-    """One --dataset name per --data, and no other name than 'synthetic' for the built-in textures: a table headed
-    'eurosat' must have measured EuroSAT."""
+    """One --dataset name per --data, no name twice, and no other name than 'synthetic' for the built-in textures: a
+    table headed 'eurosat' must have measured EuroSAT."""
     if args.dataset and len(args.dataset) != len(args.data):
         raise UserError(f"{len(args.dataset)} --dataset names for {len(args.data)} --data folders; give one each.")
+    names = [name.lower() for name in args.dataset or []]
+    if twice := next((name for name in names if names.count(name) > 1), None):
+        raise UserError(f"--dataset {twice} is given twice; give each --data a name of its own.")
     for root, name in zip(args.data, args.dataset or []):
         if root == data.SYNTHETIC and name.lower() != data.SYNTHETIC:
             raise UserError(
                 f"--dataset {name} would name the built-in synthetic textures (--data synthetic, the "
                 f"default without --data), not {name}; give --data the folder of {name}."
             )
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be 0 or more (got {args.workers}).")
 
 
 # ------------------------------------------------------------------------------------------------ the probe's flags
@@ -159,39 +178,54 @@ def check_args(args):
 
 
 # ------------------------------------------------------------------------------------------ datasets (both scripts)
+LabeledDataset = namedtuple("LabeledDataset", "name paths labels classes splits files")  # files: data.file_list_id
+
+
+def default_names(roots):
+    """Each --data's name in the table: its folder's name, with as many parent folders as it takes to tell it from the
+    others (x/images and y/images)."""
+    parts = [os.path.abspath(root).split(os.sep) if root != data.SYNTHETIC else [root] for root in roots]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            break
+    return names
+
+
 def labeled_datasets(roots, names, train_ratio, runs, seed, verbose=True, workers=0):
-    """The evaluation datasets: [(name, paths, labels, classes, [(train, test) split of each run])]. The images that
-    do not decode are dropped BEFORE splitting (readable_images), so the splits, drawn over the readable ones, are the
-    same for every backbone and both scripts, and no image stands in for another with the wrong label."""
+    """The evaluation datasets, each a LabeledDataset with the (train, test) split of each run. The images that do
+    not decode are dropped BEFORE splitting (readable_images), so the splits, drawn over the readable ones, are the same
+    for every backbone and both scripts, and no image stands in for another with the wrong label. The same files
+    given twice, under any path, are refused."""
+    listed = [data.labeled_images(root) for root in roots]
+    for i, j in itertools.combinations(range(len(roots)), 2):
+        if listed[i][3] == listed[j][3]:
+            raise UserError(f"--data {roots[i]} and --data {roots[j]} hold the same files; give each dataset once.")
     datasets = []
-    for i, root in enumerate(roots):
-        paths, labels, classes = data.labeled_images(root)
-        name = names[i] if names else os.path.basename(os.path.normpath(root))
+    for name, (paths, labels, classes, files) in zip(names or default_names(roots), listed):
         if verbose:
             print(f"{name}: {len(classes)} classes: {', '.join(classes)}", flush=True)
         paths, labels, unreadable = readable_images(paths, labels, classes, workers)
-        splits = [data.stratified_split(labels, train_ratio, seed + r) for r in range(runs)]
-        datasets.append((name, paths, labels, classes, splits))
+        splits = [data.stratified_split(labels, train_ratio, seed + r, classes) for r in range(runs)]
+        datasets.append(LabeledDataset(name, paths, labels, classes, splits, files))
         if verbose:
-            dropped = (
-                f" ({len(unreadable)} unreadable image(s) dropped before splitting, e.g. {unreadable[0]})"
-                if unreadable
-                else ""
-            )
-            print(
-                f"{name}: {len(paths)} images{dropped}, {len(splits[0][0])} train / {len(splits[0][1])} test per run",
-                flush=True,
-            )
+            dropped = ""
+            if unreadable:
+                dropped = f" ({len(unreadable)} unreadable image(s) dropped before splitting, e.g. {unreadable[0]})"
+            print(f"{name}: {len(paths)} images{dropped}, {len(splits[0][0])} train / {len(splits[0][1])} test a run")
     return datasets
 
 
 def _decodes(paths):
-    """Which of `paths` decode: the collate_fn of readable_images' DataLoader, so that its workers do the work."""
+    """Whether each of `paths` decodes (True / False), or the sentence refusing a file this project does not read (a
+    16-bit colour TIFF): the collate_fn of readable_images' DataLoader, so that its workers do the work."""
     ok = []
     for path in paths:
         try:
             data.open_rgb(path)
             ok.append(True)
+        except UserError as err:
+            ok.append(str(err))
         except Exception:  # noqa: BLE001 - any decoder error means "unreadable"
             ok.append(False)
     return ok
@@ -204,6 +238,8 @@ def readable_images(paths, labels, classes, workers=0):
         return paths, labels, []
     loader = DataLoader(paths, batch_size=64, num_workers=workers, collate_fn=_decodes)
     ok = [flag for batch in loader for flag in batch]
+    if refused := next((flag for flag in ok if isinstance(flag, str)), None):
+        raise UserError(refused)
     empty = sorted(set(range(len(classes))) - {label for label, good in zip(labels, ok) if good})
     if empty:
         raise UserError(f"no image of class {classes[empty[0]]} could be read; check the files of that folder.")
@@ -226,334 +262,6 @@ def center_crop_transform(size):
     the same 292 / 256 ratio), normalise."""
     big = round(size * 292 / 256)
     return T.Compose([T.Resize((big, big)), T.CenterCrop(size)] + normalised_tensor())
-
-
-# ------------------------------------------------------------------------------------------- weights (both scripts)
-HEADS = ("fc", "heads", "head")  # the classifier of torchvision's ResNet, ViT and Swin
-
-
-def strip_head(model):
-    """Replace the classifier by Identity; returns the feature width. The remaining keys are torchvision's."""
-    for name in HEADS:
-        head = getattr(model, name, None)
-        if head is not None:
-            setattr(model, name, nn.Identity())
-            return (head[-1] if isinstance(head, nn.Sequential) else head).in_features
-    raise UserError(f"{type(model).__name__} has no classifier head named {' / '.join(HEADS)}.")
-
-
-def load_backbone(weights, arch=None, image_size=224, patch_size=16):
-    """(headless model, feature width, arch, method) from 'random', 'imagenet[:V2]', one of our backbone.pth /
-    checkpoint.pth files, a plain torchvision state dict or a published checkpoint (published_backbone), which must
-    fit the model exactly (load_exactly). A file's own arch and ViT patch size win over the arguments."""
-    state, method, config, unrecognised = None, weights, {}, None
-    imagenet = weights == "imagenet" or weights.startswith("imagenet:")
-    if weights != "random" and not imagenet:
-        if not os.path.isfile(weights):
-            raise UserError(f"--weights {weights} is not a file (nor 'random' / 'imagenet').")
-        obj = data.load_weights_only(weights, fix=weights_fix(weights))
-        if not isinstance(obj, dict):
-            raise UserError(f"--weights {weights} holds a {type(obj).__name__}, not a state dict.")
-        ours = "method" in obj  # a backbone.pth or checkpoint.pth of this project: its "config" is ours
-        arch, config = obj.get("arch", arch), obj.get("config", {}) if ours else {}
-        if "backbone_prefix" in obj:  # a training checkpoint of this project
-            n = len(obj["backbone_prefix"])
-            state = {k[n:]: v for k, v in obj["model"].items() if k.startswith(obj["backbone_prefix"])}
-            method = obj.get("method", "torchvision")
-        else:  # our backbone.pth, a plain state dict or a published layout (MoCo, DINO, Swin ...): torchvision's keys
-            state, layout, found = published_backbone(obj, weights)
-            arch, config = found or (arch, config)
-            method = obj.get("method", layout or "torchvision")
-            if layout is None and not ours:  # no key where a backbone starts (a text or audio model?)
-                unrecognised = (
-                    "it holds no backbone this project recognises (its first tensors: "
-                    f"{', '.join(list(_tensors(obj))[:3]) or 'none'})"
-                )
-            elif not ours and layout != "torchvision":  # a refusal names the layout it read
-                weights = f"{weights} (read as {layout})"
-        if arch is None and unrecognised:
-            raise UserError(
-                f"--weights {weights}: {unrecognised}; only another torchvision model's plain state dict "
-                "would load, with its --arch."
-            )
-        if arch is None:
-            raise UserError(f"--weights {weights} does not say its architecture; add --arch.")
-    elif arch is None:
-        raise UserError(f"--weights {weights} needs --arch.")
-    patch_size = config.get("patch_size", patch_size)
-    if arch in data.VIT_SIZES and image_size % patch_size:  # torchvision would assert
-        raise UserError(f"--img-size {image_size} is not a multiple of the ViT's patch size {patch_size}.")
-    model = data.build_model(arch, image_size, patch_size)
-    if imagenet:
-        state, method = imagenet_state(weights, arch)
-    width = strip_head(model)
-    if state is not None:
-        load_exactly(model, state, weights, arch, image_size, unrecognised)
-    return model, width, arch, method
-
-
-def weights_fix(path):
-    """data.load_weights_only's advice for a --weights file it refuses, by torch's error: a TorchScript archive is
-    exported to a state dict, a pickle naming a global that could run code is stripped to its tensors (both only for a
-    file the user trusts: loading them runs its code); anything else is not a weights file."""
-    out, quoted = f"{path}.state_dict.pth", json.dumps  # Python strings in double quotes: the shell needs single ones
-    export = f'import torch; torch.save(torch.jit.load({quoted(path)}, map_location="cpu").state_dict(), {quoted(out)})'
-    strip = (
-        "import torch; keep = lambda o: {k: keep(v) if isinstance(v, dict) else v for k, v in o.items() if "
-        f'isinstance(v, dict) or torch.is_tensor(v)}}; c = torch.load({quoted(path)}, map_location="cpu", '
-        f"weights_only=False); torch.save(keep(c if isinstance(c, dict) else c.state_dict()), {quoted(out)})"
-    )
-
-    def fix(error):
-        blocked = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))  # torch names what it refused
-        if "TorchScript" in str(error):
-            why, action, code = "it is a TorchScript archive, not a state dict", "export its weights", export
-        elif blocked:
-            why, action, code = f"it pickles {blocked[1]}, which could run code", "keep only its tensors", strip
-        else:
-            return "give a backbone.pth, a checkpoint.pth or a torchvision state dict"
-        return f"{why}: if you trust the file, {action} with python -c {shlex.quote(code)} and give --weights {out}"
-
-    return fix
-
-
-def imagenet_state(weights, arch):
-    """(state dict, method) of torchvision's ImageNet weights, read from the local torch hub cache (these machines
-    are offline). 'imagenet' is IMAGENET1K_V1, the classic weights of GeRSP's IMP row and paper 004's baseline
-    (torchvision's DEFAULT for resnet50 is V2, a 2021 recipe); 'imagenet:V2' asks for IMAGENET1K_V2."""
-    if arch in data.VIT_SIZES:
-        raise UserError(f"torchvision has no ImageNet weights for {arch}.")
-    tag = "IMAGENET1K_" + (weights.partition(":")[2].removeprefix("IMAGENET1K_") or "V1")
-    enum = torchvision.models.get_model_weights(arch)
-    if tag not in enum.__members__:
-        raise UserError(
-            f"torchvision has no {tag} weights for {arch} (it has: {', '.join(w.name for w in enum)}); "
-            "use --weights imagenet (IMAGENET1K_V1) or imagenet:<the part after IMAGENET1K_>."
-        )
-    url = enum[tag].url
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    if not os.path.isfile(path):
-        raise UserError(
-            f"ImageNet weights for {arch} are not in the local cache: download {url} on a machine "
-            f"with internet access and copy it to {path}."
-        )
-    return data.load_weights_only(path), f"torchvision {tag}"
-
-
-def load_exactly(model, state, weights, arch, image_size, unrecognised=None):
-    """Load `state` into the headless `model`: every tensor of the model must be in the file with its shape, and
-    every tensor of the file must be used (a classifier head aside), or one sentence: a ResNet-101 file holds all
-    of ResNet-50's tensors and 306 more, and must not load as a ResNet-50 with two thirds of layer3 dropped.
-    `unrecognised` says why nothing fits a file where no backbone was found."""
-    if (
-        isinstance(model, torchvision.models.VisionTransformer)
-        and "encoder.pos_embedding" in state
-        and state["encoder.pos_embedding"].shape[1] != model.seq_length
-    ):
-        if math.isqrt(state["encoder.pos_embedding"].shape[1] - 1) ** 2 != state["encoder.pos_embedding"].shape[1] - 1:
-            raise UserError(
-                f"--weights {weights} has {state['encoder.pos_embedding'].shape[1]} position embeddings, "
-                "not a class token's and a square grid's (timm's no_embed_class?)."
-            )
-        state = interpolate_embeddings(image_size, model.patch_size, state)  # ViT at another image size
-    own = model.state_dict()
-    loaded = [k for k in own if k in state and state[k].shape == own[k].shape]
-    if len(loaded) < len(own):
-        first = next(k for k in own if k not in loaded)
-        if unrecognised and not loaded:
-            why = unrecognised
-        elif first in state:
-            why = (
-                f"the file's {first} is {tuple(state[first].shape)} where {arch} needs {tuple(own[first].shape)}, "
-                "so it holds another architecture"
-            )
-        else:
-            why = (
-                f"{first} is missing (the file's first tensor is {next(iter(state), 'none')}), so it holds another "
-                "architecture or other key names"
-            )
-        raise UserError(f"--weights {weights} matches only {len(loaded)} of the {len(own)} tensors of {arch}: {why}.")
-    unused = [k for k in state if k not in own and k.split(".")[0] not in HEADS]
-    if unused:
-        raise UserError(
-            f"--weights {weights} holds {len(unused)} tensor(s) that {arch} does not use (e.g. "
-            f"{unused[0]}): it is a deeper or another architecture; give its --arch."
-        )
-    model.load_state_dict({k: state[k] for k in own})
-
-
-# ---------------------------------------------------------------------- published checkpoints -> torchvision's keys
-# Rules (regex, replacement), applied in order to every key below the backbone's prefix. A key no rule renames keeps
-# its name; load_exactly then refuses whatever does not fit the model exactly, naming it.
-_SEQUENTIAL = [
-    (r"^0\.", "conv1."),
-    (r"^1\.", "bn1."),
-    (r"^([4-7])\.", lambda m: f"layer{int(m[1]) - 3}."),
-    (r"^9\.", "fc."),
-]  # nn.Sequential(*resnet.children()); 2, 3, 8 (relu, maxpool, avgpool) hold nothing
-
-_TIMM_VIT = [
-    (r"^cls_token$", "class_token"),
-    (r"^pos_embed$", "encoder.pos_embedding"),
-    (r"^patch_embed\.proj\.", "conv_proj."),
-    (r"^norm\.", "encoder.ln."),
-    (r"^blocks\.(\d+)\.", r"encoder.layers.encoder_layer_\1."),
-    (r"(_\d+)\.norm([12])\.", r"\1.ln_\2."),
-    (r"\.attn\.qkv\.", ".self_attention.in_proj_"),  # both stack q, k, v rows, head-major within each
-    (r"\.attn\.proj\.", ".self_attention.out_proj."),
-    (r"\.mlp\.fc1\.", ".mlp.0."),
-    (r"\.mlp\.fc2\.", ".mlp.3."),
-]
-
-_MS_SWIN = [
-    (r"^patch_embed\.proj\.", "features.0.0."),
-    (r"^patch_embed\.norm\.", "features.0.2."),
-    (r"^layers\.(\d)\.blocks\.", lambda m: f"features.{2 * int(m[1]) + 1}."),
-    (r"^layers\.(\d)\.downsample\.", lambda m: f"features.{2 * int(m[1]) + 2}."),  # merging ends stage i
-    (r"\.mlp\.fc1\.", ".mlp.0."),
-    (r"\.mlp\.fc2\.", ".mlp.3."),
-]  # same merge order (x0 x1 x2 x3), qkv, masks
-
-
-def _timm_vit(state, weights, prefix):
-    """(arch, config) of a timm / DINO / DINOv2 ViT, its LayerScale folded into the layer before it: gamma (W x + b) =
-    (gamma W) x + gamma b. Heads are not in the file: width / 64, as in DINO, DINOv2, DeiT and timm."""
-    odd = next((k for k in state if re.search(r"register_tokens|\.mlp\.w12\.", k)), None)
-    if odd:
-        what = "a SwiGLU feed-forward" if "w12" in odd else "register tokens"
-        raise UserError(
-            f"--weights {weights} is a ViT with {what} ({odd}), which torchvision's VisionTransformer does not have."
-        )
-    for key in [k for k in state if re.search(r"\.ls[12]\.gamma$", k)]:
-        layer = key[:-9] + ("self_attention.out_proj." if ".ls1." in key else "mlp.3.")
-        if layer + "bias" in state:  # otherwise gamma stays, unused, and load_exactly names it
-            gamma = state.pop(key)
-            state[layer + "weight"], state[layer + "bias"] = (
-                state[layer + "weight"] * gamma[:, None],
-                state[layer + "bias"] * gamma,
-            )
-    width = state["class_token"].shape[-1]
-    depth = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
-    arch = next((a for a, (w, _) in data.VIT_SIZES.items() if w == width), None)
-    if "base_encoder" in prefix and width == 384:
-        raise UserError(
-            f"--weights {weights} is MoCo v3's vit_small, whose 12 heads (ours has 6) the file does not record."
-        )
-    if arch is None or depth != 12:
-        raise UserError(
-            f"--weights {weights} is a ViT of width {width} with {depth} blocks; only "
-            f"{' / '.join(data.VIT_SIZES)} (width 192 / 384 / 768, 12 blocks) are built here."
-        )
-    return arch, {"patch_size": state["conv_proj.weight"].shape[-1]}
-
-
-def _ms_swin(state, weights, prefix):
-    """(arch, config) of a Microsoft Swin: the relative-position tables fix the window (torchvision's is 7), the N x N
-    index becomes torchvision's flat one, and width and stage-3 depth name the torchvision model."""
-    rows = state["features.1.0.attn.relative_position_bias_table"].shape[0]
-    if rows != 169:
-        raise UserError(
-            f"--weights {weights} is a Swin with window {(math.isqrt(rows) + 1) // 2} ({rows}-row "
-            "relative-position tables); torchvision's Swin has window 7 (169 rows)."
-        )
-    for key in [k for k in state if k.endswith("relative_position_index")]:
-        state[key] = state[key].flatten()
-    width = state["features.0.0.weight"].shape[0]
-    depth = len({k.split(".")[2] for k in state if k.startswith("features.5.")})
-    arch = {(96, 6): "swin_t", (96, 18): "swin_s", (128, 18): "swin_b"}.get((width, depth))
-    if arch is None:
-        raise UserError(
-            f"--weights {weights} is a Swin of width {width} with {depth} blocks in stage 3; torchvision "
-            "has swin_t (96, 6), swin_s (96, 18) and swin_b (128, 18)."
-        )
-    return arch, {}
-
-
-LAYOUTS = [  # (the key that marks a backbone, below its prefix; layout; rules; what reads (arch, config) from it)
-    (r"layer1\.0\.conv1\.weight", "torchvision", [], None),  # also timm's, torchgeo's, MoCo's and mmselfsup's ResNets
-    (r"class_token", "torchvision", [], None),
-    (r"features\.0\.0\.weight", "torchvision", [], None),
-    (r"4\.0\.conv1\.weight", "ResNet nn.Sequential", _SEQUENTIAL, None),
-    (r"cls_token", "timm ViT", _TIMM_VIT, _timm_vit),
-    (r"layers\.0\.blocks\.0\.attn\.qkv\.weight", "Microsoft Swin", _MS_SWIN, _ms_swin),
-]
-
-
-def _tensors(obj, path=""):
-    """Every tensor of a nested checkpoint under its dotted path, e.g. state_dict.module.encoder_q.conv1.weight."""
-    found = {}
-    for key, value in obj.items():
-        if isinstance(value, dict):
-            found.update(_tensors(value, f"{path}{key}."))
-        elif isinstance(value, torch.Tensor):
-            found[f"{path}{key}"] = value
-    return found
-
-
-def _rank(prefix):
-    """Of several networks in a file, the backbone: DINO's teacher, a 'backbone', the others; key / EMA copies last."""
-    if re.search(r"(^|[._])(encoder_k|momentum|target|ema)[._]", prefix):
-        return 3
-    return 0 if "teacher" in prefix else 1 if "backbone" in prefix else 2
-
-
-def published_backbone(obj, weights):
-    """(state dict in torchvision's keys, layout, (arch, config) where the file says them, else None) of any file but
-    our training checkpoint; (its own state dict, None, None) when no backbone key is found. A LAYOUTS key marks the
-    backbone and its prefix: in a plain state dict '' or DDP's 'module.'; in a checkpoint any path (state_dict.module.
-    encoder_q., teacher.backbone., model.encoder.). All else (heads, key encoder, queue, optimizer, mask_token, Swin's
-    attn_mask buffers) is dropped, named in one line."""
-    tensors, nested = _tensors(obj), any(isinstance(v, dict) for v in obj.values())
-    found = sorted(
-        {
-            (m[1], i)
-            for k in tensors
-            for i, (mark, *_) in enumerate(LAYOUTS)
-            if (m := re.fullmatch(rf"((?:.*\.)?){mark}", k)) and (nested or m[1] in ("", "module."))
-        },
-        key=lambda c: (_rank(c[0]), c),
-    )
-    if not found:  # no layout we know: with --arch another torchvision model's plain state dict may fit, else nothing
-        return {k.removeprefix("module."): v for k, v in obj.get("state_dict", obj).items()}, None, None
-    prefix, (_, layout, rules, finish) = found[0][0], LAYOUTS[found[0][1]]
-    if len(found) > 1 and _rank(found[1][0]) == _rank(prefix):
-        raise UserError(
-            f"--weights {weights} holds several backbones ({', '.join(p for p, _ in found)}) and does "
-            "not say which to evaluate; save that one alone."
-        )
-    state, dropped = {}, {}
-    for key, value in tensors.items():
-        if not key.startswith(prefix):  # another network or entry: named where its path leaves the backbone's
-            name = next((p for p, q in zip(key.split("."), prefix.split(".")) if p != q), key)
-        else:
-            new = key[len(prefix) :]
-            for pattern, replacement in rules:
-                new = re.sub(pattern, replacement, new, count=1)
-            name = new.split(".")[0] if new.split(".")[0] in HEADS else new.rsplit(".", 1)[-1]
-            if name not in HEADS + ("mask_token", "attn_mask"):  # DINOv2's / SimMIM's mask token, Swin's masks
-                state[new] = value
-                continue
-        dropped[name] = dropped.get(name, 0) + 1
-    folded = any(re.search(r"\.ls[12]\.gamma$", k) for k in state)
-    try:
-        arch, config = finish(state, weights, prefix) if finish else (None, {})
-    except KeyError as err:
-        raise UserError(f"--weights {weights} ({layout} under '{prefix}') lacks {err}.") from None
-    if "method" not in obj and os.environ.get("RANK", "0") == "0":  # ours need no report; one line per job
-        names = "torchvision key names" if layout == "torchvision" else f"{layout} layout"  # the shapes may differ
-        print(
-            f"--weights {weights}: {names} under '{prefix}'"
-            + (f", {arch}" if arch else "")
-            + "".join(f" {k} {v}" for k, v in config.items())
-            + (", LayerScale folded" if folded else "")
-            + (
-                "; dropped " + ", ".join(f"{n} ({c} tensor{'s' * (c > 1)})" for n, c in dropped.items())
-                if dropped
-                else ""
-            )
-        )
-    label = f"{layout} {re.sub(r'^((state_dict|model|module)[.])+', '', prefix)}".strip(" .")
-    return state, label, (arch, config) if arch else None
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -615,7 +323,7 @@ def fingerprint(model):
     return sum(float(t.double().sum()) for t in model.state_dict().values() if t.is_floating_point())
 
 
-# ------------------------------------------------------------------------------------------------ probe
+# ------------------------------------------------------------------------------------------------ the probe
 def train_probe(features, labels, train_idx, test_idx, num_classes, args, seed):
     """Softmax classifier on cached features: Adam, lr 1e-3, batch 100, 100 epochs (paper 004, Sec. III).
     Returns (top-1 accuracy in %, confusion matrix [true, predicted])."""
@@ -637,10 +345,12 @@ def train_probe(features, labels, train_idx, test_idx, num_classes, args, seed):
     return float((predicted == truth).float().mean() * 100), confusion.view(num_classes, num_classes).tolist()
 
 
-def probe_dataset(features, labels, classes, splits, width, args):
+def probe_dataset(features, dataset, width, args):
     """Every protocol on one dataset's cached features: the softmax probe of the final (and each stage's) features
     over every split, and with --knn the weighted kNN of the final features on the same splits."""
-    labels, splits = torch.tensor(labels), [(torch.from_numpy(tr), torch.from_numpy(te)) for tr, te in splits]
+    labels = torch.tensor(dataset.labels)
+    classes = dataset.classes
+    splits = [(torch.from_numpy(train), torch.from_numpy(test)) for train, test in dataset.splits]
     per_key = {
         key: [
             train_probe(feats, labels, tr, te, len(classes), args, args.seed + r) for r, (tr, te) in enumerate(splits)
@@ -701,100 +411,98 @@ def run_summary(accuracies, **extra):
     return {"accuracies": accuracies, "mean": mean, "std": std, **extra}
 
 
-def check_not_source(weights, method, dataset):
-    """Paper 004 never uses one dataset as both source and target: a backbone fine-tuned on `dataset`
-    (finetune_cls.py --save-backbone records '<method>+finetune:<dataset>') has seen images of its test split. The
-    names are compared case-insensitively: give both scripts the same --dataset (default: the folder name)."""
-    if re.search(rf"\+finetune:{re.escape(dataset)}(\+|$)", str(method), re.IGNORECASE):
+def check_not_source(weights, backbone, dataset):
+    """Paper 004 never uses one dataset as both source and target: a backbone fine-tuned on `dataset` has seen images
+    of its test split. finetune_cls.py records the datasets it trained on by their file lists (in --save-backbone's
+    file and in its checkpoint.pth), so whatever path names the dataset, it is recognised; a file of an older version
+    records only the name, in its method."""
+    sources = [files["sha256"] for files in backbone.trained_on]
+    named = re.search(rf"\+finetune:{re.escape(dataset.name)}(\+|$)", str(backbone.method), re.IGNORECASE)
+    if dataset.files["sha256"] in sources or (named and not sources):
         raise UserError(
-            f"--weights {weights} was fine-tuned on {dataset} ({method}), so the test images of --data "
-            f"{dataset} include its training images; evaluate it on another dataset."
+            f"--weights {weights} was fine-tuned on {dataset.name} ({backbone.method}), so the test images of --data "
+            f"{dataset.name} include its training images; evaluate it on another dataset."
         )
 
 
+def check_distinct(weights, backbones):
+    """Every --weights once: two names of the same file (by sha256), or 'random' twice, would make two rows of one."""
+    for i, j in itertools.combinations(range(len(weights)), 2):
+        if backbones[i].identity == backbones[j].identity:
+            raise UserError(f"--weights {weights[i]} and --weights {weights[j]} are the same weights; give them once.")
+
+
 def write_results(out, protocol, args, entries, datasets, title, extra=""):
-    """results.json (every run) and results.md: GeRSP Table I's shape, a row per backbone and protocol (`protocol`,
-    and 'knn' where eval_linear.py --knn stored a dataset's kNN result under "knn"), mean +- std per dataset, then
-    `extra` (more markdown: the stage-wise table). entries: [{"weights", "method", "arch", <dataset>: {"mean", "std",
-    ..., "knn": {"mean", "std", ...}}}]; the tables are printed too."""
+    """results.json (every run, and what was measured: each dataset's file list and each weights file's sha256) and
+    results.md: GeRSP Table I's shape, a row per backbone and protocol (`protocol`, and 'knn' where eval_linear.py
+    --knn stored a dataset's kNN result under "knn"), mean +- std per dataset, then `extra` (more markdown: the
+    stage-wise table). entries: [{"weights", "method", "arch", "sha256", <dataset>: {"mean", "std", ..., "knn":
+    {...}}}]; the tables are printed too."""
+    names = [d.name for d in datasets]
     table = [
-        "| weights | method | arch | protocol | " + " | ".join(f"{d} top-1" for d in datasets) + " |",
-        "|---|---|---|---|" + "---|" * len(datasets),
+        "| weights | method | arch | protocol | " + " | ".join(f"{d} top-1" for d in names) + " |",
+        "|---|---|---|---|" + "---|" * len(names),
     ]
     for e in entries:
         for row in (protocol, "knn"):
-            cells = [e.get(d) if row == protocol else e.get(d, {}).get("knn") for d in datasets]
+            cells = [e.get(d) if row == protocol else e.get(d, {}).get("knn") for d in names]
             if any(cells):
-                table.append(
-                    f"| {e['weights']} | {e['method']} | {e['arch']} | {row} | "
-                    + " | ".join(f"{c['mean']:.2f} +- {c['std']:.2f}" if c else "" for c in cells)
-                    + " |"
-                )
+                scores = " | ".join(f"{c['mean']:.2f} +- {c['std']:.2f}" if c else "" for c in cells)
+                table.append(f"| {e['weights']} | {e['method']} | {e['arch']} | {row} | {scores} |")
     text = f"{title}\n\n" + "\n".join(table) + "\n" + (f"\n{extra}" if extra else "")
-    os.makedirs(out, exist_ok=True)
+    measured = {d.name: {"data": os.path.abspath(root), **d.files} for d, root in zip(datasets, args.data)}
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"protocol": protocol, "args": vars(args), "backbones": entries}, f, indent=1)
+        json.dump({"protocol": protocol, "args": vars(args), "datasets": measured, "backbones": entries}, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     print("\n" + text, flush=True)
 
 
+# ------------------------------------------------------------------------------------------------ the evaluation
 def evaluate(args):
+    """Every check first (flags, weights files, datasets, the source-dataset rule, the --out lock); then, per backbone
+    and dataset, the features once and every protocol on them; the table last."""
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    backbones = [
-        load_backbone(w, args.arch, args.img_size, args.patch_size)  # all checked before any work
-        for w in args.weights
-    ]
+    backbones = [load_backbone(w, args.arch, args.img_size, args.patch_size, args.heads) for w in args.weights]
+    check_distinct(args.weights, backbones)
     datasets = labeled_datasets(args.data, args.dataset, args.train_ratio, args.runs, args.seed, workers=args.workers)
-    for weights, (_, _, _, method) in zip(args.weights, backbones):
-        for name, *_ in datasets:
-            check_not_source(weights, method, name)
+    for weights, backbone in zip(args.weights, backbones):
+        for dataset in datasets:
+            check_not_source(weights, backbone, dataset)
+    data.hold_out(args.out)  # the last check: one run per --out, which this user can write
 
-    results, log = [], []
-    for weights, (model, width, arch, method) in zip(args.weights, backbones):
-        before, entry = fingerprint(model), {"weights": weights, "method": method, "arch": arch}
-        for name, paths, labels, classes, splits in datasets:
+    results = []
+    log = []
+    for weights, backbone in zip(args.weights, backbones):
+        before = fingerprint(backbone.model)
+        entry = {"weights": weights, "method": backbone.method, "arch": backbone.arch, "sha256": backbone.identity}
+        for dataset in datasets:
             start = time.time()
-            features = extract_features(model, paths, args, device)
+            features = extract_features(backbone.model, dataset.paths, args, device)
             extract_s = time.time() - start
-            entry[name] = result = probe_dataset(features, labels, classes, splits, width, args)
-            log += [
-                {
-                    "weights": weights,
-                    "dataset": name,
-                    "features": key,
-                    "dim": features[key].shape[1],
-                    "accuracies": (result["stages"][key] if key != "final" else result)["accuracies"],
-                    "extract_s": round(extract_s, 1),
-                }
-                for key in features
-            ]
+            entry[dataset.name] = result = probe_dataset(features, dataset, backbone.width, args)
+            for key, value in features.items():
+                accuracies = (result["stages"][key] if key != "final" else result)["accuracies"]
+                record = {"weights": weights, "dataset": dataset.name, "features": key, "dim": value.shape[1]}
+                log.append(record | {"accuracies": accuracies, "extract_s": round(extract_s, 1)})
             stage_text = "".join(f" | {k} %.2f" % v["mean"] for k, v in result["stages"].items())
             knn_text = " | kNN %.2f +- %.2f" % (result["knn"]["mean"], result["knn"]["std"]) if args.knn else ""
             print(
-                f"eval_linear | {weights} on {name}: top-1 {result['mean']:.2f} +- {result['std']:.2f} over "
+                f"eval_linear | {weights} on {dataset.name}: top-1 {result['mean']:.2f} +- {result['std']:.2f} over "
                 f"{args.runs} run(s){knn_text}{stage_text} ({time.time() - start:.0f}s, extraction {extract_s:.0f}s)",
                 flush=True,
             )
-        entry["backbone_unchanged"] = fingerprint(model) == before
+        entry["backbone_unchanged"] = fingerprint(backbone.model) == before
         if not entry["backbone_unchanged"]:
             raise RuntimeError(f"the backbone of {weights} changed during linear evaluation")
         results.append(entry)
 
     knn = f" and weighted kNN (k {args.knn_k}, temperature {args.knn_temperature})" if args.knn else ""
-    names = [d[0] for d in datasets]
-    write_results(
-        args.out,
-        "linear",
-        args,
-        results,
-        names,
-        f"Linear probe (frozen features, {args.preprocess} "
-        f"{args.img_size} px){knn}, {args.runs} run(s), train ratio {args.train_ratio}",
-        extra=stage_table(results, names) if args.stages else "",
-    )
+    title = f"Linear probe (frozen features, {args.preprocess} {args.img_size} px){knn}, {args.runs} run(s), train "
+    extra = stage_table(results, [d.name for d in datasets]) if args.stages else ""
+    write_results(args.out, "linear", args, results, datasets, title + f"ratio {args.train_ratio}", extra)
     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
         f.writelines(json.dumps(record) + "\n" for record in log)
     return results
@@ -807,6 +515,362 @@ def main(argv=None):
     except UserError as err:
         print(f"eval_linear.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        data.release_out()
+
+
+# ================================================================================================================
+# BACKBONES (both scripts): any --weights loaded into a torchvision model exactly, and the published checkpoints'
+# layouts mapped to torchvision's keys. The evaluation above needs only load_backbone() from here.
+# ================================================================================================================
+HEADS = ("fc", "heads", "head")  # the classifier of torchvision's ResNet, ViT and Swin
+
+
+def strip_head(model):
+    """Replace the classifier by Identity; returns the feature width. The remaining keys are torchvision's."""
+    for name in HEADS:
+        head = getattr(model, name, None)
+        if head is not None:
+            setattr(model, name, nn.Identity())
+            return (head[-1] if isinstance(head, nn.Sequential) else head).in_features
+    raise UserError(f"{type(model).__name__} has no classifier head named {' / '.join(HEADS)}.")
+
+
+Backbone = namedtuple("Backbone", "model width arch method identity trained_on")  # identity: the file's sha256
+
+
+def load_backbone(weights, arch=None, image_size=224, patch_size=16, heads=None):
+    """A Backbone (the headless model, its feature width, arch, method, the file's sha256 and the datasets it was
+    fine-tuned on) from 'random', 'imagenet[:V2]', one of our backbone.pth / checkpoint.pth files, a plain torchvision
+    state dict or a published checkpoint (published_backbone), which must fit the model exactly (load_exactly). A
+    file's own arch, ViT patch size and heads win over the arguments; a ViT's heads the file does not say are width /
+    64 or --heads, and the line that reports a published layout says which."""
+    state, method, config, unrecognised, report, identity, trained_on = None, weights, {}, None, "", weights, []
+    imagenet = weights == "imagenet" or weights.startswith("imagenet:")
+    if weights != "random" and not imagenet:
+        if not os.path.isfile(weights):
+            raise UserError(f"--weights {weights} is not a file (nor 'random' / 'imagenet').")
+        obj = data.load_weights_only(weights, fix=weights_fix(weights))
+        if not isinstance(obj, dict):
+            raise UserError(f"--weights {weights} holds a {type(obj).__name__}, not a state dict.")
+        identity = sha256(weights)
+        trained_on = obj.get("trained_on", [])  # finetune_cls.py's datasets, by their file lists
+        ours = "method" in obj  # a backbone.pth or checkpoint.pth of this project: its "config" is ours
+        arch, config = obj.get("arch", arch), obj.get("config", {}) if ours else {}
+        if "backbone_prefix" in obj:  # a training checkpoint of this project
+            n = len(obj["backbone_prefix"])
+            state = {k[n:]: v for k, v in obj["model"].items() if k.startswith(obj["backbone_prefix"])}
+            method = obj.get("method", "torchvision")
+        else:  # our backbone.pth, a plain state dict or a published layout (MoCo, DINO, Swin ...): torchvision's keys
+            state, layout, found, report = published_backbone(obj, weights)
+            arch, config = found or (arch, config)
+            method = obj.get("method", layout or "torchvision")
+            if layout is None and not ours:  # no key where a backbone starts (a text or audio model?)
+                unrecognised = (
+                    "it holds no backbone this project recognises (its first tensors: "
+                    f"{', '.join(list(_tensors(obj))[:3]) or 'none'})"
+                )
+            elif not ours and layout != "torchvision":  # a refusal names the layout it read
+                weights = f"{weights} (read as {layout})"
+        if arch is None and unrecognised:
+            raise UserError(
+                f"--weights {weights}: {unrecognised}; only another torchvision model's plain state dict "
+                "would load, with its --arch."
+            )
+        if arch is None:
+            raise UserError(f"--weights {weights} does not say its architecture; add --arch.")
+    elif arch is None:
+        raise UserError(f"--weights {weights} needs --arch.")
+    patch_size = config.get("patch_size", patch_size)
+    heads = config.get("heads", heads)
+    if arch in data.VIT_SIZES and image_size % patch_size:  # torchvision would assert
+        raise UserError(f"--img-size {image_size} is not a multiple of the ViT's patch size {patch_size}.")
+    if arch in data.VIT_SIZES and report and "heads" not in config:  # the file cannot tell: say what is assumed
+        report += (
+            f", {heads} heads (--heads)"
+            if heads
+            else f", {data.VIT_SIZES[arch][1]} heads assumed (width / 64; --heads N if not)"
+        )
+    if report and os.environ.get("RANK", "0") == "0":  # one line per job
+        print(report)
+    model = data.build_model(arch, image_size, patch_size, heads)
+    if imagenet:
+        state, method, identity = imagenet_state(weights, arch)
+    width = strip_head(model)
+    if state is not None:
+        load_exactly(model, state, weights, arch, image_size, unrecognised)
+    return Backbone(model, width, arch, method, identity, trained_on)
+
+
+def sha256(path):
+    """The sha256 of a file's bytes (what identifies a --weights file in results.json and in a resume)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_fix(path):
+    """data.load_weights_only's advice for a --weights file it refuses, by torch's error: a TorchScript archive is
+    exported to a state dict, a pickle naming a global that could run code is stripped to its tensors (both only for a
+    file the user trusts: loading them runs its code); anything else is not a weights file."""
+    out, quoted = f"{path}.state_dict.pth", json.dumps  # Python strings in double quotes: the shell needs single ones
+    export = f'import torch; torch.save(torch.jit.load({quoted(path)}, map_location="cpu").state_dict(), {quoted(out)})'
+    strip = (
+        "import torch; keep = lambda o: {k: keep(v) if isinstance(v, dict) else v for k, v in o.items() if "
+        f'isinstance(v, dict) or torch.is_tensor(v)}}; c = torch.load({quoted(path)}, map_location="cpu", '
+        f"weights_only=False); torch.save(keep(c if isinstance(c, dict) else c.state_dict()), {quoted(out)})"
+    )
+
+    def fix(error):
+        blocked = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))  # torch names what it refused
+        if "TorchScript" in str(error):
+            why, action, code = "it is a TorchScript archive, not a state dict", "export its weights", export
+        elif blocked:
+            why, action, code = f"it pickles {blocked[1]}, which could run code", "keep only its tensors", strip
+            package = blocked[1].split(".")[0]
+            if importlib.util.find_spec(package) is None:  # unpickling imports the module that defines it
+                action = f"install the Python package {package} (pip install {package}), then keep only its tensors"
+        else:
+            return "give a backbone.pth, a checkpoint.pth or a torchvision state dict"
+        return f"{why}: if you trust the file, {action} with python -c {shlex.quote(code)} and give --weights {out}"
+
+    return fix
+
+
+def imagenet_state(weights, arch):
+    """(state dict, method, the file's sha256) of torchvision's ImageNet weights, read from the local torch hub cache
+    (these machines are offline). 'imagenet' is IMAGENET1K_V1, the classic weights of GeRSP's IMP row and paper 004's
+    baseline (torchvision's DEFAULT for resnet50 is V2, a 2021 recipe); 'imagenet:V2' asks for IMAGENET1K_V2."""
+    if arch in data.VIT_SIZES:
+        raise UserError(f"torchvision has no ImageNet weights for {arch}.")
+    tag = "IMAGENET1K_" + (weights.partition(":")[2].removeprefix("IMAGENET1K_") or "V1")
+    enum = torchvision.models.get_model_weights(arch)
+    if tag not in enum.__members__:
+        raise UserError(
+            f"torchvision has no {tag} weights for {arch} (it has: {', '.join(w.name for w in enum)}); "
+            "use --weights imagenet (IMAGENET1K_V1) or imagenet:<the part after IMAGENET1K_>."
+        )
+    url = enum[tag].url
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.isfile(path):
+        raise UserError(
+            f"ImageNet weights for {arch} are not in the local cache: download {url} on a machine "
+            f"with internet access and copy it to {path}."
+        )
+    return data.load_weights_only(path), f"torchvision {tag}", sha256(path)
+
+
+def load_exactly(model, state, weights, arch, image_size, unrecognised=None):
+    """Load `state` into the headless `model`: every tensor of the model must be in the file with its shape, and
+    every tensor of the file must be used (a classifier head aside), or one sentence: a ResNet-101 file holds all
+    of ResNet-50's tensors and 306 more, and must not load as a ResNet-50 with two thirds of layer3 dropped.
+    `unrecognised` says why nothing fits a file where no backbone was found."""
+    if (
+        isinstance(model, torchvision.models.VisionTransformer)
+        and "encoder.pos_embedding" in state
+        and state["encoder.pos_embedding"].shape[1] != model.seq_length
+    ):
+        if math.isqrt(state["encoder.pos_embedding"].shape[1] - 1) ** 2 != state["encoder.pos_embedding"].shape[1] - 1:
+            raise UserError(
+                f"--weights {weights} has {state['encoder.pos_embedding'].shape[1]} position embeddings, "
+                "not a class token's and a square grid's (timm's no_embed_class?)."
+            )
+        state = interpolate_embeddings(image_size, model.patch_size, state)  # ViT at another image size
+    own = model.state_dict()
+    loaded = [k for k in own if k in state and state[k].shape == own[k].shape]
+    if len(loaded) < len(own):
+        first = next(k for k in own if k not in loaded)
+        if unrecognised and not loaded:
+            why = unrecognised
+        elif first in state:
+            why = (
+                f"the file's {first} is {tuple(state[first].shape)} where {arch} needs {tuple(own[first].shape)}, "
+                "so it holds another architecture"
+            )
+        else:
+            why = (
+                f"{first} is missing (the file's first tensor is {next(iter(state), 'none')}), so it holds another "
+                "architecture or other key names"
+            )
+        raise UserError(f"--weights {weights} matches only {len(loaded)} of the {len(own)} tensors of {arch}: {why}.")
+    unused = [k for k in state if k not in own and k.split(".")[0] not in HEADS]
+    if unused:
+        raise UserError(
+            f"--weights {weights} holds {len(unused)} tensor(s) that {arch} does not use (e.g. "
+            f"{unused[0]}): it is a deeper or another architecture; give its --arch."
+        )
+    model.load_state_dict({k: state[k] for k in own})
+
+
+# ---------------------------------------------------------------------- published checkpoints -> torchvision's keys
+_SEQUENTIAL = [
+    (r"^0\.", "conv1."),
+    (r"^1\.", "bn1."),
+    (r"^([4-7])\.", lambda m: f"layer{int(m[1]) - 3}."),
+    (r"^9\.", "fc."),
+]  # nn.Sequential(*resnet.children()); 2, 3, 8 (relu, maxpool, avgpool) hold nothing
+
+
+_TIMM_VIT = [
+    (r"^cls_token$", "class_token"),
+    (r"^pos_embed$", "encoder.pos_embedding"),
+    (r"^patch_embed\.proj\.", "conv_proj."),
+    (r"^norm\.", "encoder.ln."),
+    (r"^blocks\.\d+\.(\d+)\.", r"encoder.layers.encoder_layer_\1."),  # DINOv2's block_chunks: blocks.<chunk>.<i>
+    (r"^blocks\.(\d+)\.", r"encoder.layers.encoder_layer_\1."),
+    (r"(_\d+)\.norm([12])\.", r"\1.ln_\2."),
+    (r"\.attn\.qkv\.", ".self_attention.in_proj_"),  # both stack q, k, v rows, head-major within each
+    (r"\.attn\.proj\.", ".self_attention.out_proj."),
+    (r"\.mlp\.fc1\.", ".mlp.0."),
+    (r"\.mlp\.fc2\.", ".mlp.3."),
+]
+
+
+_MS_SWIN = [
+    (r"^patch_embed\.proj\.", "features.0.0."),
+    (r"^patch_embed\.norm\.", "features.0.2."),
+    (r"^layers\.(\d)\.blocks\.", lambda m: f"features.{2 * int(m[1]) + 1}."),
+    (r"^layers\.(\d)\.downsample\.", lambda m: f"features.{2 * int(m[1]) + 2}."),  # merging ends stage i
+    (r"\.mlp\.fc1\.", ".mlp.0."),
+    (r"\.mlp\.fc2\.", ".mlp.3."),
+]  # same merge order (x0 x1 x2 x3), qkv, masks
+
+
+def _timm_vit(state, weights, prefix, obj):
+    """(arch, config) of a timm / DINO / DINOv2 / MoCo v3 ViT, its LayerScale folded into the layer before it: gamma
+    (W x + b) = (gamma W) x + gamma b. Its heads are in the config when the file says them: MoCo v3's main_moco.py and
+    main_lincls.py record their arch, whose ViTs have 12 heads; other files do not (width / 64 in DINO, DINOv2, DeiT
+    and timm)."""
+    odd = next((k for k in state if re.search(r"register_tokens|\.mlp\.w12\.", k)), None)
+    if odd:
+        what = "a SwiGLU feed-forward" if "w12" in odd else "register tokens"
+        raise UserError(
+            f"--weights {weights} is a ViT with {what} ({odd}), which torchvision's VisionTransformer does not have."
+        )
+    for key in [k for k in state if re.search(r"\.ls[12]\.gamma$", k)]:
+        layer = key[:-9] + ("self_attention.out_proj." if ".ls1." in key else "mlp.3.")
+        if layer + "bias" in state:  # otherwise gamma stays, unused, and load_exactly names it
+            gamma = state.pop(key)
+            state[layer + "weight"], state[layer + "bias"] = (
+                state[layer + "weight"] * gamma[:, None],
+                state[layer + "bias"] * gamma,
+            )
+    width = state["class_token"].shape[-1]
+    depth = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
+    arch = next((a for a, (w, _) in data.VIT_SIZES.items() if w == width), None)
+    if arch is None or depth != 12:
+        raise UserError(
+            f"--weights {weights} is a ViT of width {width} with {depth} blocks; only "
+            f"{' / '.join(data.VIT_SIZES)} (width 192 / 384 / 768, 12 blocks) are built here."
+        )
+    config = {"patch_size": state["conv_proj.weight"].shape[-1]}
+    if obj.get("arch") in ("vit_small", "vit_base", "vit_conv_small", "vit_conv_base"):  # MoCo v3's vits.py
+        config["heads"] = 12
+    return arch, config
+
+
+def _ms_swin(state, weights, prefix, obj):
+    """(arch, config) of a Microsoft Swin: the relative-position tables fix the window (torchvision's is 7), the N x N
+    index becomes torchvision's flat one, and width and stage-3 depth name the torchvision model."""
+    rows = state["features.1.0.attn.relative_position_bias_table"].shape[0]
+    if rows != 169:
+        raise UserError(
+            f"--weights {weights} is a Swin with window {(math.isqrt(rows) + 1) // 2} ({rows}-row "
+            "relative-position tables); torchvision's Swin has window 7 (169 rows)."
+        )
+    for key in [k for k in state if k.endswith("relative_position_index")]:
+        state[key] = state[key].flatten()
+    width = state["features.0.0.weight"].shape[0]
+    depth = len({k.split(".")[2] for k in state if k.startswith("features.5.")})
+    arch = {(96, 6): "swin_t", (96, 18): "swin_s", (128, 18): "swin_b"}.get((width, depth))
+    if arch is None:
+        raise UserError(
+            f"--weights {weights} is a Swin of width {width} with {depth} blocks in stage 3; torchvision "
+            "has swin_t (96, 6), swin_s (96, 18) and swin_b (128, 18)."
+        )
+    return arch, {}
+
+
+LAYOUTS = [  # (the key that marks a backbone, below its prefix; layout; rules; what reads (arch, config) from it)
+    (r"layer1\.0\.conv1\.weight", "torchvision", [], None),  # also timm's, torchgeo's, MoCo's and mmselfsup's ResNets
+    (r"class_token", "torchvision", [], None),
+    (r"features\.0\.0\.weight", "torchvision", [], None),
+    (r"4\.0\.conv1\.weight", "ResNet nn.Sequential", _SEQUENTIAL, None),
+    (r"cls_token", "timm ViT", _TIMM_VIT, _timm_vit),
+    (r"layers\.0\.blocks\.0\.attn\.qkv\.weight", "Microsoft Swin", _MS_SWIN, _ms_swin),
+]
+
+
+def _tensors(obj, path=""):
+    """Every tensor of a nested checkpoint under its dotted path, e.g. state_dict.module.encoder_q.conv1.weight."""
+    found = {}
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            found.update(_tensors(value, f"{path}{key}."))
+        elif isinstance(value, torch.Tensor):
+            found[f"{path}{key}"] = value
+    return found
+
+
+def _rank(prefix):
+    """Of several networks in a file, the backbone: DINO's teacher, a 'backbone', the others; key / EMA copies last."""
+    if re.search(r"(^|[._])(encoder_k|momentum|target|ema)[._]", prefix):
+        return 3
+    return 0 if "teacher" in prefix else 1 if "backbone" in prefix else 2
+
+
+def published_backbone(obj, weights):
+    """(state dict in torchvision's keys, layout, (arch, config) where the file says them, else None, the line that
+    reports what was read) of any file but our training checkpoint; (its own state dict, None, None, "") when no
+    backbone key is found. A LAYOUTS key marks the
+    backbone and its prefix: in a plain state dict '' or DDP's 'module.'; in a checkpoint any path (state_dict.module.
+    encoder_q., teacher.backbone., model.encoder.). All else (heads, key encoder, queue, optimizer, mask_token, Swin's
+    attn_mask buffers) is dropped, named in one line."""
+    tensors, nested = _tensors(obj), any(isinstance(v, dict) for v in obj.values())
+    found = sorted(
+        {
+            (m[1], i)
+            for k in tensors
+            for i, (mark, *_) in enumerate(LAYOUTS)
+            if (m := re.fullmatch(rf"((?:.*\.)?){mark}", k)) and (nested or m[1] in ("", "module."))
+        },
+        key=lambda c: (_rank(c[0]), c),
+    )
+    if not found:  # no layout we know: with --arch another torchvision model's plain state dict may fit, else nothing
+        return {k.removeprefix("module."): v for k, v in obj.get("state_dict", obj).items()}, None, None, ""
+    prefix, (_, layout, rules, finish) = found[0][0], LAYOUTS[found[0][1]]
+    if len(found) > 1 and _rank(found[1][0]) == _rank(prefix):
+        raise UserError(
+            f"--weights {weights} holds several backbones ({', '.join(p for p, _ in found)}) and does "
+            "not say which to evaluate; save that one alone."
+        )
+    state, dropped = {}, {}
+    for key, value in tensors.items():
+        if not key.startswith(prefix):  # another network or entry: named where its path leaves the backbone's
+            name = next((p for p, q in zip(key.split("."), prefix.split(".")) if p != q), key)
+        else:
+            new = key[len(prefix) :]
+            for pattern, replacement in rules:
+                new = re.sub(pattern, replacement, new, count=1)
+            name = new.split(".")[0] if new.split(".")[0] in HEADS else new.rsplit(".", 1)[-1]
+            if name not in HEADS + ("mask_token", "attn_mask"):  # DINOv2's / SimMIM's mask token, Swin's masks
+                state[new] = value
+                continue
+        dropped[name] = dropped.get(name, 0) + 1
+    folded = any(re.search(r"\.ls[12]\.gamma$", k) for k in state)
+    try:
+        arch, config = finish(state, weights, prefix, obj) if finish else (None, {})
+    except KeyError as err:
+        raise UserError(f"--weights {weights} ({layout} under '{prefix}') lacks {err}.") from None
+    names = "torchvision key names" if layout == "torchvision" else f"{layout} layout"  # the shapes may differ
+    dropped = ", ".join(f"{n} ({c} tensor{'s' * (c > 1)})" for n, c in dropped.items())
+    report = f"--weights {weights}: {names} under '{prefix}'" + (f", {arch}" if arch else "")
+    report += "".join(f" {k} {v}" for k, v in config.items()) + (", LayerScale folded" if folded else "")
+    report += f"; dropped {dropped}" if dropped else ""
+    label = f"{layout} {re.sub(r'^((state_dict|model|module)[.])+', '', prefix)}".strip(" .")
+    return state, label, (arch, config) if arch else None, "" if "method" in obj else report  # ours need no report
 
 
 if __name__ == "__main__":

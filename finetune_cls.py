@@ -21,14 +21,18 @@ Both: 20 % of each class trains, 80 % tests (--train-ratio), --runs 5 splits (se
 +- std of top-1 (GeRSP's protocol; paper 004 reports a single accuracy: --runs 1), one table row per --weights
 (GeRSP Table I's shape) in results.md; results.json holds every run's accuracy and the confusion matrix of the last
 run. `imagenet` is torchvision's IMAGENET1K_V1 (the papers' baseline), `imagenet:V2` the newer recipe; the method
-column says which. An interrupted evaluation resumes at the epoch where it stopped.
+column says which. An interrupted evaluation resumes at the epoch where it stopped, if its inputs are the same: its
+checkpoint records every --weights file's sha256 and every dataset's file list (paths below the class folders, and
+sizes), and a resume with another file behind the same name is refused in one sentence, never served stale results.
 Images that do not decode are dropped before splitting, by one decoding pass at start-up (labeled_datasets);
 a file that fails later, at test time, is left out of the count rather than replaced by its neighbour.
-Refused before any work: a training split smaller than one batch (its epochs would train nothing), and a backbone
+Refused before any work: a training split smaller than one batch (its epochs would train nothing), a per-process
+batch of 1 for a backbone with BatchNorm, a --out that another run holds or this user cannot write, and a backbone
 fine-tuned on the evaluated dataset (its training images would be in the test split; paper 004 never uses one
-dataset as source and target).
+dataset as source and target), recognised by the dataset's file list, not its name.
 --save-backbone PATH writes the fine-tuned backbone (last run) as a backbone.pth that every script accepts as
---weights: domain-adaptive pre-training (paper 004, Sec. IV-D). It is written after that run's test and before the
+--weights: domain-adaptive pre-training (paper 004, Sec. IV-D); it records the datasets it was trained on, by their
+file lists, and so does checkpoint.pth. It is written after that run's test and before the
 run is recorded as done, so a job killed in between writes it when resumed. Before each checkpoint (after every
 epoch; the last one holds the weights --save-backbone then writes), one pass over the weights checks that they are
 finite: a NaN or inf stops the evaluation with exit code 1, naming the epoch and the tensor, and the files written
@@ -45,6 +49,7 @@ import os
 import signal
 import sys
 import time
+from collections import namedtuple
 from datetime import timedelta
 
 import torch
@@ -58,6 +63,8 @@ from torchvision import transforms as T
 import data
 import eval_linear
 from data import UserError
+
+Process = namedtuple("Process", "rank world device amp_dtype workers")  # this process; amp_dtype None: no autocast
 
 RECIPES = {
     "gersp": dict(
@@ -83,6 +90,7 @@ RECIPES = {
         warmup=5,
     ),
 }
+
 SCRATCH_LR = {"gersp": 0.01, "risojevic": 3e-3}  # paper 004 trains from scratch with a 10x larger lr
 
 
@@ -122,14 +130,14 @@ def get_args(argv=None):
     return args
 
 
-def check_args(args, world_size):
+def check_args(args, world):
     for name in ("epochs", "batch_size", "lr", "img_size", "runs", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
     if args.wd < 0:
         raise UserError(f"--wd must be 0 or more (got {args.wd}).")
-    if args.batch_size % world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes.")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
     eval_linear.check_datasets(args)
     data.check_out_dir(args.out)
     if args.save_backbone:
@@ -140,17 +148,25 @@ def check_args(args, world_size):
         data.check_out_dir(os.path.dirname(os.path.abspath(args.save_backbone)), "--save-backbone's folder")
 
 
-# ------------------------------------------------------------------------------------------------ distributed
-def setup_distributed():
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them, one process."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
+# ------------------------------------------------------------------------------------------------ processes
+def setup(args):
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them, one process. Returns its facts."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-    if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
-    return rank, world, device
+    amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    workers = args.workers
+    if workers is None:  # the CPUs of this machine, shared by its processes
+        workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return Process(int(os.environ.get("RANK", 0)), world, device, amp_dtype, workers)
+
+
+def connect(proc):
+    """The processes start working together: NCCL on CUDA, gloo on CPU (one process: nothing to do)."""
+    if proc.world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
+        dist.init_process_group("nccl" if proc.device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
 
 
 # ------------------------------------------------------------------------------------------------ recipe pieces
@@ -182,16 +198,6 @@ def transforms_for(args):
     )
 
 
-def first_non_finite(state_dict, world):
-    """The name of the first tensor holding a NaN or inf, else None: one pass over the weights (one host sync), the
-    same answer on every process."""
-    weights = {k: v for k, v in state_dict.items() if v.is_floating_point()}
-    finite = torch.stack([v.isfinite().all() for v in weights.values()]).float()
-    if world > 1:
-        dist.all_reduce(finite, dist.ReduceOp.MIN)
-    return next((k for k, ok in zip(weights, finite.tolist()) if not ok), None)
-
-
 def peak_lr(args, weights):
     """--lr, else the recipe's: paper 004 trains from scratch with 3e-3 and fine-tunes with 3e-4."""
     if args.lr is not None:
@@ -218,30 +224,29 @@ class Classifier(nn.Module):
 
     def __init__(self, backbone, width, num_classes):
         super().__init__()
-        self.backbone, self.fc = backbone, nn.Linear(width, num_classes)
+        self.backbone = backbone
+        self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x):
         return self.fc(self.backbone(x))
 
 
 def model_config(backbone, image_size):
-    """What data.build_model needs besides the arch: a ViT's image and patch size."""
+    """What data.build_model needs besides the arch: a ViT's image and patch size, and its heads."""
     if hasattr(backbone, "patch_size"):
-        return {"image_size": image_size, "patch_size": backbone.patch_size}
+        return {
+            "image_size": image_size,
+            "patch_size": backbone.patch_size,
+            "heads": backbone.encoder.layers[0].num_heads,
+        }
     return {}
 
 
-def format_eta(seconds):
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    return (f"{days}d " if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-
-
 @torch.no_grad()
-def test_confusion(model, paths, labels, num_classes, transform, args, ctx):
+def test_confusion(model, paths, labels, num_classes, transform, args, proc):
     """Confusion matrix [true, predicted] on the test images, each process classifying its share with rank 0's
     BatchNorm statistics; a file that no longer decodes is left out, not replaced by its neighbour."""
-    rank, world, device, amp_dtype, workers = ctx
+    rank, world, device, amp_dtype, workers = proc
     model.eval()
     if world > 1:  # SyncBatchNorm is CUDA-only: on CPU processes each rank's running statistics are its own
         for buffer in model.buffers():
@@ -265,322 +270,266 @@ def test_confusion(model, paths, labels, num_classes, transform, args, ctx):
     return confusion.view(num_classes, num_classes).cpu()
 
 
-# ------------------------------------------------------------------------------------------------ evaluation
-def prepare(args, rank, world, workers):
-    """Every check before any work and any file: the flags, every weights file (-> its arch and method), the datasets
-    (unreadable images dropped, splits drawn), a backbone fine-tuned on the evaluated dataset, a split under a batch."""
-    check_args(args, world)
-    checked = {w: eval_linear.load_backbone(w, args.arch, args.img_size, args.patch_size)[2:] for w in args.weights}
+# ------------------------------------------------------------------------------------------------ the evaluation
+def prepare(args, proc):
+    """Every check before any work and any file: the flags, every weights file (a Backbone, with its sha256), the
+    datasets (unreadable images dropped, splits drawn, file lists), a backbone fine-tuned on an evaluated dataset, a
+    split under a batch, a BatchNorm over one image. Returns (the Backbones by --weights, the datasets)."""
+    check_args(args, proc.world)
+    load = eval_linear.load_backbone
+    backbones = {w: load(w, args.arch, args.img_size, args.patch_size, args.heads) for w in args.weights}
+    eval_linear.check_distinct(args.weights, list(backbones.values()))
     datasets = eval_linear.labeled_datasets(
-        args.data, args.dataset, args.train_ratio, args.runs, args.seed, verbose=rank == 0, workers=workers
+        args.data, args.dataset, args.train_ratio, args.runs, args.seed, verbose=proc.rank == 0, workers=proc.workers
     )
-    for name, _, _, _, splits in datasets:
-        for weights, (_, method) in checked.items():
-            eval_linear.check_not_source(weights, method, name)
-        if len(splits[0][0]) < args.batch_size:  # the sampler drops the incomplete batch: epochs of 0 steps
+    for dataset in datasets:
+        for weights, backbone in backbones.items():
+            eval_linear.check_not_source(weights, backbone, dataset)
+        if len(dataset.splits[0][0]) < args.batch_size:  # the sampler drops the incomplete batch: epochs of 0 steps
             raise UserError(
-                f"the training split of {name} has {len(splits[0][0])} images, fewer than one batch of "
-                f"{args.batch_size}, so no step would train; lower --batch-size or raise --train-ratio."
+                f"the training split of {dataset.name} has {len(dataset.splits[0][0])} images, fewer than one batch "
+                f"of {args.batch_size}, so no step would train; lower --batch-size or raise --train-ratio."
             )
-    return checked, datasets
+    models = [backbone.model for backbone in backbones.values()]
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for model in models for m in model.modules())
+    if batch_norm and args.batch_size // proc.world < 2:  # BatchNorm's training statistics need two images
+        raise UserError(f"--batch-size {args.batch_size} leaves one image per process for BatchNorm; give 2 or more.")
+    return backbones, datasets
 
 
-def resume_state(args, ckpt_path, rank):
-    """The runs done and the run in progress, from --out's checkpoint when there is one (same arguments only)."""
-    if not os.path.exists(ckpt_path):
+def read_checkpoint(args, inputs, proc):
+    """The runs done and the run in progress, from --out's checkpoint when there is one: with the same arguments and
+    the same `inputs` (each --weights file's sha256, each dataset's file list) only, else one sentence naming the
+    change."""
+    path = os.path.join(args.out, "checkpoint.pth")
+    if not os.path.exists(path):
         return {"done": {}, "current": None}
-    state = data.load_weights_only(ckpt_path)
+    state = data.load_weights_only(path, fix="move it away to start afresh")
+    if not isinstance(state, dict) or "done" not in state:
+        raise UserError(f"{path} is not a finetune_cls.py checkpoint; use another --out.")
     if state.get("args") != vars(args):
         raise UserError(
-            f"{ckpt_path} belongs to an evaluation with other arguments; use the same ones to resume, or another --out."
+            f"{path} belongs to an evaluation with other arguments; use the same ones to resume, or another --out."
         )
-    if rank == 0:
+    then = state.get("inputs", inputs)  # a checkpoint of an older version records none
+    changed = [f"--weights {w}" for w, a, b in zip(args.weights, then["weights"], inputs["weights"]) if a != b]
+    changed += [f"--data {d}" for d, a, b in zip(args.data, then["datasets"], inputs["datasets"]) if a != b]
+    if changed:
+        raise UserError(
+            f"{path} was written for other files behind {', '.join(changed)} (compared by content); use another "
+            "--out, or move the checkpoint away to evaluate them afresh."
+        )
+    if proc.rank == 0:
         print(f"finetune | resuming: {len(state['done'])} run(s) done", flush=True)
     return state
 
 
-def stop_on_signals():
-    """SIGTERM / Ctrl-C set stop['signal']: the epoch finishes, is saved, and the evaluation exits; a second one
-    interrupts at once."""
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    return stop
-
-
 def evaluate(args):
-    rank, world, device = setup_distributed()
-    amp_dtype = {
-        "auto": torch.bfloat16 if device.type == "cuda" else None,
-        "bf16": torch.bfloat16,
-        "fp16": torch.float16,
-        "off": None,
-    }[args.amp]
-    workers = (
-        args.workers
-        if args.workers is not None
-        else min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    )
-    ctx = (rank, world, device, amp_dtype, workers)
+    """Every check first; then each run (a --weights, a dataset, a split) fine-tuned, tested and recorded, the
+    checkpoint written after every epoch and every run; the table last. Returns the table's entries, or None when a
+    signal stopped the evaluation (its checkpoint resumes it)."""
+    proc = setup(args)
     torch.manual_seed(args.seed)
-    checked, datasets = prepare(args, rank, world, workers)
-    ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    state = resume_state(args, ckpt_path, rank)
-    stop = stop_on_signals()
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
-
-    def save():
-        if rank == 0:
-            data.save_atomic({**state, "args": vars(args)}, ckpt_path)
-        if world > 1:
-            dist.barrier()
-
-    total = len(args.weights) * args.runs * args.epochs * sum(len(d[4][0][0]) // args.batch_size for d in datasets)
-    job = {
-        "ctx": ctx,
-        "state": state,
-        "save": save,
-        "stop": stop,
-        "log": log,
-        "transforms": transforms_for(args),
-        "checkpoint": ckpt_path,
-        "progress": {"steps": 0, "start": time.time(), "total": total},
-    }
+    backbones, datasets = prepare(args, proc)
+    inputs = {"weights": [b.identity for b in backbones.values()], "datasets": [d.files for d in datasets]}
+    state = read_checkpoint(args, inputs, proc)
+    if proc.rank == 0:
+        data.hold_out(args.out)  # the last check: one run per --out, which this user can write
+    connect(proc)
+    signals = data.catch_stop_signals()  # SIGTERM or Ctrl-C: the epoch finishes, is saved, and the evaluation stops
+    sources = [files for backbone in backbones.values() for files in backbone.trained_on]
+    state |= {"args": vars(args), "inputs": inputs, "trained_on": sources + inputs["datasets"]}  # what it has seen
+    runs_left = [(w, d, r) for w in args.weights for d in datasets for r in range(args.runs)]
+    runs_left = [(w, d, r) for w, d, r in runs_left if f"{w} | {d.name} | run {r}" not in state["done"]]
+    start = time.time()
+    for i, (weights, dataset, run) in enumerate(runs_left, 1):
+        key = f"{weights} | {dataset.name} | run {run}"
+        model, stopped = fine_tune(args, proc, state, key, weights, dataset, run, signals)
+        if stopped:  # every process stopped after the same saved epoch
+            if proc.rank == 0:
+                epoch = state["current"]["epoch"]
+                print(
+                    f"finetune | stopped by a signal after epoch {epoch} of {key}; {args.out}/checkpoint.pth "
+                    "resumes it",
+                    flush=True,
+                )
+            return None
+        test_idx = dataset.splits[run][1]
+        test_set = ([dataset.paths[i] for i in test_idx], [dataset.labels[i] for i in test_idx])
+        confusion = test_confusion(model, *test_set, len(dataset.classes), transforms_for(args)[1], args, proc)
+        backbone = backbones[weights]
+        if args.save_backbone and proc.rank == 0 and run == args.runs - 1:  # before the run counts as done
+            exported = {"arch": backbone.arch, "method": f"{backbone.method}+finetune:{dataset.name}"}
+            exported |= {
+                "config": model_config(model.backbone, args.img_size),
+                "state_dict": model.backbone.state_dict(),
+            }
+            data.save_atomic(exported | {"trained_on": backbone.trained_on + [dataset.files]}, args.save_backbone)
+            print(f"finetune | fine-tuned backbone saved to {args.save_backbone}", flush=True)
+        accuracy = float(confusion.diag().sum() / confusion.sum() * 100)
+        state["done"][key] = {"accuracy": accuracy, "confusion": confusion.tolist()}
+        state["current"] = None
+        save_checkpoint(state, args, proc)
+        log(args, proc, {"weights": weights, "dataset": dataset.name, "run": run, "test_acc": round(accuracy, 3)})
+        eta = timedelta(seconds=int((time.time() - start) / i * (len(runs_left) - i)))
+        if proc.rank == 0:
+            print(f"finetune | {key}: top-1 {accuracy:.2f} ({i} of {len(runs_left)} runs, eta {eta})", flush=True)
     entries = []
-    for weights in args.weights:
-        arch, method = checked[weights]  # from the check, so a row whose runs all finished before a resume has them
-        entry = {"weights": weights, "method": method, "arch": arch}
-        for name, paths, labels, classes, splits in datasets:
-            for run, (train_idx, test_idx) in enumerate(splits):
-                key = f"{weights} | {name} | run {run}"
-                if key in state["done"]:
-                    job["progress"]["steps"] += args.epochs * (len(train_idx) // args.batch_size)
-                    continue
-                model = train_run(
-                    args,
-                    job,
-                    key,
-                    weights,
-                    run,
-                    len(classes),
-                    [paths[i] for i in train_idx],
-                    [labels[i] for i in train_idx],
-                )
-                if model is None:
-                    if rank == 0:
-                        print(
-                            f"finetune | stopped by a signal after epoch {state['current']['epoch']} of {key}; "
-                            f"{ckpt_path} resumes it",
-                            flush=True,
-                        )
-                    return None
-                confusion = test_confusion(
-                    model,
-                    [paths[i] for i in test_idx],
-                    [labels[i] for i in test_idx],
-                    len(classes),
-                    job["transforms"][1],
-                    args,
-                    ctx,
-                )
-                if args.save_backbone and rank == 0 and run == args.runs - 1:  # before the run counts as done
-                    os.makedirs(os.path.dirname(os.path.abspath(args.save_backbone)), exist_ok=True)
-                    data.save_atomic(
-                        {
-                            "arch": arch,
-                            "method": f"{method}+finetune:{name}",
-                            "config": model_config(model.backbone, args.img_size),
-                            "state_dict": model.backbone.state_dict(),
-                        },
-                        args.save_backbone,
-                    )
-                    print(f"finetune | fine-tuned backbone saved to {args.save_backbone}", flush=True)
-                accuracy = float(confusion.diag().sum() / confusion.sum() * 100)
-                state["done"][key], state["current"] = {"accuracy": accuracy, "confusion": confusion.tolist()}, None
-                save()
-                if rank == 0:
-                    log.write(
-                        json.dumps({"weights": weights, "dataset": name, "run": run, "test_acc": round(accuracy, 3)})
-                        + "\n"
-                    )
-                    log.flush()
-                    print(f"finetune | {key}: top-1 {accuracy:.2f}", flush=True)
-            done = [state["done"][f"{weights} | {name} | run {r}"] for r in range(args.runs)]
-            entry[name] = eval_linear.run_summary(
-                [d["accuracy"] for d in done], classes=classes, confusion_last_run=done[-1]["confusion"]
+    for weights, backbone in backbones.items():
+        entry = {"weights": weights, "method": backbone.method, "arch": backbone.arch, "sha256": backbone.identity}
+        for dataset in datasets:
+            runs = [state["done"][f"{weights} | {dataset.name} | run {r}"] for r in range(args.runs)]
+            accuracies = [run["accuracy"] for run in runs]
+            entry[dataset.name] = eval_linear.run_summary(
+                accuracies, classes=dataset.classes, confusion_last_run=runs[-1]["confusion"]
             )
         entries.append(entry)
-    if rank == 0:
-        eval_linear.write_results(
-            args.out,
-            "finetune",
-            args,
-            entries,
-            [d[0] for d in datasets],
-            f"Fine-tuning ({args.recipe} recipe), {args.runs} run(s), train ratio {args.train_ratio}",
-        )
-        log.close()
-    if world > 1:
-        dist.destroy_process_group()
+    if proc.rank == 0:
+        title = f"Fine-tuning ({args.recipe} recipe), {args.runs} run(s), train ratio {args.train_ratio}"
+        eval_linear.write_results(args.out, "finetune", args, entries, datasets, title)
     return entries
 
 
-def train_run(args, job, key, weights, run, num_classes, paths, labels):
-    """Fine-tune one run from its weights (or from where a checkpoint stopped it), saving after every epoch; returns
-    the trained Classifier, or None when a signal stopped it (the checkpoint then holds its last epoch)."""
-    rank, world, device, amp_dtype, workers = job["ctx"]
-    state = job["state"]
+def fine_tune(args, proc, state, key, weights, dataset, run, signals):
+    """One run: the backbone of `weights` + one FC trained on the run's training split, from where the checkpoint's
+    run in progress stopped if it is this one; each epoch's weights checked finite, then saved. Returns (the model,
+    whether a signal stopped it: every process stops after the same saved epoch)."""
     torch.manual_seed(args.seed + run)
-    backbone, width, _, _ = eval_linear.load_backbone(weights, args.arch, args.img_size, args.patch_size)
-    model = Classifier(backbone, width, num_classes).to(device)
-    if world > 1 and device.type == "cuda":
+    backbone = eval_linear.load_backbone(weights, args.arch, args.img_size, args.patch_size, args.heads)
+    model = Classifier(backbone.model, backbone.width, len(dataset.classes)).to(proc.device)
+    if proc.world > 1 and proc.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     peak = peak_lr(args, weights)
     optimizer = make_optimizer(args, model, peak)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(proc.device.type, enabled=proc.amp_dtype == torch.float16)
     first_epoch = 0
-    if state["current"] is not None and state["current"]["key"] == key:
-        current = state["current"]
-        model.load_state_dict(current["model"])
-        optimizer.load_state_dict(current["optimizer"])
-        scaler.load_state_dict(current["scaler"])
-        torch.set_rng_state(current["rng"])
-        first_epoch = current["epoch"]
-    ddp_model = DDP(model) if world > 1 else model
-    train_set = data.ImageDataset(paths, labels, job["transforms"][0], seed=args.seed + run)
-    sampler = data.EpochSampler(len(train_set), args.batch_size, rank, world, args.seed + run)
+    if state["current"] is not None and state["current"]["key"] == key:  # resume: weights, optimiser, scale, RNG
+        model.load_state_dict(state["current"]["model"])
+        optimizer.load_state_dict(state["current"]["optimizer"])
+        scaler.load_state_dict(state["current"]["scaler"])
+        torch.set_rng_state(state["current"]["rng"])
+        first_epoch = state["current"]["epoch"]
+    ddp_model = DDP(model) if proc.world > 1 else model
+    train_idx = dataset.splits[run][0]
+    paths = [dataset.paths[i] for i in train_idx]
+    train_set = data.ImageDataset(
+        paths, [dataset.labels[i] for i in train_idx], transforms_for(args)[0], args.seed + run
+    )
+    sampler = data.EpochSampler(len(train_set), args.batch_size, proc.rank, proc.world, args.seed + run)
     loader = DataLoader(
         train_set,
-        batch_size=args.batch_size // world,
+        batch_size=args.batch_size // proc.world,
         sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
+        num_workers=proc.workers,
+        pin_memory=proc.device.type == "cuda",
         worker_init_fn=data.ignore_stop_signals,
-        generator=torch.Generator().manual_seed(run),
-    )  # workers start afresh: they see set_epoch()
-    job["progress"]["steps"] += first_epoch * sampler.batches_per_epoch()
+        generator=torch.Generator().manual_seed(run),  # the workers start afresh each epoch: they see set_epoch()
+    )
     for epoch in range(first_epoch, args.epochs):
-        train_epoch(
-            ddp_model,
-            loader,
-            sampler,
-            optimizer,
-            scaler,
-            epoch,
-            peak,
-            key,
-            args,
-            job["ctx"],
-            job["progress"],
-            job["progress"]["total"],
-            job["log"],
-        )
-        bad = first_non_finite(model.state_dict(), world)  # before the checkpoint (and then the backbone) holds it
-        if bad:
-            kept = (
-                f"the last good checkpoint is {job['checkpoint']}, left as it was"
-                if os.path.exists(job["checkpoint"])
-                else "no checkpoint was written yet"
-            )
-            if args.save_backbone:
-                kept += f"; --save-backbone {args.save_backbone} is not written"
+        train_epoch(ddp_model, loader, sampler, optimizer, scaler, epoch, peak, key, args, proc)
+        if bad := data.first_non_finite(model.state_dict()):  # before the checkpoint (and then the backbone) holds it
+            kept = f"the last good checkpoint is {os.path.join(args.out, 'checkpoint.pth')}, left as it was"
+            if not os.path.exists(os.path.join(args.out, "checkpoint.pth")):
+                kept = "no checkpoint was written yet"
+            kept += f"; --save-backbone {args.save_backbone} is not written" if args.save_backbone else ""
             raise FloatingPointError(f"the weights became non-finite at epoch {epoch + 1} of {key} ({bad}); {kept}.")
-        state["current"] = {
-            "key": key,
-            "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": torch.get_rng_state(),
-        }
-        job["save"]()
-        if job["stop"]["signal"] is not None:
-            return None
-    return model
+        state["current"] = {"key": key, "epoch": epoch + 1, "model": model.state_dict()}
+        state["current"] |= {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+        state["current"]["rng"] = torch.get_rng_state()
+        save_checkpoint(state, args, proc)
+        if any_signalled(signals, proc):  # stop after this saved epoch, all processes together
+            return model, True
+    return model, False
 
 
-def train_epoch(model, loader, sampler, optimizer, scaler, epoch, peak, key, args, ctx, progress, total_steps, log):
-    """One epoch of cross-entropy training; the loss is read back only at log steps and at the epoch's end."""
-    rank, world, device, amp_dtype, _ = ctx
+def train_epoch(model, loader, sampler, optimizer, scaler, epoch, peak, key, args, proc):
+    """One epoch of cross-entropy training; the loss is read back only at log steps and at the epoch's end, when its
+    mean over all processes goes to log.jsonl (a non-finite one stops the evaluation)."""
     model.train()
     for group in optimizer.param_groups:
         group["lr"] = lr_at(args, epoch, peak)
     sampler.set_epoch(epoch)
     loader.dataset.set_epoch(epoch)  # the augmentation of image i is seeded by (seed, epoch, i)
-    sums = torch.zeros(3, device=device)  # loss, correct, seen
+    sums = torch.zeros(3, device=proc.device)  # loss, correct, seen
     start = time.time()
     for i, (images, targets, _) in enumerate(loader, 1):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        images = images.to(proc.device, non_blocking=True)
+        targets = targets.to(proc.device, non_blocking=True)
+        with torch.autocast(
+            proc.device.type, dtype=proc.amp_dtype or torch.float32, enabled=proc.amp_dtype is not None
+        ):
             logits = model(images)
             loss = F.cross_entropy(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        sums += torch.stack(
-            [
-                loss.detach() * len(targets),
-                (logits.argmax(1) == targets).sum(),
-                torch.tensor(len(targets), device=device),
-            ]
-        )
-        progress["steps"] += 1
-        if rank == 0 and (i % args.log_every == 0 or i == len(loader)):
-            loss_now, correct, seen = sums.tolist()
-            elapsed = time.time() - progress["start"]
-            eta = elapsed / progress["steps"] * (total_steps - progress["steps"])
+        count = torch.tensor(len(targets), device=proc.device)
+        sums += torch.stack([loss.detach() * len(targets), (logits.argmax(1) == targets).sum(), count])
+        if proc.rank == 0 and (i % args.log_every == 0 or i == len(loader)):
+            loss_sum, correct, seen = sums.tolist()
+            speed = seen * proc.world / (time.time() - start)
             print(
                 f"finetune | {key} | ep {epoch + 1}/{args.epochs} | step {i}/{len(loader)} | loss "
-                f"{loss_now / seen:.4f} | acc {correct / seen * 100:.1f}% | lr {optimizer.param_groups[0]['lr']:.3g} "
-                f"| {seen * world / (time.time() - start):.0f} img/s | eta {format_eta(eta)}",
+                f"{loss_sum / seen:.4f} | acc {correct / seen * 100:.1f}% | lr {optimizer.param_groups[0]['lr']:.3g} | "
+                f"{speed:.0f} img/s",
                 flush=True,
             )
-    if world > 1:
+    if proc.world > 1:
         dist.all_reduce(sums)
     loss_sum, correct, seen = sums.tolist()
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"the loss of {key} became {loss_sum} in epoch {epoch + 1}; lower --lr.")
-    if log is not None:
-        log.write(
-            json.dumps(
-                {
-                    "run": key,
-                    "epoch": epoch,
-                    "loss": round(loss_sum / max(seen, 1), 5),
-                    "train_acc": round(correct / max(seen, 1) * 100, 2),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": round(seen / (time.time() - start), 1),
-                }
-            )
-            + "\n"
-        )
-        log.flush()
+    record = {
+        "run": key,
+        "epoch": epoch,
+        "loss": round(loss_sum / seen, 5),
+        "train_acc": round(correct / seen * 100, 2),
+    }
+    speed = round(seen / (time.time() - start), 1)
+    log(args, proc, record | {"lr": optimizer.param_groups[0]["lr"], "images_per_s": speed})
+
+
+def any_signalled(signals, proc):
+    """Whether any process was asked to stop: the same answer on every process."""
+    votes = torch.tensor(float(len(signals)), device=proc.device)
+    if proc.world > 1:
+        dist.all_reduce(votes)
+    return votes.item() > 0
+
+
+def save_checkpoint(state, args, proc):
+    """--out/checkpoint.pth, written atomically by rank 0, once every process has reached it."""
+    if proc.rank == 0:
+        data.save_atomic(state, os.path.join(args.out, "checkpoint.pth"))
+    if proc.world > 1:
+        dist.barrier()
+
+
+def log(args, proc, record):
+    """A line of log.jsonl, by rank 0."""
+    if proc.rank == 0:
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def main(argv=None):
+    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1. Whatever happens, the signal
+    handlers are restored, --out is released and the process group is closed."""
     args = get_args(argv)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # evaluate() replaces them
     try:
         evaluate(args)
-    except UserError as err:
-        if int(os.environ.get("RANK", 0)) == 0:
+    except (UserError, FloatingPointError) as err:
+        if int(os.environ.get("RANK", 0)) == 0 or isinstance(err, FloatingPointError):
             print(f"finetune_cls.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as err:
-        print(f"finetune_cls.py: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(1 if isinstance(err, FloatingPointError) else 2)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        data.release_out()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

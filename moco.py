@@ -51,6 +51,7 @@ import time
 from collections import namedtuple
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -65,23 +66,20 @@ from torch.utils.data import DataLoader
 import data
 from data import UserError
 
+SCRIPT = os.path.basename(__file__)
+METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
 VERSIONS = {  # what --version switches (Sec. 2 of the MoCo v2 report)
     "v1": dict(head="linear", temperature=0.07, aug="moco_v1", schedule="step"),
     "v2": dict(head="mlp", temperature=0.2, aug="moco_v2", schedule="cosine"),
 }
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 LOGGED = ("loss", "acc")  # what train_step() returns, in log.jsonl
-RESUME_MUST_MATCH = ("arch", "head", "dim", "queue", "batch_size", "data", "img_size", "seed")
+RESUME_MUST_MATCH = ("arch", "head", "dim", "queue", "batch_size", "img_size", "seed")  # and --data's files
 
 
 def get_args(argv=None):
     p = data.ArgumentParser(prog=SCRIPT, description="MoCo v1/v2 pre-training (see the module docstring).")
-    p.add_argument(
-        "--data",
-        action="append",
-        help="folder of unlabeled images (any nesting); repeat to mix "
-        "datasets; 'synthetic' = built-in generated images. Default: synthetic",
-    )
+    p.add_argument("--data", action="append", help="folder of images, any nesting; repeat to mix (default: synthetic)")
     p.add_argument("--version", choices=VERSIONS, default="v2", help="recipe: head, temperature, augmentation, lr")
     p.add_argument("--head", choices=("linear", "mlp"), help="projector (default: from --version)")
     p.add_argument("--temperature", type=float, help="InfoNCE temperature T (default: 0.07 v1, 0.2 v2)")
@@ -108,25 +106,13 @@ def get_args(argv=None):
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay")
     p.add_argument("--img-size", type=int, default=224, help="crop size of the augmented views")
     p.add_argument("--workers", type=int, help="loader processes per process (default: CPUs / processes, at most 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
+    p.add_argument("--seed", type=data.seed_value, default=0, help="random seed (offset by rank for the training)")
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
     p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
-    p.add_argument(
-        "--amp",
-        choices=("auto", "bf16", "fp16", "off"),
-        default="auto",
-        help="autocast: auto = bf16 on CUDA, off on CPU",
-    )
-    p.add_argument(
-        "--knn-monitor",
-        metavar="DIR",
-        help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
-        "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features",
-    )
-    p.add_argument(
-        "--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start and the end)"
-    )
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--knn-monitor", metavar="DIR", help="labeled images (EuroSAT, synthetic): log a kNN top-1")
+    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (also at the start, end)")
     args = p.parse_args(argv)
     args.data = args.data or [data.SYNTHETIC]
     for key, value in VERSIONS[args.version].items():
@@ -156,6 +142,8 @@ def check_args(args, world):
         raise UserError(f"the per-process batch {local} is not a multiple of --bn-group {args.bn_group}.")
     if world == 1 and local % 2:
         raise UserError(f"--batch-size {local} is odd: one process splits it into at least 2 BatchNorm groups.")
+    if local // bn_group_count(args, world) < 2:  # BatchNorm's statistics need two samples
+        raise UserError(f"the per-process batch of {local} leaves BatchNorm groups of 1 image; raise --batch-size.")
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
@@ -196,25 +184,25 @@ def two_views(transform, img):
 
 
 # ------------------------------------------------------------------------------------------------ model
-def bn_groups(local_batch, bn_group, world):
-    """Sec. 3.3: BatchNorm groups per process. With several processes the key batch is shuffled across them, so one
-    group is enough; one process needs at least two, or keys are normalised over exactly their queries' samples."""
-    return max(local_batch // bn_group, 1 if world > 1 else 2)
+def bn_group_count(args, world):
+    """Sec. 3.3: BatchNorm groups per process, of --bn-group samples each. With several processes the key batch is
+    shuffled across them, so one group is enough; one process needs two, or keys would share their queries' groups."""
+    return max(args.batch_size // world // args.bn_group, 1 if world > 1 else 2)
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics come from `splits` interleaved sub-batches (samples i, i+s, i+2s...),
-    so one process normalises like `splits` GPUs of the official code. Same parameters and state-dict keys."""
+    """BatchNorm2d whose training statistics come from `groups` interleaved sub-batches (samples i, i+g, i+2g...),
+    so one process normalises like `groups` GPUs of the official code. Same parameters and state-dict keys."""
 
-    def __init__(self, num_features, splits=1, **kwargs):
+    def __init__(self, num_features, groups=1, **kwargs):
         super().__init__(num_features, **kwargs)
-        self.splits = splits
+        self.groups = groups
 
     def forward(self, x):
-        if not self.training or self.splits == 1:
+        if not self.training or self.groups == 1:
             return super().forward(x)
         n, c, h, w = x.shape
-        s = self.splits
+        s = self.groups
         mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
         y = F.batch_norm(
             x.reshape(n // s, c * s, h, w),
@@ -235,9 +223,9 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 class Encoder(nn.Module):
     """torchvision ResNet (fc removed: its keys stay torchvision's) + projector: linear (v1) or 2-layer MLP (v2)."""
 
-    def __init__(self, arch, dim, bn_splits, head="mlp"):
+    def __init__(self, arch, dim, bn_groups, head="mlp"):
         super().__init__()
-        self.backbone = torchvision.models.get_model(arch, norm_layer=partial(SplitBatchNorm2d, splits=bn_splits))
+        self.backbone = torchvision.models.get_model(arch, norm_layer=partial(SplitBatchNorm2d, groups=bn_groups))
         width = self.backbone.fc.in_features
         self.backbone.fc = nn.Identity()
         self.projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
@@ -251,11 +239,12 @@ class Encoder(nn.Module):
 class MoCo(nn.Module):
     """Query encoder, momentum key encoder and the queue of keys (K x dim, unit vectors)."""
 
-    def __init__(self, encoder, queue_size, dim, momentum, temperature):
+    def __init__(self, encoder, queue_size, dim, key_momentum, temperature):
         super().__init__()
         self.encoder_q = encoder
         self.encoder_k = copy.deepcopy(encoder).requires_grad_(False)
-        self.momentum, self.temperature = momentum, temperature
+        self.key_momentum = key_momentum
+        self.temperature = temperature
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.queue_ptr = 0  # a Python int: no host-device sync to read it; saved through get_extra_state
 
@@ -268,7 +257,8 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def momentum_update(self):
         """Eq. 2: theta_k <- m theta_k + (1 - m) theta_q, over every parameter (projector included)."""
-        torch._foreach_lerp_(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()), 1 - self.momentum)
+        params_q = list(self.encoder_q.parameters())
+        torch._foreach_lerp_(list(self.encoder_k.parameters()), params_q, 1 - self.key_momentum)
 
     @torch.no_grad()
     def enqueue(self, keys):
@@ -303,11 +293,12 @@ def info_nce(q, k, queue, temperature):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def train_step(model, query_encoder, im_q, im_k, optimizer, scaler, amp_dtype):
+def train_step(model, ddp_model, im_q, im_k, optimizer, scaler, amp_dtype):
     """Algorithm 1 of the paper: queries with gradient, keys without, InfoNCE, SGD, momentum update, enqueue.
+    `ddp_model` is the query encoder wrapped by ddp(): its backward averages the gradients over processes.
     Returns (loss, top-1 of the positive key among the queue's in %)."""
     with autocast(im_q.device, amp_dtype):
-        q = F.normalize(query_encoder(im_q).float(), dim=1)
+        q = F.normalize(ddp_model(im_q).float(), dim=1)
         k, all_keys = model.keys(im_k)
     loss, logits = info_nce(q, k, model.queue, model.temperature)
     optimizer.zero_grad(set_to_none=True)
@@ -328,110 +319,120 @@ def lr_at(args, epoch):
 
 # ------------------------------------------------------------------------------------------------ the run
 def train(args):
-    """Data, model, optimiser and resume; then the epoch / batch loop: train_step(), log, save. SIGTERM or Ctrl-C
-    stop it cleanly at a step."""
-    ctx = setup(args)
-    paths = data.list_images(args.data)
-    data.check_readable(paths, seed=args.seed)
-    dataset = data.ImageDataset(
-        paths, transform=partial(two_views, augmentation(args.aug, args.img_size)), seed=args.seed
-    )
-    loader = make_loader(dataset, args, ctx)
+    """Data, model, optimiser and resume; then the epoch / batch loop: train_step(), log, save. Every decision of the
+    run is made here, in sight: the helpers below the banner do one thing each and report what they found."""
+    proc = setup(args)  # this process (torchrun's RANK / WORLD_SIZE / LOCAL_RANK) and the flags every script shares
+    check_args(args, proc.world)  # MoCo's impossible settings: one sentence before any work
+    paths, data_files = data.list_images(args.data)
+    data.check_readable(paths, seed=args.seed)  # a sample must open: a folder of other files is refused
+    views = partial(two_views, augmentation(args.aug, args.img_size))
+    dataset = data.ImageDataset(paths, transform=views, seed=args.seed)
+    loader = make_loader(dataset, args, proc, args.seed)
     steps_per_epoch = loader.sampler.batches_per_epoch()
     last_step = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-
+    monitor = proc.rank == 0 and args.knn_monitor and data.KnnMonitor(args.knn_monitor, args.img_size, args.seed)
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
-    local_batch = args.batch_size // ctx.world
-    encoder = Encoder(args.arch, args.dim, bn_groups(local_batch, args.bn_group, ctx.world), args.head)
-    model = MoCo(encoder, args.queue, args.dim, args.moco_m, args.temperature).to(ctx.device)
-    query_encoder = ddp(model.encoder_q)  # the same weights; a backward through it averages the gradients
+    encoder = Encoder(args.arch, args.dim, bn_group_count(args, proc.world), args.head)
+    model = MoCo(encoder, args.queue, args.dim, args.moco_m, args.temperature).to(proc.device)
     backbone = model.encoder_q.backbone  # exported as backbone.pth, probed by --knn-monitor
-    optimizer = torch.optim.SGD(
-        model.encoder_q.parameters(),
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.wd,
-        fused=ctx.device.type == "cuda",
-    )  # one kernel for the update
-    torch.manual_seed(args.seed + ctx.rank)  # shuffle-BN permutations: each process its own
-    step = resume(args, ctx, model, optimizer)  # 0 when --out holds no checkpoint
+    fused = proc.device.type == "cuda"  # one kernel for the whole update on a GPU
+    optimizer = torch.optim.SGD(encoder.parameters(), args.lr, args.momentum, weight_decay=args.wd, fused=fused)
+    scaler = torch.amp.GradScaler(proc.device.type, enabled=proc.amp_dtype == torch.float16)  # --amp fp16 only
+    inputs = {"data": data_files}  # what the run reads, by content: a resume needs the same files
+    checkpoint = read_checkpoint(args, RESUME_MUST_MATCH, inputs)  # None when --out holds none
+    if proc.rank == 0:
+        data.hold_out(args.out)  # the last check: one run per --out
+    connect(proc)  # from here the processes work together
+    ddp_model = ddp(model.encoder_q)  # the same weights; a backward through it averages the gradients
+    torch.manual_seed(args.seed + proc.rank)  # shuffle-BN permutations: each process its own
+    step = last_saved = 0
+    if checkpoint:  # resume: the weights, queue, optimiser, loss scale, step and every process's random stream
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng(checkpoint["rng"], proc)
+        step = last_saved = checkpoint["step"]
 
-    log = Log(args, ctx, f"moco {args.version}", args.batch_size, last_step, step)
-    log(
-        f"{len(paths)} images, {steps_per_epoch} steps/epoch, {ctx.world} process(es) on {ctx.device.type}, "
-        f"{f'resuming at step {step}' if step else 'starting'}"
-    )
-    monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if args.knn_monitor and not ctx.rank else None
+    log = Log(args, proc)
+    if proc.rank == 0:  # the run's configuration, beside its log
+        Path(args.out, "args.json").write_text(json.dumps(vars(args), indent=2))
+    start = f"resuming at step {step}" if step else "starting"
+    log(f"MoCo {args.version}, {len(paths)} images, {steps_per_epoch} steps/epoch, {proc.world} process(es), {start}")
     if monitor and step == 0:
-        knn(log, monitor, backbone, 0, 0)  # random init: where the curve starts
-    stop_requests, stopping = catch_stop_signals(), False
+        log_knn(log, monitor, backbone, 0, 0)  # random init: where the curve starts
+    signals = data.catch_stop_signals()  # SIGTERM or Ctrl-C: recorded; the loop decides when to stop
+    stopping = False
     while step < last_step and not stopping:
-        epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
-        lr = lr_at(args, epoch)
+        epoch = step // steps_per_epoch
+        lr = lr_at(args, epoch)  # per epoch, as the official code
         for group in optimizer.param_groups:
             group["lr"] = lr
         dataset.set_epoch(epoch)  # augmentations are seeded by (seed, epoch, image index): resumes are exact
         loader.sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
-        for (im_q, im_k), _, n_skipped in loader:
-            log.add(
-                train_step(
-                    model,
-                    query_encoder,
-                    im_q.to(ctx.device, non_blocking=True),
-                    im_k.to(ctx.device, non_blocking=True),
-                    optimizer,
-                    ctx.scaler,
-                    ctx.amp_dtype,
-                )
-            )
-            step, skipped = step + 1, skipped + n_skipped.sum()
-            signalled = ctx.world == 1 and stop_requests  # one process stops at once; several at a log step
-            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == last_step or signalled:
-                stopping = log.window(step, epoch, LOGGED, {"lr": lr}, bool(stop_requests))
-                if stopping or step == last_step:
-                    break
-        seen, skipped = (step - first_step) * args.batch_size, log.skipped(skipped, step, epoch)
-        if skipped > seen // 2:
-            raise UserError(
-                f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check the dataset."
-            )
+        for (im_q, im_k), _, skipped in loader:
+            im_q, im_k = (x.to(proc.device, non_blocking=True) for x in (im_q, im_k))
+            log.add(train_step(model, ddp_model, im_q, im_k, optimizer, scaler, proc.amp_dtype), skipped)
+            step += 1
+            at_once = signals and proc.world == 1  # a signal stops one process at once, several at a log step
+            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == last_step or at_once:
+                means = log.window(step, last_step, epoch, LOGGED, {"lr": lr}, signals)  # over all processes
+                if not math.isfinite(loss := means["loss"]):  # stop: the last good checkpoint stays as it is
+                    raise NonFiniteError(f"the loss became {loss}", step, means["steps"], args, last_saved)
+                if means["unreadable"] > 0.5:
+                    raise UserError(f"more than half the files read by step {step} could not be opened; check --data.")
+                stopping = means["signalled"] > 0  # all processes stop at the same step
+            if stopping or step == last_step:
+                break
         if monitor and not stopping and (step == last_step or (epoch + 1) % args.knn_every == 0):
-            knn(log, monitor, backbone, step, epoch)
-        save(args, ctx, log, model, optimizer, backbone, step, epoch)
-    log.finish(step, stopping)
+            log_knn(log, monitor, backbone, step, epoch)
+        if bad := data.first_non_finite(model.state_dict()):  # stop before saving: the last good checkpoint stays
+            raise NonFiniteError(f"{bad} became non-finite", step, 1, args, last_saved)
+        rngs = rng_states(proc)
+        if proc.rank == 0:  # at every epoch's end and on a stop: what a resume needs, and the backbone users share
+            exported = {"arch": args.arch, "method": METHOD, "config": {}}
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+            state |= {"step": step, "epoch": epoch, "args": vars(args), "inputs": inputs, "rng": rngs}
+            state |= {"backbone_prefix": "encoder_q.backbone."}  # eval_linear.py reads the backbone from here too
+            data.save_atomic(state | exported, os.path.join(args.out, "checkpoint.pth"))
+            data.save_atomic(exported | {"state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
+        last_saved = step
+    stopped = f"stopped by a signal at step {step}; {args.out}/checkpoint.pth resumes it"
+    log(stopped if stopping else f"done at step {step}: backbone in {args.out}/backbone.pth")
 
 
 # =================================================================================================================
 # HELPERS: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
-# equal: a fix lands in all four). train() above calls them: processes, the loader, the gather, stop signals,
-# checkpoints, the log and main. A reader who knows one method file can stop here.
+# equal: a fix lands in all four). Each does one thing and returns what it found; train() above decides what to do
+# with it. A reader who knows one method file can stop here.
 # =================================================================================================================
-SCRIPT = os.path.basename(__file__)
-METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
-Context = namedtuple("Context", "rank world device amp_dtype scaler")  # this process; amp_dtype None: no autocast
+Process = namedtuple("Process", "rank world device amp_dtype")  # this process; amp_dtype None: no autocast
 
 
 def setup(args):
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them); NCCL on CUDA, gloo on
-    CPU. Every check of the flags comes first, before anything runs or is written."""
-    rank, world, cuda = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them). Checks the flags every
+    pre-training script shares; returns this process's facts."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
     for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "knn_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be 0 or more (got {args.workers}).")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
     data.check_out_dir(args.out)
-    if args.knn_monitor:
-        data.labeled_images(args.knn_monitor)  # on every process: a bad folder stops them all
-    check_args(args, world)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-    if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-    amp = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    return Context(rank, world, device, amp, torch.amp.GradScaler(device.type, enabled=amp == torch.float16))
+    amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return Process(int(os.environ.get("RANK", 0)), world, device, amp_dtype)
+
+
+def connect(proc):
+    """The processes start working together: NCCL on CUDA, gloo on CPU (one process: nothing to do)."""
+    if proc.world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
+        dist.init_process_group("nccl" if proc.device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
 
 
 def autocast(device, amp_dtype):  # amp_dtype None: none
@@ -464,213 +465,133 @@ def gather(x):
     return Gather.apply(x) if dist.is_initialized() else x
 
 
-def make_loader(dataset, args, ctx, sampler=None):
-    """This process's share of each global batch (data.EpochSampler's by default). The workers start afresh each
-    epoch, so they see the dataset's set_epoch(); they ignore SIGTERM / Ctrl-C, which the main process handles."""
-    sampler = (
-        sampler
-        if sampler is not None
-        else data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, args.seed)
-    )
+def make_loader(dataset, args, proc, seed):
+    """This process's share of each global batch of `dataset` (data.EpochSampler, shuffled by `seed`). The workers
+    start afresh each epoch, so they see the dataset's set_epoch(); they ignore SIGTERM / Ctrl-C."""
+    sampler = data.EpochSampler(len(dataset), args.batch_size, proc.rank, proc.world, seed)
     if sampler.batches_per_epoch() == 0:
-        raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
-    workers = (
-        args.workers
-        if args.workers is not None
-        else min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    )
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size}.")
+    workers = args.workers
+    if workers is None:  # the CPUs of this machine, shared by its processes
+        workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return DataLoader(
         dataset,
-        args.batch_size // ctx.world,
+        args.batch_size // proc.world,
         sampler=sampler,
         num_workers=workers,
-        pin_memory=ctx.device.type == "cuda",
+        pin_memory=proc.device.type == "cuda",
         prefetch_factor=4 if workers else None,
         worker_init_fn=data.ignore_stop_signals,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
-def catch_stop_signals():
-    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and stops; a second one: at once."""
-    received = []
-
-    def request_stop(signum, frame):
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, request_stop)
-    return received
-
-
-def resume(args, ctx, model, optimizer):
-    """The checkpoint under --out into the model and optimiser, or nothing; returns the step to continue from. Each
-    process continues its own random stream (same world size). weights_only: a checkpoint never runs code."""
+def read_checkpoint(args, must_match, inputs):
+    """--out's checkpoint.pth, or None when there is none; one sentence when it is not this script's training
+    checkpoint, or was written with other values of the flags `must_match` or other `inputs` (data.file_list_id)."""
     path = os.path.join(args.out, "checkpoint.pth")
     if not os.path.exists(path):
-        return 0
-    ckpt = data.load_weights_only(path, fix="move it away to start afresh")
-    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
-        raise UserError(f"{path} is not a {SCRIPT} checkpoint; use another --out.")
-    changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
+        return None
+    checkpoint = data.load_weights_only(path, fix="move it away to start afresh")
+    if not isinstance(checkpoint, dict) or checkpoint.get("method") != METHOD or "args" not in checkpoint:
+        raise UserError(f"{path} is not a {SCRIPT} training checkpoint; move it away to start afresh.")
+    changed = [f"--{k.replace('_', '-')}" for k in must_match if checkpoint["args"].get(k) != vars(args)[k]]
+    for flag, now in inputs.items():  # the files by name and size, wherever the folder is (older checkpoints: none)
+        then = checkpoint.get("inputs", inputs)[flag]
+        if then != now:
+            changed.append(f"--{flag} ({then['files']} files then, {now['files']} now, compared by name and size)")
     if changed:
         raise UserError(
-            f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
-            "values to resume, or another --out."
+            f"{path} was written with other {', '.join(changed)}; use the same to resume, or another --out."
         )
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    ctx.scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) == ctx.world:
-        torch.set_rng_state(ckpt["rng"][ctx.rank]["cpu"])
-        if "cuda" in ckpt["rng"][ctx.rank] and ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][ctx.rank]["cuda"], ctx.device)
-    return ckpt["step"]
+    return checkpoint
 
 
-def save(args, ctx, log, model, optimizer, backbone, step, epoch, config=None):
-    """checkpoint.pth (the whole state, every process's RNG) and backbone.pth (torchvision's keys: the file users
-    share), written atomically by rank 0 once one pass over the weights finds them finite (else both stay as they
-    were: the run stops like the NaN stop)."""
-    state = model.state_dict()
-    weights = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
-    finite = torch.stack([v.isfinite().all() for v in weights.values()]).float()
-    if ctx.world > 1:
-        dist.all_reduce(finite, dist.ReduceOp.MIN)  # every process stops, or none
-    if not all(finite.tolist()):
-        bad = next(name for name, ok in zip(weights, finite.tolist()) if not ok)
-        raise nan_stop(f"{bad} became non-finite", step, args, log.last_saved)
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if ctx.device.type == "cuda" else {})}
-    rngs = [rng] * ctx.world
-    if ctx.world > 1:
-        dist.all_gather_object(rngs, rng)
-    if ctx.rank == 0:
-        prefix = next(name for name, module in model.named_modules() if module is backbone) + "."
-        mine = {"arch": args.arch, "method": METHOD, "config": config or {}}
-        data.save_atomic(
-            {
-                "model": state,
-                "optimizer": optimizer.state_dict(),
-                "scaler": ctx.scaler.state_dict(),
-                "step": step,
-                "epoch": epoch,
-                "args": vars(args),
-                "rng": rngs,
-                "backbone_prefix": prefix,
-                **mine,
-            },
-            os.path.join(args.out, "checkpoint.pth"),
-        )
-        data.save_atomic({**mine, "state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
-    if ctx.world > 1:
-        dist.barrier()
-    log.last_saved = step
+def rng_states(proc):
+    """The random state of every process (CPU, and CUDA's), in rank order: what a resume needs to continue each."""
+    state = {"cpu": torch.get_rng_state()}
+    if proc.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    states = [state] * proc.world
+    if proc.world > 1:
+        dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(states, proc):
+    """This process's random state from rng_states(); at another number of processes it has none, and is left."""
+    if len(states) == proc.world:
+        torch.set_rng_state(states[proc.rank]["cpu"])
+        if "cuda" in states[proc.rank] and proc.device.type == "cuda":
+            torch.cuda.set_rng_state(states[proc.rank]["cuda"], proc.device)
 
 
 class Log:
-    """args.json, log.jsonl and the progress line, by rank 0: window means of the step's values over all processes
-    (read back at log steps only: the loop's one host-device sync), images/s, peak memory, ETA, skipped files."""
+    """log.jsonl and the progress line, by rank 0. add() sums a step's values on the device and counts its images and
+    unreadable files; window() reduces them over all processes (the one host sync), logs and returns the means."""
 
-    def __init__(self, args, ctx, name, images_per_step, last_step, step):
-        self.args, self.ctx, self.name, self.images_per_step = args, ctx, name, images_per_step
-        self.last_step = last_step
-        self.sums, self.steps, self.start_step, self.last_saved, self.total_skipped = 0, 0, step, step or None, 0
-        self.start = self.window_start = time.time()
-        if ctx.rank == 0:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=2)
-            self.file = open(os.path.join(args.out, "log.jsonl"), "a", buffering=1)  # a line is written at once
+    def __init__(self, args, proc):
+        self.args = args
+        self.proc = proc
+        self.sums = self.steps = self.images = self.skipped = 0  # the window's
+        self.start = time.time()
 
     def __call__(self, text, **record):
-        if self.ctx.rank == 0:  # the progress line after the run's name; the record in log.jsonl
-            print(f"{self.name} | {text}", flush=True)
-            self.file.write(json.dumps(record) + "\n" if record else "")
+        if self.proc.rank == 0:  # the progress line; the record, if any, in log.jsonl
+            print(f"{METHOD} | {text}", flush=True)
+            with open(os.path.join(self.args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n" if record else "")
 
-    def add(self, values):
-        self.sums, self.steps = self.sums + values.float(), self.steps + 1
+    def add(self, values, skipped):
+        self.sums = self.sums + values.float()
+        self.steps += 1
+        self.images += len(skipped)
+        self.skipped += int(skipped.sum())
 
-    def window(self, step, epoch, names, schedule, stop_requested):
-        """Log the window's means; returns whether any process was asked to stop. A non-finite loss raises."""
-        stats = torch.cat([self.sums / self.steps, torch.tensor([float(stop_requested)], device=self.ctx.device)])
-        if self.ctx.world > 1:
-            dist.all_reduce(stats)
-            stats /= self.ctx.world
-        *values, stop_votes = stats.tolist()
-        if not math.isfinite(values[0]):
-            raise nan_stop(f"the loss became {values[0]}", step, self.args, self.last_saved, self.steps)
-        now, cuda = time.time(), self.ctx.device.type == "cuda"
-        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(0).ru_maxrss / 2**20
-        speed, values = self.steps * self.images_per_step / (now - self.window_start), dict(zip(names, values))
-        eta = timedelta(seconds=int((now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)))
-        self(
-            f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | "
-            + " | ".join([f"{k} {v:.5g}" for k, v in values.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()])
-            + f" | {speed:.1f} img/s | mem {memory:.2f} GB | eta {eta}",
-            epoch=epoch,
-            step=step,
-            **schedule,
-            **{k: round(v, 5) for k, v in values.items()},
-            images_per_s=round(speed, 1),
-            peak_mem_gb=round(memory, 3),
-        )
-        self.sums, self.steps, self.window_start = 0, 0, time.time()
-        return stop_votes > 0
-
-    def skipped(self, skipped, step, epoch):
-        """Unreadable images of the epoch, summed over processes (NCCL reduces CUDA tensors only)."""
-        if self.ctx.world > 1:
-            dist.all_reduce(skipped := skipped.to(self.ctx.device))
-        if skipped := int(skipped):
-            self(
-                f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)",
-                epoch=epoch,
-                step=step,
-                skipped_images=skipped,
-            )
-        self.total_skipped += skipped
-        return skipped
-
-    def finish(self, step, stopping):
-        skipped = f"; {self.total_skipped} unreadable image(s) were skipped in this run" if self.total_skipped else ""
-        self(
-            (
-                f"stopped by a signal at step {step}; {self.args.out}/checkpoint.pth resumes it"
-                if stopping
-                else f"done at step {step}: backbone in {self.args.out}/backbone.pth"
-            )
-            + skipped
-        )
-        if self.ctx.rank == 0:
-            self.file.close()
+    def window(self, step, last_step, epoch, names, schedule, signals):
+        """Means of `names`, the steps, the unreadable share of the files read and the processes asked to stop."""
+        sums = torch.cat([self.sums / self.steps, self.sums.new_tensor([self.images, self.skipped, len(signals)])])
+        if self.proc.world > 1:
+            dist.all_reduce(sums)
+        *values, images, skipped, signalled = sums.tolist()
+        means = {name: value / self.proc.world for name, value in zip(names, values)}
+        seconds = time.time() - self.start
+        memory = torch.cuda.max_memory_allocated() if self.sums.is_cuda else resource.getrusage(0).ru_maxrss * 1024
+        record = {k: round(v, 5) for k, v in means.items()} | schedule | {"skipped_images": int(skipped)}
+        record |= {"images_per_s": round(images / seconds, 1), "peak_mem_gb": round(memory / 2**30, 3)}
+        eta = timedelta(seconds=int(seconds / self.steps * (last_step - step)))
+        shown = " | ".join(f"{k} {v:.5g}" for k, v in record.items())
+        self(f"ep {epoch + 1} | step {step}/{last_step} | {shown} | eta {eta}", epoch=epoch, step=step, **record)
+        means |= {"steps": self.steps, "unreadable": skipped / (skipped + images), "signalled": signalled}
+        self.sums = self.steps = self.images = self.skipped = 0
+        self.start = time.time()
+        return means
 
 
-def knn(log, monitor, backbone, step, epoch):
+def log_knn(log, monitor, backbone, step, epoch):
     """--knn-monitor: the backbone's kNN top-1 now, logged (eval mode, no random draw: the training is unchanged)."""
-    start, top1 = time.time(), monitor.top1(backbone, log.ctx.device, log.ctx.amp_dtype)
-    log(
-        f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)",
-        epoch=epoch,
-        step=step,
-        knn_top1=round(top1, 2),
-        knn_s=round(time.time() - start, 1),
-    )
+    start = time.time()
+    top1 = monitor.top1(backbone, log.proc.device, log.proc.amp_dtype)
+    seconds = time.time() - start
+    text = f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({seconds:.1f} s)"
+    log(text, epoch=epoch, step=step, knn_top1=round(top1, 2), knn_s=round(seconds, 1))
 
 
-def nan_stop(what, step, args, last_saved, steps=1):
-    """The error that stops a run whose loss or weights are no longer finite; exit code 1."""
-    where = f"at step {step}" if steps == 1 else f"in steps {step - steps + 1}-{step}"
-    saved = f"{os.path.join(args.out, 'checkpoint.pth')} (step {last_saved})" if last_saved else "none"
-    return FloatingPointError(
-        f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use --amp off."
-    )
+class NonFiniteError(FloatingPointError):
+    """The stop on a non-finite loss or weights (exit code 1): `what`, over the `steps` up to `step`, and the last
+    good checkpoint, which is left as it was."""
+
+    def __init__(self, what, step, steps, args, last_saved):
+        where = f"at step {step}" if steps == 1 else f"in steps {step - steps + 1}-{step}"
+        saved = f"{os.path.join(args.out, 'checkpoint.pth')} (step {last_saved})" if last_saved else "none"
+        super().__init__(
+            f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use --amp off."
+        )
 
 
 def main(argv=None):
     """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1. Whatever happens, the signal
-    handlers are restored and the process group is closed."""
+    handlers are restored, --out is released and the process group is closed."""
     args = get_args(argv)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
     try:
@@ -682,6 +603,7 @@ def main(argv=None):
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        data.release_out()
         if dist.is_initialized():
             dist.destroy_process_group()
 

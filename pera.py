@@ -69,6 +69,7 @@ import sys
 import time
 from collections import namedtuple
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -83,71 +84,31 @@ from torchvision.utils import make_grid, save_image
 import data
 from data import UserError
 
+SCRIPT = os.path.basename(__file__)
+METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
 ARCHS = tuple(data.VIT_SIZES)  # vit_tiny / vit_small / vit_base: torchvision VisionTransformer, 12 blocks
 OUT_DIMS = {"vit_tiny": 8192, "vit_small": 131072, "vit_base": 131072}  # --out-dim default per arch
 GLOBAL_CROPS = 2
 TO_TENSOR = T.Compose([T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])  # what the ViT reads
-RESUME_MUST_MATCH = (
-    "arch",
-    "patch_size",
-    "img_size",
-    "local_size",
-    "local_crops",
-    "out_dim",
-    "head_hidden",
-    "head_bottleneck",
-    "batch_size",
-    "data",
-    "seed",
-    "dense",
-)
+LOGGED = ("loss", "cls", "mse", "koleo")  # what train_step() returns, in log.jsonl
+RESUME_MUST_MATCH = ("arch", "patch_size", "img_size", "local_size", "local_crops", "out_dim", "head_hidden")
+RESUME_MUST_MATCH += ("head_bottleneck", "batch_size", "seed", "dense")  # and --data's files
 
 
 def get_args(argv=None):
     p = data.ArgumentParser(prog=SCRIPT, description="PerA pre-training (see the module docstring).")
-    p.add_argument(
-        "--data",
-        action="append",
-        help="folder of unlabeled images (any nesting); repeat to mix "
-        "datasets; 'synthetic' = built-in generated images. Default: synthetic",
-    )
+    p.add_argument("--data", action="append", help="folder of images, any nesting; repeat to mix (default: synthetic)")
     p.add_argument("--arch", choices=ARCHS, default="vit_base", help="torchvision ViT (vit_tiny for CPU)")
     p.add_argument("--patch-size", type=int, default=16, help="ViT patch size (8 suits 64 px images)")
     p.add_argument("--img-size", type=int, default=224, help="size of the global crops (and of the exported ViT)")
-    p.add_argument(
-        "--local-size", type=int, help="local crop size (default: 96, the code's, or 3/7 of a smaller --img-size)"
-    )
+    p.add_argument("--local-size", type=int, help="local crop size (default: 96, or 3/7 of a smaller --img-size)")
     p.add_argument("--local-crops", type=int, default=8, help="local crop pairs per image (multi-crop; 0 = none)")
-    p.add_argument(
-        "--global-scale",
-        type=float,
-        nargs=2,
-        default=[0.4, 1.0],
-        metavar=("MIN", "MAX"),
-        help="area range of the global crops",
-    )
-    p.add_argument(
-        "--local-scale",
-        type=float,
-        nargs=2,
-        default=[0.05, 0.4],
-        metavar=("MIN", "MAX"),
-        help="area range of the local crops",
-    )
-    p.add_argument(
-        "--mask-ratios",
-        type=float,
-        nargs=3,
-        default=[0.3, 0.2, 0.5],
-        metavar=("S", "L", "T"),
-        help="disjoint mask ratios of the student, learnable and teacher parts (Eq. 1-3); sum 1",
-    )
-    p.add_argument(
-        "--dense",
-        action="store_true",
-        help="full-length PerA: both networks on every patch from "
-        "block 0 (Table 10's comparison of sequence lengths, for time and memory)",
-    )
+    scale = dict(type=float, nargs=2, metavar=("MIN", "MAX"))
+    p.add_argument("--global-scale", default=[0.4, 1.0], help="area range of the global crops", **scale)
+    p.add_argument("--local-scale", default=[0.05, 0.4], help="area range of the local crops", **scale)
+    ratios = dict(type=float, nargs=3, default=[0.3, 0.2, 0.5], metavar=("S", "L", "T"))
+    p.add_argument("--mask-ratios", help="disjoint parts: student, learnable, teacher (Eq. 1-3); sum 1", **ratios)
+    p.add_argument("--dense", action="store_true", help="full-length PerA, every patch from block 0 (Table 10)")
     p.add_argument("--out-dim", type=int, help="DINO head prototypes (default: 131072, the paper's; vit_tiny 8192)")
     p.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the head and predictor MLPs")
     p.add_argument("--head-bottleneck", type=int, default=384, help="bottleneck width before the last layer")
@@ -171,25 +132,13 @@ def get_args(argv=None):
     p.add_argument("--clip-grad", type=float, default=3.0, help="clip the global gradient norm (0 = off)")
     p.add_argument("--vis", help="at the end, write a PNG of the s / l / t partition and the predicted pixels")
     p.add_argument("--workers", type=int, help="loader processes per process (default: CPUs / processes, at most 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (offset by rank for the training randomness)")
+    p.add_argument("--seed", type=data.seed_value, default=0, help="random seed (offset by rank for the training)")
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; a checkpoint there is resumed")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke runs, curves)")
     p.add_argument("--log-every", type=int, default=20, help="log and progress line every N steps")
-    p.add_argument(
-        "--amp",
-        choices=("auto", "bf16", "fp16", "off"),
-        default="auto",
-        help="autocast: auto = bf16 on CUDA, off on CPU",
-    )
-    p.add_argument(
-        "--knn-monitor",
-        metavar="DIR",
-        help="class-per-folder images (e.g. EuroSAT, or 'synthetic'): "
-        "rank 0 logs knn_top1, a weighted kNN (k 20, cosine, T 0.07) on the backbone's frozen features",
-    )
-    p.add_argument(
-        "--knn-every", type=int, default=1, help="epochs between kNN measurements (and at the start and the end)"
-    )
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--knn-monitor", metavar="DIR", help="labeled images (EuroSAT, synthetic): log a kNN top-1")
+    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN measurements (also at the start, end)")
     args = p.parse_args(argv)
     args.data = args.data or [data.SYNTHETIC]
     args.out_dim = args.out_dim or OUT_DIMS[args.arch]
@@ -252,8 +201,10 @@ def check_args(args, world):
                 f"{flag} {size} is too small: its {n} patches of {args.patch_size} px leave a part of "
                 f"--mask-ratios empty ({counts}); use a larger {flag} or a smaller --patch-size."
             )
-    if args.vis and os.path.isdir(args.vis):
-        raise UserError(f"--vis {args.vis} is a folder; give a .png file name.")
+    if args.vis and (os.path.isdir(args.vis) or not args.vis.lower().endswith(data.IMAGE_EXTENSIONS)):
+        raise UserError(f"--vis {args.vis} is a folder or has no image extension; give a file name such as vis.png.")
+    if args.vis:
+        data.check_out_dir(os.path.dirname(os.path.abspath(args.vis)), "--vis's folder")
 
 
 # ------------------------------------------------------------------------------------------------ views and masks
@@ -580,115 +531,129 @@ def save_visualisation(model, paths, args, device, rows=4):
 
 # ------------------------------------------------------------------------------------------------ the run
 def train(args):
-    """Data, model, optimiser and resume; then the epoch / batch loop: schedules, train_step(), log, save. SIGTERM or
-    Ctrl-C stop it cleanly at a step; the exported backbone is the TEACHER encoder (Sec. 3.2.3)."""
-    ctx = setup(args)
-    paths = data.list_images(args.data)
-    data.check_readable(paths, seed=args.seed)
+    """Data, model, optimiser and resume; then the epoch / batch loop: schedules, train_step(), log, save; --vis at
+    the end. Every decision of the run is made here, in sight: the helpers below the banner do one thing each."""
+    proc = setup(args)  # this process (torchrun's RANK / WORLD_SIZE / LOCAL_RANK) and the flags every script shares
+    check_args(args, proc.world)  # PerA's impossible settings: one sentence before any work
+    paths, data_files = data.list_images(args.data)
+    data.check_readable(paths, seed=args.seed)  # a sample must open: a folder of other files is refused
     crops = AlignedMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
     dataset = data.ImageDataset(paths, transform=crops, seed=args.seed)
-    loader = make_loader(dataset, args, ctx)
+    loader = make_loader(dataset, args, proc, args.seed)
     steps_per_epoch = loader.sampler.batches_per_epoch()
     last_step = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    monitor = proc.rank == 0 and args.knn_monitor and data.KnnMonitor(args.knn_monitor, args.img_size, args.seed)
 
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = PerA(args).to(ctx.device)
+    model = PerA(args).to(proc.device)
+    backbone = model.teacher.encoder  # Sec. 3.2.3: the TEACHER encoder is exported and probed by --knn-monitor
+    vit_config = {"image_size": args.img_size, "patch_size": args.patch_size}  # what backbone.pth needs besides arch
+    trained = [p for p in model.parameters() if p.requires_grad]  # the teacher follows by EMA (Eq. 10)
+    fused = proc.device.type == "cuda"  # one kernel for the whole update on a GPU
+    optimizer = torch.optim.AdamW(trained, args.lr, betas=(0.9, 0.999), eps=2e-5, weight_decay=args.wd, fused=fused)
+    scaler = torch.amp.GradScaler(proc.device.type, enabled=proc.amp_dtype == torch.float16)  # --amp fp16 only
+    inputs = {"data": data_files}  # what the run reads, by content: a resume needs the same files
+    checkpoint = read_checkpoint(args, RESUME_MUST_MATCH, inputs)  # None when --out holds none
+    if proc.rank == 0:
+        data.hold_out(args.out)  # the last check: one run per --out
+    connect(proc)  # from here the processes work together
     # the same weights; a backward through it averages the gradients over processes (the centre: update_center())
     ddp_model = ddp(model, forward_sync_buffers=False)
-    backbone = model.teacher.encoder  # Sec. 3.2.3: the TEACHER encoder is exported and probed by --knn-monitor
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=args.lr,
-        betas=(0.9, 0.999),
-        eps=2e-5,
-        weight_decay=args.wd,
-        fused=ctx.device.type == "cuda",
-    )
-    torch.manual_seed(args.seed + ctx.rank)  # masks and drop path: each process its own
-    step = resume(args, ctx, model, optimizer)  # 0 when --out holds no checkpoint
+    torch.manual_seed(args.seed + proc.rank)  # masks and drop path: each process its own
+    step = last_saved = 0
+    if checkpoint:  # resume: the weights, centre, optimiser, loss scale, step and every process's random stream
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng(checkpoint["rng"], proc)
+        step = last_saved = checkpoint["step"]
 
+    log = Log(args, proc)
+    if proc.rank == 0:  # the run's configuration, beside its log
+        Path(args.out, "args.json").write_text(json.dumps(vars(args), indent=2))
     n = (args.img_size // args.patch_size) ** 2
     n_s, n_l, n_t = (n, 0, n) if args.dense else mask_counts(n, args.mask_ratios)
-    log = Log(args, ctx, "pera --dense (full-length)" if args.dense else "pera", args.batch_size, last_step, step)
-    log(
-        f"{len(paths)} images, {n} patches per global crop: student {1 + n_s} -> {1 + n_s + n_l} tokens, teacher "
-        f"{1 + n_t}, {steps_per_epoch} steps/epoch, {ctx.world} process(es) on {ctx.device.type}, "
-        f"{f'resuming at step {step}' if step else 'starting'}"
-    )
-    monitor = data.KnnMonitor(args.knn_monitor, args.img_size, args.seed) if args.knn_monitor and not ctx.rank else None
+    tokens = f"{n} patches: student {1 + n_s} -> {1 + n_s + n_l} tokens, teacher {1 + n_t}{' (--dense)' * args.dense}"
+    start = f"resuming at step {step}" if step else "starting"
+    log(f"{len(paths)} images, {tokens}, {steps_per_epoch} steps/epoch, {proc.world} process(es), {start}")
     if monitor and step == 0:
-        knn(log, monitor, backbone, 0, 0)  # random init: where the curve starts
-    stop_requests, stopping = catch_stop_signals(), False
+        log_knn(log, monitor, backbone, 0, 0)  # random init: where the curve starts
+    signals = data.catch_stop_signals()  # SIGTERM or Ctrl-C: recorded; the loop decides when to stop
+    stopping = False
     while step < last_step and not stopping:
-        epoch, first_step, skipped = step // steps_per_epoch, step, torch.zeros((), dtype=torch.long)
+        epoch = step // steps_per_epoch
         dataset.set_epoch(epoch)  # crops are seeded by (seed, epoch, image index): resumes are exact
         loader.sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
-        for views, _, n_skipped in loader:
-            sched = schedules(args, step, steps_per_epoch)  # Sec. 4.1, per step; the log shows its last step's
+        for views, _, skipped in loader:
+            sched = schedules(args, step, steps_per_epoch)  # Sec. 4.1, per step
             for group in optimizer.param_groups:
-                group["lr"], group["weight_decay"] = sched["lr"], sched["wd"]
-            views = [v.to(ctx.device, non_blocking=True) for v in views]
-            log.add(train_step(model, ddp_model, views, args, sched, optimizer, ctx.scaler, ctx.amp_dtype))
-            step, skipped = step + 1, skipped + n_skipped.sum()
-            signalled = ctx.world == 1 and stop_requests  # one process stops at once; several at a log step
-            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == last_step or signalled:
-                stopping = log.window(step, epoch, ("loss", "cls", "mse", "koleo"), sched, bool(stop_requests))
-                if stopping or step == last_step:
-                    break
-        seen, skipped = (step - first_step) * args.batch_size, log.skipped(skipped, step, epoch)
-        if skipped > seen // 2:
-            raise UserError(
-                f"{skipped} of the {seen} images read in epoch {epoch + 1} could not be opened; check the dataset."
-            )
+                group["lr"] = sched["lr"]
+                group["weight_decay"] = sched["wd"]
+            views = [v.to(proc.device, non_blocking=True) for v in views]
+            log.add(train_step(model, ddp_model, views, args, sched, optimizer, scaler, proc.amp_dtype), skipped)
+            step += 1
+            at_once = signals and proc.world == 1  # a signal stops one process at once, several at a log step
+            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == last_step or at_once:
+                means = log.window(step, last_step, epoch, LOGGED, sched, signals)  # over all processes
+                if not math.isfinite(loss := means["loss"]):  # stop: the last good checkpoint stays as it is
+                    raise NonFiniteError(f"the loss became {loss}", step, means["steps"], args, last_saved)
+                if means["unreadable"] > 0.5:
+                    raise UserError(f"more than half the files read by step {step} could not be opened; check --data.")
+                stopping = means["signalled"] > 0  # all processes stop at the same step
+            if stopping or step == last_step:
+                break
         if monitor and not stopping and (step == last_step or (epoch + 1) % args.knn_every == 0):
-            knn(log, monitor, backbone, step, epoch)
-        save(
-            args,
-            ctx,
-            log,
-            model,
-            optimizer,
-            backbone,
-            step,
-            epoch,
-            config={"image_size": args.img_size, "patch_size": args.patch_size},
-        )
-    if args.vis and not stopping and ctx.rank == 0:
-        log(save_visualisation(model, paths, args, ctx.device))
-    log.finish(step, stopping)
+            log_knn(log, monitor, backbone, step, epoch)
+        if bad := data.first_non_finite(model.state_dict()):  # stop before saving: the last good checkpoint stays
+            raise NonFiniteError(f"{bad} became non-finite", step, 1, args, last_saved)
+        rngs = rng_states(proc)
+        if proc.rank == 0:  # at every epoch's end and on a stop: what a resume needs, and the backbone users share
+            exported = {"arch": args.arch, "method": METHOD, "config": vit_config}
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+            state |= {"step": step, "epoch": epoch, "args": vars(args), "inputs": inputs, "rng": rngs}
+            state |= {"backbone_prefix": "teacher.encoder."}  # eval_linear.py reads the backbone from here too
+            data.save_atomic(state | exported, os.path.join(args.out, "checkpoint.pth"))
+            data.save_atomic(exported | {"state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
+        last_saved = step
+    if args.vis and not stopping and proc.rank == 0:  # Fig. 4b, of the final weights
+        log(save_visualisation(model, paths, args, proc.device))
+    stopped = f"stopped by a signal at step {step}; {args.out}/checkpoint.pth resumes it"
+    log(stopped if stopping else f"done at step {step}: backbone in {args.out}/backbone.pth")
 
 
 # =================================================================================================================
 # HELPERS: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
-# equal: a fix lands in all four). train() above calls them: processes, the loader, the gather, stop signals,
-# checkpoints, the log and main. A reader who knows one method file can stop here.
+# equal: a fix lands in all four). Each does one thing and returns what it found; train() above decides what to do
+# with it. A reader who knows one method file can stop here.
 # =================================================================================================================
-SCRIPT = os.path.basename(__file__)
-METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
-Context = namedtuple("Context", "rank world device amp_dtype scaler")  # this process; amp_dtype None: no autocast
+Process = namedtuple("Process", "rank world device amp_dtype")  # this process; amp_dtype None: no autocast
 
 
 def setup(args):
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them); NCCL on CUDA, gloo on
-    CPU. Every check of the flags comes first, before anything runs or is written."""
-    rank, world, cuda = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them). Checks the flags every
+    pre-training script shares; returns this process's facts."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
     for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "knn_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be 0 or more (got {args.workers}).")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
     data.check_out_dir(args.out)
-    if args.knn_monitor:
-        data.labeled_images(args.knn_monitor)  # on every process: a bad folder stops them all
-    check_args(args, world)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-    if world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-    amp = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    return Context(rank, world, device, amp, torch.amp.GradScaler(device.type, enabled=amp == torch.float16))
+    amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return Process(int(os.environ.get("RANK", 0)), world, device, amp_dtype)
+
+
+def connect(proc):
+    """The processes start working together: NCCL on CUDA, gloo on CPU (one process: nothing to do)."""
+    if proc.world > 1:  # a timeout, so that one failed process does not leave the others waiting forever
+        dist.init_process_group("nccl" if proc.device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
 
 
 def autocast(device, amp_dtype):  # amp_dtype None: none
@@ -721,213 +686,133 @@ def gather(x):
     return Gather.apply(x) if dist.is_initialized() else x
 
 
-def make_loader(dataset, args, ctx, sampler=None):
-    """This process's share of each global batch (data.EpochSampler's by default). The workers start afresh each
-    epoch, so they see the dataset's set_epoch(); they ignore SIGTERM / Ctrl-C, which the main process handles."""
-    sampler = (
-        sampler
-        if sampler is not None
-        else data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, args.seed)
-    )
+def make_loader(dataset, args, proc, seed):
+    """This process's share of each global batch of `dataset` (data.EpochSampler, shuffled by `seed`). The workers
+    start afresh each epoch, so they see the dataset's set_epoch(); they ignore SIGTERM / Ctrl-C."""
+    sampler = data.EpochSampler(len(dataset), args.batch_size, proc.rank, proc.world, seed)
     if sampler.batches_per_epoch() == 0:
-        raise UserError(f"the dataset has {sampler.size} images, fewer than one batch of {args.batch_size}.")
-    workers = (
-        args.workers
-        if args.workers is not None
-        else min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    )
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size}.")
+    workers = args.workers
+    if workers is None:  # the CPUs of this machine, shared by its processes
+        workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return DataLoader(
         dataset,
-        args.batch_size // ctx.world,
+        args.batch_size // proc.world,
         sampler=sampler,
         num_workers=workers,
-        pin_memory=ctx.device.type == "cuda",
+        pin_memory=proc.device.type == "cuda",
         prefetch_factor=4 if workers else None,
         worker_init_fn=data.ignore_stop_signals,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
-def catch_stop_signals():
-    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop finishes its step, saves and stops; a second one: at once."""
-    received = []
-
-    def request_stop(signum, frame):
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, request_stop)
-    return received
-
-
-def resume(args, ctx, model, optimizer):
-    """The checkpoint under --out into the model and optimiser, or nothing; returns the step to continue from. Each
-    process continues its own random stream (same world size). weights_only: a checkpoint never runs code."""
+def read_checkpoint(args, must_match, inputs):
+    """--out's checkpoint.pth, or None when there is none; one sentence when it is not this script's training
+    checkpoint, or was written with other values of the flags `must_match` or other `inputs` (data.file_list_id)."""
     path = os.path.join(args.out, "checkpoint.pth")
     if not os.path.exists(path):
-        return 0
-    ckpt = data.load_weights_only(path, fix="move it away to start afresh")
-    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
-        raise UserError(f"{path} is not a {SCRIPT} checkpoint; use another --out.")
-    changed = [k for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != vars(args)[k]]
+        return None
+    checkpoint = data.load_weights_only(path, fix="move it away to start afresh")
+    if not isinstance(checkpoint, dict) or checkpoint.get("method") != METHOD or "args" not in checkpoint:
+        raise UserError(f"{path} is not a {SCRIPT} training checkpoint; move it away to start afresh.")
+    changed = [f"--{k.replace('_', '-')}" for k in must_match if checkpoint["args"].get(k) != vars(args)[k]]
+    for flag, now in inputs.items():  # the files by name and size, wherever the folder is (older checkpoints: none)
+        then = checkpoint.get("inputs", inputs)[flag]
+        if then != now:
+            changed.append(f"--{flag} ({then['files']} files then, {now['files']} now, compared by name and size)")
     if changed:
         raise UserError(
-            f"{path} was written with other --{', --'.join(changed).replace('_', '-')}; use the same "
-            "values to resume, or another --out."
+            f"{path} was written with other {', '.join(changed)}; use the same to resume, or another --out."
         )
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    ctx.scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) == ctx.world:
-        torch.set_rng_state(ckpt["rng"][ctx.rank]["cpu"])
-        if "cuda" in ckpt["rng"][ctx.rank] and ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][ctx.rank]["cuda"], ctx.device)
-    return ckpt["step"]
+    return checkpoint
 
 
-def save(args, ctx, log, model, optimizer, backbone, step, epoch, config=None):
-    """checkpoint.pth (the whole state, every process's RNG) and backbone.pth (torchvision's keys: the file users
-    share), written atomically by rank 0 once one pass over the weights finds them finite (else both stay as they
-    were: the run stops like the NaN stop)."""
-    state = model.state_dict()
-    weights = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
-    finite = torch.stack([v.isfinite().all() for v in weights.values()]).float()
-    if ctx.world > 1:
-        dist.all_reduce(finite, dist.ReduceOp.MIN)  # every process stops, or none
-    if not all(finite.tolist()):
-        bad = next(name for name, ok in zip(weights, finite.tolist()) if not ok)
-        raise nan_stop(f"{bad} became non-finite", step, args, log.last_saved)
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if ctx.device.type == "cuda" else {})}
-    rngs = [rng] * ctx.world
-    if ctx.world > 1:
-        dist.all_gather_object(rngs, rng)
-    if ctx.rank == 0:
-        prefix = next(name for name, module in model.named_modules() if module is backbone) + "."
-        mine = {"arch": args.arch, "method": METHOD, "config": config or {}}
-        data.save_atomic(
-            {
-                "model": state,
-                "optimizer": optimizer.state_dict(),
-                "scaler": ctx.scaler.state_dict(),
-                "step": step,
-                "epoch": epoch,
-                "args": vars(args),
-                "rng": rngs,
-                "backbone_prefix": prefix,
-                **mine,
-            },
-            os.path.join(args.out, "checkpoint.pth"),
-        )
-        data.save_atomic({**mine, "state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
-    if ctx.world > 1:
-        dist.barrier()
-    log.last_saved = step
+def rng_states(proc):
+    """The random state of every process (CPU, and CUDA's), in rank order: what a resume needs to continue each."""
+    state = {"cpu": torch.get_rng_state()}
+    if proc.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    states = [state] * proc.world
+    if proc.world > 1:
+        dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(states, proc):
+    """This process's random state from rng_states(); at another number of processes it has none, and is left."""
+    if len(states) == proc.world:
+        torch.set_rng_state(states[proc.rank]["cpu"])
+        if "cuda" in states[proc.rank] and proc.device.type == "cuda":
+            torch.cuda.set_rng_state(states[proc.rank]["cuda"], proc.device)
 
 
 class Log:
-    """args.json, log.jsonl and the progress line, by rank 0: window means of the step's values over all processes
-    (read back at log steps only: the loop's one host-device sync), images/s, peak memory, ETA, skipped files."""
+    """log.jsonl and the progress line, by rank 0. add() sums a step's values on the device and counts its images and
+    unreadable files; window() reduces them over all processes (the one host sync), logs and returns the means."""
 
-    def __init__(self, args, ctx, name, images_per_step, last_step, step):
-        self.args, self.ctx, self.name, self.images_per_step = args, ctx, name, images_per_step
-        self.last_step = last_step
-        self.sums, self.steps, self.start_step, self.last_saved, self.total_skipped = 0, 0, step, step or None, 0
-        self.start = self.window_start = time.time()
-        if ctx.rank == 0:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=2)
-            self.file = open(os.path.join(args.out, "log.jsonl"), "a", buffering=1)  # a line is written at once
+    def __init__(self, args, proc):
+        self.args = args
+        self.proc = proc
+        self.sums = self.steps = self.images = self.skipped = 0  # the window's
+        self.start = time.time()
 
     def __call__(self, text, **record):
-        if self.ctx.rank == 0:  # the progress line after the run's name; the record in log.jsonl
-            print(f"{self.name} | {text}", flush=True)
-            self.file.write(json.dumps(record) + "\n" if record else "")
+        if self.proc.rank == 0:  # the progress line; the record, if any, in log.jsonl
+            print(f"{METHOD} | {text}", flush=True)
+            with open(os.path.join(self.args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n" if record else "")
 
-    def add(self, values):
-        self.sums, self.steps = self.sums + values.float(), self.steps + 1
+    def add(self, values, skipped):
+        self.sums = self.sums + values.float()
+        self.steps += 1
+        self.images += len(skipped)
+        self.skipped += int(skipped.sum())
 
-    def window(self, step, epoch, names, schedule, stop_requested):
-        """Log the window's means; returns whether any process was asked to stop. A non-finite loss raises."""
-        stats = torch.cat([self.sums / self.steps, torch.tensor([float(stop_requested)], device=self.ctx.device)])
-        if self.ctx.world > 1:
-            dist.all_reduce(stats)
-            stats /= self.ctx.world
-        *values, stop_votes = stats.tolist()
-        if not math.isfinite(values[0]):
-            raise nan_stop(f"the loss became {values[0]}", step, self.args, self.last_saved, self.steps)
-        now, cuda = time.time(), self.ctx.device.type == "cuda"
-        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(0).ru_maxrss / 2**20
-        speed, values = self.steps * self.images_per_step / (now - self.window_start), dict(zip(names, values))
-        eta = timedelta(seconds=int((now - self.start) / max(step - self.start_step, 1) * (self.last_step - step)))
-        self(
-            f"ep {epoch + 1}/{self.args.epochs} | step {step}/{self.last_step} | "
-            + " | ".join([f"{k} {v:.5g}" for k, v in values.items()] + [f"{k} {v:.4g}" for k, v in schedule.items()])
-            + f" | {speed:.1f} img/s | mem {memory:.2f} GB | eta {eta}",
-            epoch=epoch,
-            step=step,
-            **schedule,
-            **{k: round(v, 5) for k, v in values.items()},
-            images_per_s=round(speed, 1),
-            peak_mem_gb=round(memory, 3),
-        )
-        self.sums, self.steps, self.window_start = 0, 0, time.time()
-        return stop_votes > 0
-
-    def skipped(self, skipped, step, epoch):
-        """Unreadable images of the epoch, summed over processes (NCCL reduces CUDA tensors only)."""
-        if self.ctx.world > 1:
-            dist.all_reduce(skipped := skipped.to(self.ctx.device))
-        if skipped := int(skipped):
-            self(
-                f"epoch {epoch + 1}: skipped {skipped} unreadable image(s)",
-                epoch=epoch,
-                step=step,
-                skipped_images=skipped,
-            )
-        self.total_skipped += skipped
-        return skipped
-
-    def finish(self, step, stopping):
-        skipped = f"; {self.total_skipped} unreadable image(s) were skipped in this run" if self.total_skipped else ""
-        self(
-            (
-                f"stopped by a signal at step {step}; {self.args.out}/checkpoint.pth resumes it"
-                if stopping
-                else f"done at step {step}: backbone in {self.args.out}/backbone.pth"
-            )
-            + skipped
-        )
-        if self.ctx.rank == 0:
-            self.file.close()
+    def window(self, step, last_step, epoch, names, schedule, signals):
+        """Means of `names`, the steps, the unreadable share of the files read and the processes asked to stop."""
+        sums = torch.cat([self.sums / self.steps, self.sums.new_tensor([self.images, self.skipped, len(signals)])])
+        if self.proc.world > 1:
+            dist.all_reduce(sums)
+        *values, images, skipped, signalled = sums.tolist()
+        means = {name: value / self.proc.world for name, value in zip(names, values)}
+        seconds = time.time() - self.start
+        memory = torch.cuda.max_memory_allocated() if self.sums.is_cuda else resource.getrusage(0).ru_maxrss * 1024
+        record = {k: round(v, 5) for k, v in means.items()} | schedule | {"skipped_images": int(skipped)}
+        record |= {"images_per_s": round(images / seconds, 1), "peak_mem_gb": round(memory / 2**30, 3)}
+        eta = timedelta(seconds=int(seconds / self.steps * (last_step - step)))
+        shown = " | ".join(f"{k} {v:.5g}" for k, v in record.items())
+        self(f"ep {epoch + 1} | step {step}/{last_step} | {shown} | eta {eta}", epoch=epoch, step=step, **record)
+        means |= {"steps": self.steps, "unreadable": skipped / (skipped + images), "signalled": signalled}
+        self.sums = self.steps = self.images = self.skipped = 0
+        self.start = time.time()
+        return means
 
 
-def knn(log, monitor, backbone, step, epoch):
+def log_knn(log, monitor, backbone, step, epoch):
     """--knn-monitor: the backbone's kNN top-1 now, logged (eval mode, no random draw: the training is unchanged)."""
-    start, top1 = time.time(), monitor.top1(backbone, log.ctx.device, log.ctx.amp_dtype)
-    log(
-        f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({time.time() - start:.1f} s)",
-        epoch=epoch,
-        step=step,
-        knn_top1=round(top1, 2),
-        knn_s=round(time.time() - start, 1),
-    )
+    start = time.time()
+    top1 = monitor.top1(backbone, log.proc.device, log.proc.amp_dtype)
+    seconds = time.time() - start
+    text = f"step {step} | knn_top1 {top1:.2f}% on {monitor.description} ({seconds:.1f} s)"
+    log(text, epoch=epoch, step=step, knn_top1=round(top1, 2), knn_s=round(seconds, 1))
 
 
-def nan_stop(what, step, args, last_saved, steps=1):
-    """The error that stops a run whose loss or weights are no longer finite; exit code 1."""
-    where = f"at step {step}" if steps == 1 else f"in steps {step - steps + 1}-{step}"
-    saved = f"{os.path.join(args.out, 'checkpoint.pth')} (step {last_saved})" if last_saved else "none"
-    return FloatingPointError(
-        f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use --amp off."
-    )
+class NonFiniteError(FloatingPointError):
+    """The stop on a non-finite loss or weights (exit code 1): `what`, over the `steps` up to `step`, and the last
+    good checkpoint, which is left as it was."""
+
+    def __init__(self, what, step, steps, args, last_saved):
+        where = f"at step {step}" if steps == 1 else f"in steps {step - steps + 1}-{step}"
+        saved = f"{os.path.join(args.out, 'checkpoint.pth')} (step {last_saved})" if last_saved else "none"
+        super().__init__(
+            f"{what} {where}; the last good checkpoint is {saved}, left as it was. Lower --lr or use --amp off."
+        )
 
 
 def main(argv=None):
     """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1. Whatever happens, the signal
-    handlers are restored and the process group is closed."""
+    handlers are restored, --out is released and the process group is closed."""
     args = get_args(argv)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
     try:
@@ -939,6 +824,7 @@ def main(argv=None):
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        data.release_out()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -28,27 +28,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 
 
+def epochs(loader):
+    """The loader's batches, epoch after epoch, as many as the timing needs."""
+    return itertools.chain.from_iterable(itertools.repeat(loader))
+
+
 def moco_run(m, args, ctx):
     """MoCo: queries with gradient, shuffled keys without; the floor is the two encoders' passes."""
     local = args.batch_size // ctx.world
-    encoder = m.Encoder(args.arch, args.dim, m.bn_groups(local, args.bn_group, ctx.world), args.head)
+    encoder = m.Encoder(args.arch, args.dim, m.bn_group_count(args, ctx.world), args.head)
     model = m.MoCo(encoder, args.queue, args.dim, args.moco_m, args.temperature).to(ctx.device)
-    query_encoder = m.ddp(model.encoder_q)
-    optimizer = torch.optim.SGD(
-        model.encoder_q.parameters(),
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.wd,
-        fused=ctx.device.type == "cuda",
-    )
-    dataset = data.ImageDataset(
-        data.list_images(args.data),
-        seed=args.seed,
-        transform=partial(m.two_views, m.augmentation(args.aug, args.img_size)),
+    ddp_model = m.ddp(model.encoder_q)
+    fused = ctx.device.type == "cuda"
+    optimizer = torch.optim.SGD(encoder.parameters(), args.lr, args.momentum, weight_decay=args.wd, fused=fused)
+    views = partial(m.two_views, m.augmentation(args.aug, args.img_size))
+    dataset = data.ImageDataset(data.list_images(args.data)[0], seed=args.seed, transform=views)
+    batches = (
+        [x.to(ctx.device, non_blocking=True) for x in b[0]]
+        for b in epochs(m.make_loader(dataset, args, ctx, args.seed))
     )
 
     def step(batch):
-        return m.train_step(model, query_encoder, *batch, optimizer, ctx.scaler, ctx.amp_dtype)
+        return m.train_step(model, ddp_model, *batch, optimizer, ctx.scaler, ctx.amp_dtype)
 
     def floor(batch):
         with m.autocast(ctx.device, ctx.amp_dtype):
@@ -63,8 +64,7 @@ def moco_run(m, args, ctx):
         step=step,
         floor=floor,
         synthetic=synthetic,
-        dataset=dataset,
-        batch=lambda b: [x.to(ctx.device, non_blocking=True) for x in b[0]],
+        batches=batches,
     )
 
 
@@ -72,24 +72,24 @@ def gersp_run(m, args, ctx):
     """GeRSP: the student on RS queries and natural images, the teacher on keys; the floor is those passes."""
     local = args.batch_size // ctx.world
     augment = m.augmentation(args.aug, args.img_size)
-    dataset = data.ImageDataset(data.list_images(args.data), transform=partial(m.two_views, augment), seed=args.seed)
-    natural, classes = m.natural_data(args, augment) if args.alpha > 0 else (None, 1)
-    student = m.Student(
-        args.arch, args.dim, m.bn_groups(local, args.bn_group, ctx.world), classes, joint=args.nial_forward == "joint"
-    )
+    paths = data.list_images(args.data)[0]
+    dataset = data.ImageDataset(paths, transform=partial(m.two_views, augment), seed=args.seed)
+    natural, classes, _ = m.natural_data(args, augment)
+    student = m.Student(args.arch, args.dim, m.bn_group_count(args, ctx.world), classes, args.nial_forward == "joint")
     student.predictor.requires_grad_(args.alpha > 0)
-    model = m.GeRSP(student, args.queue, args.dim, args.teacher_m, args.temperature).to(ctx.device)
-    ddp_student = m.ddp(model.student)
-    optimizer = torch.optim.SGD(
-        [p for p in model.student.parameters() if p.requires_grad],
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.wd,
-        fused=ctx.device.type == "cuda",
+    model = m.GeRSP(student, args.queue, args.dim, args.teacher_momentum, args.temperature).to(ctx.device)
+    ddp_model = m.ddp(model.student)
+    fused = ctx.device.type == "cuda"
+    optimizer = torch.optim.SGD(student.parameters(), args.lr, args.momentum, weight_decay=args.wd, fused=fused)
+    rs_batches = epochs(m.make_loader(dataset, args, ctx, args.seed))
+    naturals = m.natural_batches(m.make_loader(natural, args, ctx, args.seed + 1), 0, ctx.device) if natural else None
+    batches = (
+        [x.to(ctx.device, non_blocking=True) for x in b[0]] + (list(next(naturals)[:2]) if naturals else [None, None])
+        for b in rs_batches
     )
 
     def step(batch):
-        return m.train_step(model, ddp_student, *batch, optimizer, ctx.scaler, ctx.amp_dtype, args.alpha)
+        return m.train_step(model, ddp_model, *batch, optimizer, ctx.scaler, ctx.amp_dtype, args.alpha)
 
     def floor(batch):
         with m.autocast(ctx.device, ctx.amp_dtype):
@@ -98,30 +98,16 @@ def gersp_run(m, args, ctx):
             with torch.no_grad():
                 model.teacher(batch[1])
 
-    def batch(b):
-        rs_q, rs_k, *nat = [x.to(ctx.device, non_blocking=True) for x in b[0]]
-        return [rs_q, rs_k, *((nat[0], b[1].to(ctx.device)) if natural else (None, None))]
-
     images = [torch.randn(local, 3, args.img_size, args.img_size, device=ctx.device) for _ in range(3)]
     synthetic = images + [torch.randint(classes, (local,), device=ctx.device)] if natural else images[:2] + [None] * 2
-    run = dict(
+    return dict(
         name="gersp",
         images=args.batch_size * (2 if natural else 1),
         step=step,
         floor=floor,
         synthetic=synthetic,
-        dataset=dataset,
-        batch=batch,
+        batches=batches,
     )
-    if natural:
-        run.update(
-            dataset=m.WithNatural(dataset, natural),
-            sampler=m.NaturalPairs(
-                data.EpochSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, args.seed),
-                data.EpochSampler(len(natural), args.batch_size, ctx.rank, ctx.world, args.seed + 1),
-            ),
-        )
-    return run
 
 
 def pera_run(m, args, ctx):
@@ -137,12 +123,17 @@ def pera_run(m, args, ctx):
         fused=ctx.device.type == "cuda",
     )
     crops = m.AlignedMultiCrop(args.img_size, args.local_size, args.local_crops, args.global_scale, args.local_scale)
-    dataset = data.ImageDataset(data.list_images(args.data), transform=crops, seed=args.seed)
+    dataset = data.ImageDataset(data.list_images(args.data)[0], transform=crops, seed=args.seed)
+    batches = (
+        [v.to(ctx.device, non_blocking=True) for v in b[0]]
+        for b in epochs(m.make_loader(dataset, args, ctx, args.seed))
+    )
     sched = m.schedules(args, 0, 1)
 
     def step(views):
         for group in optimizer.param_groups:
-            group["lr"], group["weight_decay"] = args.lr, sched["wd"]  # the peak lr: warm-up's 0 would skip no work
+            group["lr"] = args.lr  # the peak lr: warm-up's 0 would skip no work
+            group["weight_decay"] = sched["wd"]
         return m.train_step(model, ddp_model, views, args, sched, optimizer, ctx.scaler, ctx.amp_dtype)
 
     def floor(views):
@@ -164,8 +155,7 @@ def pera_run(m, args, ctx):
         step=step,
         floor=floor,
         synthetic=synthetic,
-        dataset=dataset,
-        batch=lambda b: [v.to(ctx.device, non_blocking=True) for v in b[0]],
+        batches=batches,
     )
 
 
@@ -175,10 +165,11 @@ def preco_run(m, args, ctx):
     model = m.PReCo(args.arch, args.mask_unit, args.drop_path).to(ctx.device)
     ddp_model = m.ddp(model)
     optimizer = m.build_optimizer(model, args)
-    dataset = data.ImageDataset(
-        data.list_images(args.data),
-        seed=args.seed,
-        transform=m.MaskedView(args.img_size, args.mask_unit, args.mask_ratio),
+    masked_views = m.MaskedView(args.img_size, args.mask_unit, args.mask_ratio)
+    dataset = data.ImageDataset(data.list_images(args.data)[0], seed=args.seed, transform=masked_views)
+    batches = (
+        [x.to(ctx.device, non_blocking=True) for x in b[0]]
+        for b in epochs(m.make_loader(dataset, args, ctx, args.seed))
     )
 
     def step(batch):
@@ -200,8 +191,7 @@ def preco_run(m, args, ctx):
         step=step,
         floor=floor,
         synthetic=synthetic,
-        dataset=dataset,
-        batch=lambda b: [x.to(ctx.device, non_blocking=True) for x in b[0]],
+        batches=batches,
     )
 
 
@@ -236,9 +226,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as out:  # setup() checks --out and finds no checkpoint there
         args = m.get_args(rest + ["--out", out])
         try:
-            ctx = m.setup(args)
+            proc = m.setup(args)
+            m.check_args(args, proc.world)
         except data.UserError as err:
             sys.exit(f"{ours.script}: error: {err}")
+    m.connect(proc)
+    scaler = torch.amp.GradScaler(proc.device.type, enabled=proc.amp_dtype == torch.float16)
+    ctx = argparse.Namespace(**proc._asdict(), scaler=scaler)  # the process, and the loss scaler the steps share
     torch.manual_seed(args.seed)
     run = RUNS[m.METHOD](m, args, ctx)
     if ctx.device.type == "cuda":
@@ -250,9 +244,8 @@ def main(argv=None):
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     )  # Linux: KiB
     floor_s = timed(lambda: run["floor"](run["synthetic"]), ours.steps, ctx.device)
-    loader = m.make_loader(run["dataset"], args, ctx, run.get("sampler"))
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # as many epochs as the timing needs
-    loader_s = timed(lambda: run["step"](run["batch"](next(batches))), ours.steps, ctx.device)
+    loader_s = timed(lambda: run["step"](next(run["batches"])), ours.steps, ctx.device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # make_loader's default workers: CPUs / processes
     if ctx.rank == 0:
         print(
             json.dumps(
@@ -269,7 +262,9 @@ def main(argv=None):
                     "floor_s": round(floor_s, 4),
                     "step_over_floor": round(step_s / floor_s, 3),
                     "peak_mem_gb": round(peak, 3),
-                    "workers": loader.num_workers,
+                    "workers": args.workers
+                    if args.workers is not None
+                    else min(8, (os.cpu_count() or 1) // local_world),
                     "loader_images_per_s": round(run["images"] / loader_s, 1),
                 }
             ),

@@ -2,6 +2,10 @@
 sampler, the float flags, the kNN."""
 
 import os
+import struct
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -10,7 +14,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import data
-from conftest import make_image_folder
+from conftest import REPO, make_image_folder
 
 
 def test_list_images_finds_every_extension_at_any_depth_and_ignores_the_rest(tmp_path):
@@ -23,9 +27,9 @@ def test_list_images_finds_every_extension_at_any_depth_and_ignores_the_rest(tmp
     (tmp_path / "a" / "notes.txt").write_text("not an image")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "y.png").write_bytes(b"")
-    found = data.list_images([str(tmp_path / "a"), str(tmp_path / "other")])
-    assert found == sorted(expected) + [str(tmp_path / "other" / "y.png")]
-    assert len(data.list_images(["synthetic"])) == data.SYNTHETIC_IMAGES
+    found, files = data.list_images([str(tmp_path / "a"), str(tmp_path / "other")])
+    assert found == sorted(expected) + [str(tmp_path / "other" / "y.png")] and files["files"] == len(found)
+    assert len(data.list_images(["synthetic"])[0]) == data.SYNTHETIC_IMAGES
 
 
 @pytest.mark.parametrize(
@@ -43,7 +47,7 @@ def test_list_images_rejects_missing_and_empty_folders(tmp_path, make, fragment)
 
 def test_labeled_images_descends_into_a_single_wrapper_folder(tmp_path):
     make_image_folder(tmp_path / "EuroSAT" / "2750", classes=3, per_class=4)
-    paths, labels, classes = data.labeled_images(str(tmp_path / "EuroSAT"))
+    paths, labels, classes, _ = data.labeled_images(str(tmp_path / "EuroSAT"))
     assert classes == ["class0", "class1", "class2"]
     assert labels == [0] * 4 + [1] * 4 + [2] * 4
     assert all(f"2750{os.sep}class{label}{os.sep}" in p for p, label in zip(paths, labels))
@@ -79,7 +83,7 @@ def test_dataset_skips_and_counts_an_unreadable_file(tmp_path, capsys):
     bad = os.path.join(folder, "class0", "1.png")
     with open(bad, "wb") as f:
         f.write(b"\x89PNG truncated")
-    paths = data.list_images([folder])
+    paths, _ = data.list_images([folder])
     dataset = data.ImageDataset(paths, transform=T.Compose([T.Resize((16, 16)), T.ToTensor()]))
     skipped = [dataset[i][2] for i in range(len(dataset))]
     assert skipped == [0, 1, 0]  # the corrupt 1.png is replaced by 2.png and counted once
@@ -90,7 +94,7 @@ def test_dataset_skips_and_counts_an_unreadable_file(tmp_path, capsys):
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index():
     crop = T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])
-    dataset = data.ImageDataset(data.list_images(["synthetic"]), transform=crop, seed=7)
+    dataset = data.ImageDataset(data.list_images(["synthetic"])[0], transform=crop, seed=7)
     dataset.set_epoch(2)
     torch.manual_seed(123)
     a = dataset[5][0]
@@ -126,7 +130,7 @@ def test_list_images_reads_each_folder_once_through_a_link_loop_and_a_second_lin
     make_image_folder(tmp_path / "root" / "real", classes=2, per_class=2)
     os.symlink("..", tmp_path / "root" / "real" / "class0" / "up")  # a mirror's loop: root/real/class0/up -> root/real
     os.symlink("real", tmp_path / "root" / "mirror")  # a second way to the same folder
-    found = data.list_images([str(tmp_path / "root")])
+    found, _ = data.list_images([str(tmp_path / "root")])
     assert found == sorted(str(tmp_path / "root" / "real" / f"class{c}" / f"{j}.png") for c in (0, 1) for j in (0, 1))
 
 
@@ -197,3 +201,137 @@ def test_the_parser_refuses_nan_and_inf_for_every_float_flag_in_one_line(argv, s
         parser.parse_args(argv)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"script.py: error: argument {shown} (see --help).\n"
+
+
+# ------------------------------------------------------------------------------------------------ identity by content
+def test_a_dataset_is_known_by_its_file_list_not_by_the_path_that_names_it(tmp_path):
+    """data.file_list_id: the same files typed with a slash, through a link, below a wrapper folder or moved are the
+    same dataset; an image added, removed, renamed or grown is another."""
+    make_image_folder(tmp_path / "ds" / "inner", classes=2, per_class=3)
+    os.symlink(tmp_path / "ds", tmp_path / "link")
+    ids = [data.labeled_images(str(path))[3] for path in (tmp_path / "ds", f"{tmp_path / 'ds'}/", tmp_path / "link")]
+    ids.append(data.labeled_images(str(tmp_path / "ds" / "inner"))[3])
+    assert ids[0]["files"] == 6 and all(i == ids[0] for i in ids)
+    assert data.list_images([str(tmp_path / "ds")])[1] == data.list_images([f"{tmp_path / 'ds'}/"])[1]
+    os.rename(tmp_path / "ds", tmp_path / "moved")
+    assert data.labeled_images(str(tmp_path / "moved"))[3] == ids[0]
+    before = data.list_images([str(tmp_path / "moved")])[1]
+    image = tmp_path / "moved" / "inner" / "class0" / "0.png"
+    image.write_bytes(image.read_bytes() + b"\0")  # one byte more: another file
+    assert data.list_images([str(tmp_path / "moved")])[1] != before
+    os.rename(image, tmp_path / "moved" / "inner" / "class0" / "9.png")
+    renamed = data.list_images([str(tmp_path / "moved")])[1]
+    assert renamed["files"] == 6 and renamed != before
+    make_image_folder(tmp_path / "moved" / "inner", classes=3, per_class=1)  # 0.png again, and a third class
+    assert data.labeled_images(str(tmp_path / "moved"))[3]["files"] == 8
+
+
+def rgb16_png(path, pixels):
+    """A 16-bit RGB PNG written byte by byte (Pillow cannot write one): IHDR bit depth 16, colour type 2."""
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+
+
+def rgb16_tiff(path, pixels):
+    """A 16-bit RGB TIFF, uncompressed, one strip (Pillow cannot write one either)."""
+    height, width, _ = pixels.shape
+    body = pixels.astype("<u2").tobytes()
+    tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, 3, 8 + 2 + 9 * 12 + 4), (259, 3, 1, 1), (262, 3, 1, 2)]
+    tags += [(273, 4, 1, 8 + 2 + 9 * 12 + 4 + 6), (277, 3, 1, 3), (278, 3, 1, height), (279, 4, 1, len(body))]
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack(
+            "<HHIHH" if kind == 3 and count == 1 else "<HHII",
+            tag,
+            kind,
+            count,
+            value,
+            *([0] * (kind == 3 and count == 1)),
+        )
+        for tag, kind, count, value in tags
+    )
+    path.write_bytes(
+        b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + struct.pack("<HHH", 16, 16, 16) + body
+    )
+
+
+def test_16_bit_rgb_is_read_at_full_depth_and_a_16_bit_rgb_tiff_is_refused_never_read_black(tmp_path):
+    """Pillow keeps the high byte of each 16-bit RGB value: values under 256 (a dark scene) would be all black, 12-bit
+    sensor values a few grey levels."""
+    rng = np.random.default_rng(0)
+    for high in (255, 3260):  # an 8-bit range stored in 16 bits, and 12-bit sensor values
+        pixels = rng.integers(200 if high > 255 else 0, high + 1, (12, 10, 3))
+        rgb16_png(tmp_path / "scene.png", pixels)
+        with Image.open(tmp_path / "scene.png") as img:  # what Pillow alone makes of it
+            assert np.asarray(img.convert("RGB")).max() <= high >> 8
+        rgb = np.asarray(data.open_rgb(str(tmp_path / "scene.png"))).astype(np.float64)
+        expected = (pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255
+        assert rgb.shape == (12, 10, 3) and np.abs(rgb - expected).max() <= 1  # stretched, channels kept apart
+    rgb16_tiff(tmp_path / "scene.tif", pixels)
+    with pytest.raises(data.UserError, match=r"scene.tif is a 16-bit RGB TIFF.*convert it to a 16-bit PNG"):
+        data.open_rgb(str(tmp_path / "scene.tif"))
+    with pytest.raises(data.UserError, match="16-bit RGB TIFF"):  # refused at start-up, not skipped as unreadable
+        data.check_readable([str(tmp_path / "scene.png"), str(tmp_path / "scene.tif")])
+
+
+def test_every_seed_the_flag_accepts_seeds_numpy_torch_and_the_dataset(capsys):
+    parser = data.ArgumentParser(prog="script.py")
+    parser.add_argument("--seed", type=data.seed_value, default=0)
+    for bad in ("-1", str(2**32)):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--seed", bad])
+        assert "argument --seed: must be an integer from 0 to 4294967295" in capsys.readouterr().err
+    seed = parser.parse_args(["--seed", str(2**32 - 1)]).seed
+    np.random.default_rng(seed + 4)  # the evaluation's split of run 4
+    torch.manual_seed(seed + 7)  # seed + rank
+    dataset = data.ImageDataset(["synthetic://0"], transform=T.ToTensor(), seed=seed + 1)  # gersp's natural images
+    assert dataset.load(0, 10**6)[0].shape == (3, 64, 64)
+
+
+# ------------------------------------------------------------------------------------------------ run pieces
+def test_one_run_holds_an_out_folder_a_dead_runs_lock_is_taken_over_and_a_release_frees_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    data.hold_out(str(out))
+    holder = subprocess.run(
+        [sys.executable, "-c", f"import data; data.hold_out({str(out)!r})"], capture_output=True, text=True, cwd=REPO
+    )
+    assert holder.returncode == 1 and f"--out {out} is in use by process {os.getpid()} on" in holder.stderr
+    data.release_out()
+    assert (out / ".lock").read_text() == ""  # released: the next run has nothing to say
+    killed = subprocess.run(
+        [sys.executable, "-c", f"import data, os; data.hold_out({str(out)!r}); os._exit(9)"], cwd=REPO
+    )
+    assert killed.returncode == 9  # died holding it: the kernel released the lock, its name stays
+    data.hold_out(str(out))
+    note = capsys.readouterr().out
+    assert f"note: --out {out} was held by process" in note and "ended without releasing it" in note
+    data.release_out()
+
+
+def test_a_write_that_fails_removes_its_partial_file_and_names_what_is_left(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    data.save_atomic({"step": 1}, str(path))
+    os.symlink("/dev/full", tmp_path / "checkpoint.pth.tmp")  # every write to it fails with ENOSPC, as on a full disk
+    with pytest.raises(data.UserError) as error:
+        data.save_atomic({"step": 2, "weights": torch.zeros(1000)}, str(path))
+    assert str(error.value) == (
+        f"writing {path} failed (No space left on device): the partial file is removed and {path} is left as it was."
+    )
+    assert not os.path.lexists(tmp_path / "checkpoint.pth.tmp") and torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_the_finiteness_check_names_the_first_bad_tensor():
+    state = {
+        "a": torch.ones(3),
+        "steps": torch.tensor(3),
+        "b": torch.tensor([1.0, float("inf")]),
+        "c": torch.ones(1) * float("nan"),
+    }
+    assert data.first_non_finite(state) == "b" and data.first_non_finite({"a": torch.ones(2)}) is None

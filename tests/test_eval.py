@@ -76,24 +76,25 @@ def test_mean_and_std_over_runs():
 
 def test_stratified_split_is_deterministic_disjoint_complete_and_per_class():
     labels = [0] * 50 + [1] * 30 + [2] * 20
-    train, test = data.stratified_split(labels, 0.2, seed=3)
-    again, _ = data.stratified_split(labels, 0.2, seed=3)
-    other, _ = data.stratified_split(labels, 0.2, seed=4)
+    names = ["a", "b", "c"]
+    train, test = data.stratified_split(labels, 0.2, 3, names)
+    again, _ = data.stratified_split(labels, 0.2, 3, names)
+    other, _ = data.stratified_split(labels, 0.2, 4, names)
     assert np.array_equal(train, again) and not np.array_equal(train, other)
     assert not set(train) & set(test) and sorted(set(train) | set(test)) == list(range(100))
     assert np.bincount(np.asarray(labels)[train]).tolist() == [10, 6, 4]
 
 
 def test_stratified_split_refuses_a_class_left_without_training_images():
-    with pytest.raises(data.UserError, match="class 1 has 2 images"):
-        data.stratified_split([0] * 10 + [1] * 2, 0.2, seed=0)
+    with pytest.raises(data.UserError, match="class forest has 2 readable image.*without training images; add images"):
+        data.stratified_split([0] * 10 + [1] * 2, 0.2, 0, ["beach", "forest"])
 
 
 def test_labeled_datasets_names_the_classes_and_drops_unreadable_images_before_splitting(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "scenes", classes=3, per_class=10)
     for bad in ("class0/9.png", "class1/3.png"):  # the last image of class 0 would stand in for class 1's first
         (tmp_path / "scenes" / bad).write_bytes(b"\x89PNG truncated")
-    [(name, paths, labels, classes, splits)] = eval_linear.labeled_datasets([folder], None, 0.2, 2, seed=0)
+    [(name, paths, labels, classes, splits, _)] = eval_linear.labeled_datasets([folder], None, 0.2, 2, seed=0)
     out = capsys.readouterr().out
     assert "scenes: 3 classes: class0, class1, class2" in out
     assert "28 images (2 unreadable image(s) dropped before splitting, e.g." in out
@@ -112,7 +113,7 @@ def test_probe_separates_separable_features_and_reports_the_confusion_matrix():
     torch.manual_seed(0)
     labels = torch.arange(3).repeat_interleave(20)
     features = torch.nn.functional.one_hot(labels, 3).float() * 5 + torch.randn(60, 3) * 0.3
-    train, test = (torch.from_numpy(i) for i in data.stratified_split(labels.tolist(), 0.5, seed=0))
+    train, test = (torch.from_numpy(i) for i in data.stratified_split(labels.tolist(), 0.5, 0, ["a", "b", "c"]))
     args = eval_linear.get_args(["--epochs", "50", "--lr", "0.05"])
     accuracy, confusion = eval_linear.train_probe(features, labels, train, test, 3, args, seed=0)
     assert accuracy == 100.0 and confusion == [[10, 0, 0], [0, 10, 0], [0, 0, 10]]
@@ -120,11 +121,11 @@ def test_probe_separates_separable_features_and_reports_the_confusion_matrix():
 
 def test_backbone_file_and_checkpoint_give_the_same_frozen_features(trained):
     folder, run = trained
-    paths = data.list_images([folder])[:6]
+    paths = data.list_images([folder])[0][:6]
     args = eval_linear.get_args(FAST_PROBE + ["--stages"])
     feats = []
     for name in ("backbone.pth", "checkpoint.pth"):
-        model, width, arch, method = eval_linear.load_backbone(str(run / name))
+        model, width, arch, method, _, _ = eval_linear.load_backbone(str(run / name))
         assert (width, arch, method) == (512, "resnet18", "moco")
         before = eval_linear.fingerprint(model)
         feats.append(eval_linear.extract_features(model, paths, args, torch.device("cpu")))
@@ -210,7 +211,7 @@ def test_knn_protocol_uses_the_same_features_and_splits_and_has_its_own_rows(tra
         str(tmp_path),
     ]
     [result] = eval_linear.evaluate(eval_linear.get_args(argv))
-    [(_, paths, labels, classes, splits)] = eval_linear.labeled_datasets([folder], None, 0.5, 2, seed=0)
+    [(_, paths, labels, classes, splits, _)] = eval_linear.labeled_datasets([folder], None, 0.5, 2, seed=0)
     features = eval_linear.extract_features(
         eval_linear.load_backbone(str(run / "backbone.pth"))[0], paths, eval_linear.get_args(argv), torch.device("cpu")
     )["final"]
@@ -349,7 +350,7 @@ def test_domain_adaptive_chain_saved_backbone_reloads_everywhere_but_on_its_sour
     assert obj["arch"] == "resnet18" and obj["method"] == "moco+finetune:scenes"
     result = torchvision.models.resnet18().load_state_dict(obj["state_dict"], strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
-    model, _, _, method = eval_linear.load_backbone(str(saved))
+    model, _, _, method, _, _ = eval_linear.load_backbone(str(saved))
     torch.testing.assert_close(model.conv1.weight, obj["state_dict"]["conv1.weight"])
     for module in (eval_linear, finetune_cls):  # its source's test split holds its training images (paper 004)
         with pytest.raises(SystemExit) as exit_info:
@@ -469,7 +470,7 @@ def _test_with_own_batchnorm_statistics(rank, folder, init, out):
     model = nn.Sequential(nn.BatchNorm2d(3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3, bias=False))
     nn.init.eye_(model[3].weight)  # the class is the strongest normalised colour channel
     model[0].running_mean[1] = 5.0 * rank  # rank 1's own statistics (as after training on its share): never green
-    paths, labels, _ = data.labeled_images(folder)
+    paths, labels, _, _ = data.labeled_images(folder)
     args, cpu, transform = SimpleNamespace(batch_size=4), torch.device("cpu"), eval_linear.eval_transform(16)
     shared = finetune_cls.test_confusion(model, paths, labels, 3, transform, args, (rank, 2, cpu, None, 0))
     if rank == 0:

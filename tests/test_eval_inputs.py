@@ -7,6 +7,7 @@ import importlib
 import json
 import re
 import shlex
+import sys
 import warnings
 
 import pytest
@@ -146,7 +147,7 @@ def test_a_lightning_checkpoint_with_a_pickled_config_names_the_global_and_print
         ), err
         assert "weights_only=False" in err, err
     out = extract(err)
-    model, _, arch, _ = eval_linear.load_backbone(out, "resnet18")
+    model, _, arch, _, _, _ = eval_linear.load_backbone(out, "resnet18")
     assert arch == "resnet18" and torch.equal(model.conv1.weight, backbone.conv1.weight)
 
 
@@ -191,6 +192,36 @@ def test_a_non_image_lightning_checkpoint_says_no_backbone_was_found_and_shows_i
         assert keys in err, err
 
 
+def test_a_pickle_whose_module_is_not_installed_names_the_package_the_unpickling_needs(scenes, tmp_path, capsys):
+    """Swin's and SimMIM's save_checkpoint pickle their yacs config: the advice to keep the tensors must first say to
+    install the package that defines it (here a stand-in module, importable only while the file is written)."""
+    (tmp_path / "config_stub").mkdir()
+    (tmp_path / "config_stub" / "__init__.py").write_text("class CfgNode(dict):\n    pass\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        cfg = importlib.import_module("config_stub").CfgNode(MODEL="swin")
+        torch.manual_seed(0)
+        backbone = torchvision.models.resnet18()
+        torch.save({"model": backbone.state_dict(), "config": cfg}, tmp_path / "ckpt_epoch_99.pth")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("config_stub")
+    argv = ["--data", scenes, "--weights", str(tmp_path / "ckpt_epoch_99.pth"), "--workers", "0"]
+    err = refusal(eval_linear, argv + ["--arch", "resnet18", "--out", str(tmp_path / "out")], capsys)
+    assert (
+        "it pickles config_stub.CfgNode, which could run code: if you trust the file, install the Python package "
+        "config_stub (pip install config_stub), then keep only its tensors with python -c" in err
+    ), err
+    sys.path.insert(0, str(tmp_path))  # installed: the advice works
+    try:
+        out = extract(err)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("config_stub")
+    loaded = eval_linear.load_backbone(out, "resnet18")
+    assert torch.equal(loaded.model.conv1.weight, backbone.conv1.weight)
+
+
 def test_a_torchscript_archive_is_one_line_without_torch_warnings_and_its_export_command_works(
     scenes, tmp_path, capsys
 ):
@@ -218,7 +249,7 @@ def test_a_torchscript_archive_is_one_line_without_torch_warnings_and_its_export
         assert not shown, [str(w.message) for w in shown]
         assert "is a TorchScript archive, not a state dict" in err and "torch.jit.load(" in err, err
     out = extract(err)
-    model, _, _, _ = eval_linear.load_backbone(out, "resnet18")
+    model, _, _, _, _, _ = eval_linear.load_backbone(out, "resnet18")
     assert torch.equal(model.layer4[1].conv2.weight, original.layer4[1].conv2.weight)
 
 
@@ -272,12 +303,11 @@ def test_the_built_in_textures_are_reported_as_synthetic(tmp_path, monkeypatch):
     for out in (tmp_path / "a", tmp_path / "b"):
         table = (out / "results.md").read_text()
         assert "| synthetic top-1 |" in table and "eurosat" not in table.lower()
-        assert list(json.loads((out / "results.json").read_text())["backbones"][0]) == [
-            "weights",
-            "method",
-            "arch",
-            "synthetic",
-        ] + (["backbone_unchanged"] if out.name == "a" else [])
+        results = json.loads((out / "results.json").read_text())
+        assert list(results["backbones"][0]) == ["weights", "method", "arch", "sha256", "synthetic"] + (
+            ["backbone_unchanged"] if out.name == "a" else []
+        )
+        assert list(results["datasets"]) == ["synthetic"] and results["datasets"]["synthetic"]["files"] == 16
 
 
 # ------------------------------------------------------------------------------------------------ nan / inf flags

@@ -1,5 +1,6 @@
 """gersp.py: each component against its definition (Eq. 1-5), alpha = 0 against moco.py, and real training runs."""
 
+import argparse
 import json
 import os
 
@@ -21,7 +22,7 @@ def per_sample_gersp(num_classes=3, dim=4, queue=8):
     torch.manual_seed(0)
     student = gersp.Student("resnet18", dim, 1, num_classes)
     student.backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 512))
-    return gersp.GeRSP(student, queue, dim, momentum=0.9, temperature=0.5)
+    return gersp.GeRSP(student, queue, dim, teacher_momentum=0.9, temperature=0.5)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
@@ -129,29 +130,23 @@ def test_cosine_annealing_restarts_every_20_epochs():
     assert 0.001 < lrs[2] < 0.0011 and lrs[5] == pytest.approx(lrs[2])
 
 
-def test_natural_pairs_cycle_reshuffle_and_resume_at_the_same_pair():
-    rs = data.EpochSampler(12, 4, seed=0)  # 3 steps per RS epoch
-    natural = data.EpochSampler(10, 4, seed=3)  # 2 batches per natural pass, 2 images left out of each
-    pairs = gersp.NaturalPairs(rs, natural)
-    items = []
-    for epoch in range(2):
-        pairs.set_epoch(epoch)
-        items += list(pairs)
-    assert [r for r, _, _ in items] == [r for e in range(2) for r in (rs.set_epoch(e), list(rs))[1]]  # RS untouched
-    steps = [[(e, n) for _, e, n in items[i : i + 4]] for i in range(0, 24, 4)]  # natural (pass, index) of each step
-    assert [{e for e, _ in s} for s in steps] == [{0}, {0}, {1}, {1}, {2}, {2}]  # step s = natural batch s, cycled
-    first_pass = [i for s in steps[:2] for _, i in s]
-    assert len(set(first_pass)) == 8 and first_pass != [i for s in steps[2:4] for _, i in s]  # reshuffled each pass
-    pairs.set_epoch(1, start_batch=1)  # a run resumed at step 4
-    assert list(pairs) == items[16:]
-    natural = data.ImageDataset(
-        [f"synthetic://{i}" for i in range(10)], list(range(10)), lambda img: torch.randint(1000, ()).item(), seed=1
-    )
-    joined = gersp.WithNatural(data.ImageDataset(["synthetic://0"] * 12, transform=lambda img: [0, 1]), natural)
-    rs_index, natural_epoch, natural_index = items[17]  # natural pass 2
-    (rs_q, rs_k, image), label, skipped = joined[items[17]]
-    assert (rs_q, rs_k, label, skipped) == (0, 1, natural_index, 0)  # the natural label rides along
-    assert image == natural.load(natural_index, 2)[0] != natural.load(natural_index, 0)[0]  # seeded by its pass
+def test_natural_batches_cycle_reshuffle_and_resume_at_the_same_batch():
+    """Sec. III-A: step s reads natural batch s mod B of pass s // B, each pass reshuffled and augmented afresh."""
+    draws = lambda img: torch.randint(1000, ()).item()  # noqa: E731 - the augmentation's random draw, seeded per item
+    natural = data.ImageDataset([f"synthetic://{i}" for i in range(10)], list(range(10)), draws, seed=1)
+    args = argparse.Namespace(batch_size=4, workers=0)
+    proc = gersp.Process(0, 1, torch.device("cpu"), None)
+    loader = gersp.make_loader(natural, args, proc, seed=3)  # 2 batches a pass, 2 images left out of each
+    batches = gersp.natural_batches(loader, 0, proc.device)
+    steps = [next(batches) for _ in range(6)]
+    indices = [labels.tolist() for _, labels, _ in steps]  # the label of natural image i is i
+    assert len(set(indices[0] + indices[1])) == 8 and indices[0] + indices[1] != indices[2] + indices[3]  # reshuffled
+    for step, (images, labels, skipped) in enumerate(steps):
+        expected = [natural.load(i, step // 2)[0] for i in labels.tolist()]  # seeded by its pass
+        assert images.tolist() == expected and skipped.tolist() == [0] * 4
+    assert steps[2][0].tolist() != [natural.load(i, 0)[0] for i in indices[2]]
+    resumed = gersp.natural_batches(loader, 4, proc.device)  # a run resumed at step 4
+    assert [next(resumed)[1].tolist() for _ in range(2)] == indices[4:]
 
 
 def test_a_real_data_folder_without_natural_is_refused_unless_alpha_is_0(tmp_path, capsys):
@@ -203,9 +198,9 @@ def test_resume_continues_exactly_and_the_backbone_reaches_torchvision_and_eval_
     result = torchvision.models.resnet18().load_state_dict(saved["state_dict"], strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
     for weights in ("backbone.pth", "checkpoint.pth"):
-        model, width, arch, method = eval_linear.load_backbone(str(tmp_path / "b" / weights))
-        assert (width, arch, method) == (512, "resnet18", "gersp")
-        torch.testing.assert_close(model.conv1.weight, saved["state_dict"]["conv1.weight"])
+        loaded = eval_linear.load_backbone(str(tmp_path / "b" / weights))
+        assert (loaded.width, loaded.arch, loaded.method) == (512, "resnet18", "gersp")
+        torch.testing.assert_close(loaded.model.conv1.weight, saved["state_dict"]["conv1.weight"])
     results = eval_linear.evaluate(
         eval_linear.get_args(
             [

@@ -4,6 +4,7 @@ arrangement computes: for ResNets the unrenamed network, for ViTs and Swin a sho
 layout's own definition. A file that maps only partly, or not exactly, is one sentence and exit code 2."""
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -167,7 +168,9 @@ def test_resnet_layouts_load_exactly_and_compute_the_original_network(layout, tm
     writer, prefix, dropped = RESNET_LAYOUTS[layout]
     original = resnet18()
     torch.save(writer(original.state_dict()), tmp_path / "weights.pth")
-    model, width, arch, method = eval_linear.load_backbone(str(tmp_path / "weights.pth"), "resnet18", image_size=32)
+    model, width, arch, method, _, _ = eval_linear.load_backbone(
+        str(tmp_path / "weights.pth"), "resnet18", image_size=32
+    )
     line = capsys.readouterr().out.strip().splitlines()
     assert (width, arch) == (512, "resnet18") and len(line) == 1 and prefix in line[0], line
     assert all(d in line[0] for d in dropped) and ("dropped" in line[0]) == bool(dropped), line
@@ -272,7 +275,9 @@ def vit_reference(sd, x, heads, patch):
 def test_dinov2_layerscale_is_folded_exactly_and_its_mask_token_dropped(tmp_path, capsys):
     sd = timm_vit(patch=14, grid=2, layerscale=True) | {"mask_token": torch.randn(1, 192)}  # dinov2_vit*14_pretrain
     torch.save(sd, tmp_path / "dinov2_vitt14_pretrain.pth")
-    model, width, arch, method = eval_linear.load_backbone(str(tmp_path / "dinov2_vitt14_pretrain.pth"), image_size=28)
+    model, width, arch, method, _, _ = eval_linear.load_backbone(
+        str(tmp_path / "dinov2_vitt14_pretrain.pth"), image_size=28
+    )
     line = capsys.readouterr().out
     assert (width, arch, method, model.patch_size) == (192, "vit_tiny", "timm ViT", 14)
     assert "LayerScale folded" in line and "dropped mask_token (1 tensor)" in line
@@ -313,7 +318,7 @@ def test_dino_teacher_and_timm_vits_load_exactly(layout, patch, grid, prefix, dr
         {"dino_full_checkpoint": dino_full_checkpoint, "timm_with_classifier": timm_with_classifier}[layout](sd),
         tmp_path / "weights.pth",
     )
-    model, _, arch, _ = eval_linear.load_backbone(str(tmp_path / "weights.pth"), image_size=patch * grid)
+    model, _, arch, _, _, _ = eval_linear.load_backbone(str(tmp_path / "weights.pth"), image_size=patch * grid)
     line = capsys.readouterr().out
     assert arch == "vit_tiny" and model.patch_size == patch and prefix in line and all(d in line for d in dropped)
     x = torch.randn(2, 3, patch * grid, patch * grid)
@@ -324,12 +329,69 @@ def test_dino_teacher_and_timm_vits_load_exactly(layout, patch, grid, prefix, dr
 def test_dinov2_37_by_37_positions_are_interpolated_to_the_evaluation_grid(tmp_path):
     sd = timm_vit(patch=14, grid=37, layerscale=True)  # dinov2 at 518 px; evaluated at 224 px: 16 x 16
     torch.save(sd, tmp_path / "dinov2.pth")
-    model, _, _, _ = eval_linear.load_backbone(str(tmp_path / "dinov2.pth"), image_size=224)
+    model, _, _, _, _, _ = eval_linear.load_backbone(str(tmp_path / "dinov2.pth"), image_size=224)
     positions = model.encoder.pos_embedding.detach()
     assert positions.shape == (1, 1 + 16 * 16, 192)
     torch.testing.assert_close(positions[0, 0], sd["pos_embed"][0, 0])  # the class token's is kept
     for ours, theirs in ((1, 1), (16, 37), (-16, -37), (-1, -1)):  # bicubic, align_corners: corners are kept
         torch.testing.assert_close(positions[0, ours], sd["pos_embed"][0, theirs], rtol=1e-5, atol=1e-5)
+
+
+def moco_v3_lincls(sd):  # main_lincls.py's checkpoint: its arch, the DDP-wrapped ViT with its trained classifier
+    head = {"head.weight": torch.randn(1000, 384), "head.bias": torch.randn(1000)}
+    return {"epoch": 90, "arch": "vit_small", "state_dict": prefixed("module.", sd | head), "best_acc1": 73.2}
+
+
+def moco_v3_vit_pretrain(sd):  # main_moco.py's checkpoint: base encoder (head: the projector), momentum encoder
+    base = sd | mlp("head", 384, 64, 32, bn=True)
+    encoders = prefixed("module.base_encoder.", base) | prefixed("module.momentum_encoder.", other(base))
+    return {"epoch": 300, "arch": "vit_small", "state_dict": encoders | prefixed("module.", mlp("predictor", 32, 32))}
+
+
+@pytest.mark.parametrize("layout", ["moco_v3_lincls", "moco_v3_vit_pretrain"])
+def test_moco_v3_vit_small_is_built_with_its_12_heads_which_its_file_names(layout, tmp_path, capsys):
+    """MoCo v3's vits.py: vit_small is 384 wide with 12 heads, where DINO's and timm's have 6; the file's arch says
+    which."""
+    sd = timm_vit(patch=16, grid=2, width=384)
+    torch.save(
+        {"moco_v3_lincls": moco_v3_lincls, "moco_v3_vit_pretrain": moco_v3_vit_pretrain}[layout](sd), tmp_path / "w.pth"
+    )
+    loaded = eval_linear.load_backbone(str(tmp_path / "w.pth"), image_size=32)
+    line = capsys.readouterr().out
+    assert loaded.arch == "vit_small" and " heads 12" in line and "assumed" not in line, line
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = loaded.model.eval()(x)
+        torch.testing.assert_close(ours, vit_reference(sd, x, heads=12, patch=16), **TOLERANCE)
+        assert (ours - vit_reference(sd, x, heads=6, patch=16)).abs().max() > 0.1  # what 6 heads computed
+
+
+def test_a_vit_whose_file_does_not_say_its_heads_is_built_as_printed_and_heads_overrides_it(tmp_path, capsys):
+    """MoCo v3's convert_to_deit.py writes {'model': ...}: no arch. The line says what was assumed and the flag."""
+    sd = timm_vit(patch=16, grid=2, width=384)
+    torch.save({"model": sd}, tmp_path / "deit.pth")
+    assumed = eval_linear.load_backbone(str(tmp_path / "deit.pth"), image_size=32)
+    assert "6 heads assumed (width / 64; --heads N if not)" in capsys.readouterr().out
+    given = eval_linear.load_backbone(str(tmp_path / "deit.pth"), image_size=32, heads=12)
+    assert "12 heads (--heads)" in capsys.readouterr().out
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(assumed.model.eval()(x), vit_reference(sd, x, heads=6, patch=16), **TOLERANCE)
+        torch.testing.assert_close(given.model.eval()(x), vit_reference(sd, x, heads=12, patch=16), **TOLERANCE)
+
+
+def test_dinov2_block_chunks_are_counted_as_blocks_and_load_exactly(tmp_path, capsys):
+    """DINOv2's ViT-L/g train configs chunk the blocks: blocks.<chunk>.<i>, i the block's own index (BlockChunk pads
+    each chunk with Identity). 12 blocks in 4 chunks are 12 blocks, not 4."""
+    sd = timm_vit(patch=14, grid=2, layerscale=True)
+    chunked = {re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{int(m[1]) // 3}.{m[1]}.", k): v for k, v in sd.items()}
+    assert "blocks.3.11.mlp.fc2.bias" in chunked
+    torch.save({"teacher": prefixed("backbone.", chunked)}, tmp_path / "teacher_checkpoint.pth")
+    loaded = eval_linear.load_backbone(str(tmp_path / "teacher_checkpoint.pth"), image_size=28)
+    assert loaded.arch == "vit_tiny" and len(loaded.model.encoder.layers) == 12
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(x), vit_reference(sd, x, heads=3, patch=14), **TOLERANCE)
 
 
 # ------------------------------------------------------------------------------------------------ Swin layouts
@@ -448,7 +510,7 @@ def simmim(sd):  # SimMIM's checkpoint: model = SimMIM(encoder=SwinTransformerFo
 def test_microsoft_swin_and_simmim_load_exactly_into_torchvision_swin_t(layout, tmp_path, capsys):
     sd = ms_swin()
     torch.save({"model": sd} if layout == "swin_official" else simmim(sd), tmp_path / "swin.pth")
-    model, width, arch, method = eval_linear.load_backbone(str(tmp_path / "swin.pth"))
+    model, width, arch, method, _, _ = eval_linear.load_backbone(str(tmp_path / "swin.pth"))
     line = capsys.readouterr().out
     assert (width, arch) == (768, "swin_t") and "attn_mask (5 tensors)" in line, line  # shifted: 1 + 1 + 3
     assert ("head (2 tensors)" if layout == "swin_official" else "mask_token (1 tensor), decoder (2") in line, line
@@ -498,10 +560,6 @@ REFUSALS = {  # file, what the one sentence says
         ["ViT with register tokens (register_tokens)"],
     ),
     "dinov2_swiglu": (swiglu, ["ViT with a SwiGLU feed-forward (encoder.layers.encoder_layer_0.mlp.w12.weight)"]),
-    "moco_v3_vit_small": (
-        lambda: {"state_dict": {"module.base_encoder.cls_token": torch.zeros(1, 1, 384)}},
-        ["MoCo v3's vit_small, whose 12 heads"],
-    ),
     "dinov2_vitl14": (
         lambda: (
             {"cls_token": torch.zeros(1, 1, 1024)} | {f"blocks.{i}.norm1.weight": torch.ones(1024) for i in range(24)}

@@ -59,7 +59,7 @@ def test_momentum_update_equals_its_formula_for_every_parameter_projector_includ
 def test_split_batchnorm_normalises_each_interleaved_group_on_its_own():
     torch.manual_seed(0)
     x = torch.randn(8, 3, 4, 4) * 3 + 1
-    bn = moco.SplitBatchNorm2d(3, splits=2)
+    bn = moco.SplitBatchNorm2d(3, groups=2)
     y = bn(x)
     for g in range(2):
         group = x[g::2]
@@ -72,15 +72,17 @@ def test_split_batchnorm_normalises_each_interleaved_group_on_its_own():
 
 def test_one_process_keeps_two_bn_groups_when_its_batch_fits_in_one(tmp_path, image_folder, monkeypatch):
     """Sec. 3.3: with a single group, keys would be normalised over exactly their queries' samples."""
-    assert moco.bn_groups(8, 32, world=1) == 2 and moco.bn_groups(64, 32, world=1) == 2
-    assert moco.bn_groups(8, 32, world=2) == 1  # keys are shuffled across processes: one group each is enough
+    flags = moco.get_args(["--batch-size", "8", "--bn-group", "32"])
+    assert moco.bn_group_count(flags, world=1) == 2 and moco.bn_group_count(flags, world=2) == 1
+    flags.batch_size = 64  # one group of 32 per process would fit: one process still keeps two
+    assert moco.bn_group_count(flags, world=1) == 2 and moco.bn_group_count(flags, world=2) == 1
     built, encoder = [], moco.Encoder
     monkeypatch.setattr(moco, "Encoder", lambda *a, **k: built.append(encoder(*a, **k)) or built[-1])
     moco.main(
         TINY_RESNET
         + ["--bn-group", "32", "--queue", "16", "--data", image_folder, "--max-steps", "1", "--out", str(tmp_path)]
     )
-    assert {m.splits for m in built[0].modules() if isinstance(m, moco.SplitBatchNorm2d)} == {2}
+    assert {m.groups for m in built[0].modules() if isinstance(m, moco.SplitBatchNorm2d)} == {2}
 
 
 def test_shuffled_keys_come_back_in_the_order_of_their_images():
@@ -96,7 +98,7 @@ def test_shuffled_keys_come_back_in_the_order_of_their_images():
 def test_shuffle_bn_gives_keys_other_batch_statistics_than_their_queries():
     """With BatchNorm in 2 groups, an unshuffled key batch would equal the query features exactly."""
     torch.manual_seed(0)
-    encoder = nn.Sequential(nn.Conv2d(3, 4, 1), moco.SplitBatchNorm2d(4, splits=2), nn.Flatten())
+    encoder = nn.Sequential(nn.Conv2d(3, 4, 1), moco.SplitBatchNorm2d(4, groups=2), nn.Flatten())
     model = moco.MoCo(encoder, 8, 16, 0.9, 0.2)
     images = torch.randn(8, 3, 2, 2)
     local, _ = model.keys(images)
@@ -194,9 +196,9 @@ def test_corrupt_image_among_good_ones_is_skipped_counted_and_logged(tmp_path, c
         f.write(b"not a png at all")
     train_tiny(folder, tmp_path / "out", "--epochs", "1")
     out = capsys.readouterr().out
-    assert "skipping unreadable image" in out and "skipped 1 unreadable image(s)" in out
+    assert "skipping unreadable image" in out and "skipped_images 1 |" in out
     records = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
-    assert {"epoch": 0, "step": 1, "skipped_images": 1} in records
+    assert [r["skipped_images"] for r in records] == [1]  # one step of the 8 images, one of them replaced
 
 
 @pytest.mark.parametrize(
@@ -210,6 +212,9 @@ def test_corrupt_image_among_good_ones_is_skipped_counted_and_logged(tmp_path, c
         (lambda tmp: make_image_folder(tmp / "ok"), ["--out", __file__], "is a file"),
         (lambda tmp: make_image_folder(tmp / "ok"), ["--lr-steps", "30"], "--lr-steps applies to the step schedule"),
         (lambda tmp: make_image_folder(tmp / "ok"), ["--batch-size", "3", "--queue", "3"], "odd"),
+        (lambda tmp: make_image_folder(tmp / "ok"), ["--batch-size", "2", "--queue", "2"], "BatchNorm groups of 1"),
+        (lambda tmp: make_image_folder(tmp / "ok"), ["--seed", "-1"], "--seed: must be an integer from 0"),
+        (lambda tmp: make_image_folder(tmp / "ok"), ["--workers", "-1"], "--workers must be 0 or more"),
     ],
 )
 def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys, setup, extra, fragment):
@@ -219,6 +224,21 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys, setup, e
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and fragment in err[0], err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_knn_monitor_class_of_one_image_is_refused_by_its_name_before_anything_is_written(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "ok")
+    monitor = make_image_folder(tmp_path / "monitor", classes=2, per_class=3)
+    for name in ("1.png", "2.png"):
+        os.remove(os.path.join(monitor, "class1", name))
+    with pytest.raises(SystemExit) as exit_info:
+        moco.main(
+            TINY_RESNET + ["--data", folder, "--queue", "16", "--knn-monitor", monitor, "--out", str(tmp_path / "out")]
+        )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert "class class1 has 1 readable image(s)" in err[0] and "needs 2 of each class" in err[0], err
+    assert "--train-ratio" not in err[0] and not os.path.exists(tmp_path / "out")  # no args.json before the refusal
 
 
 def test_the_command_line_reports_bad_input_without_a_traceback(tmp_path):

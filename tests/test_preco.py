@@ -262,7 +262,7 @@ def test_log_has_every_term_and_the_visualisation_has_four_columns(trained):
     assert png.shape == (4 * (128 + 2) + 2, 4 * (128 + 2) + 2, 3)
     captions = "columns: masked input (x_hat) | Y_Re in the masked units (Eq. 1) | Y_Pr, the prompt branch | input (x)"
     assert f"reconstructions of 4 images in {root / 'vis.png'}; {captions}" in open(root / "stdout.txt").read()
-    dataset = data.ImageDataset(data.list_images([folder]), transform=preco.MaskedView(32, 8, 0.6))
+    dataset = data.ImageDataset(data.list_images([folder])[0], transform=preco.MaskedView(32, 8, 0.6))
     (image, mask), _, _ = dataset.load(1, 0)  # row 1: epoch 0's crop and mask of image 1
     pixels = image * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
     expected = (pixels.clamp(0, 1) * 255).round().permute(1, 2, 0).numpy()
@@ -282,7 +282,7 @@ def test_backbone_and_checkpoint_load_into_torchvision_swin_t_and_eval_linears_l
     result = torchvision.models.swin_t().load_state_dict(saved["state_dict"], strict=False)
     assert sorted(result.missing_keys) == ["head.bias", "head.weight"] and not result.unexpected_keys
     for weights in ("backbone.pth", "checkpoint.pth"):
-        model, width, arch, method = eval_linear.load_backbone(str(root / "run" / weights), image_size=32)
+        model, width, arch, method, _, _ = eval_linear.load_backbone(str(root / "run" / weights), image_size=32)
         assert (width, arch, method) == (768, "swin_t", "preco")
         torch.testing.assert_close(model.features[0][0].weight, ckpt["model"]["encoder.features.0.0.weight"])
 
