@@ -84,7 +84,10 @@ def check_out_dir(path, flag="--out"):
 def _scan(root):
     """Every image file below `root`, via os.scandir (a million files take seconds). Each directory (st_dev, st_ino)
     is read once, real folders before links: a link loop (a mirror's `up -> ..`) or a second link adds nothing."""
-    found, stack, links, seen = [], [root], [], set()
+    found = []
+    stack = [root]  # real folders still to read
+    links = []  # linked folders, read after every real one
+    seen = set()
     while stack or links:
         if not stack:  # every real folder is read; now the links, in name order so every machine lists the same paths
             links.sort(reverse=True)
@@ -104,7 +107,8 @@ def _scan(root):
 def list_images(roots):
     """(sorted image paths under each root, their identity: file_list_id); "synthetic" stands for the built-in
     generated dataset."""
-    paths, groups = [], []
+    paths = []
+    groups = []  # (root, its paths)
     for root in roots:
         if root == SYNTHETIC:
             found = [f"{SYNTHETIC}://{i}" for i in range(SYNTHETIC_IMAGES)]
@@ -121,7 +125,8 @@ def file_list_id(groups):
     """What a run knows a dataset by, whatever path names it: the number of files and a sha256 of every file's path
     relative to its root and its size, root after root (a folder typed with a trailing slash, moved or reached
     through a link is the same dataset; an image added, removed or renamed makes another)."""
-    digest, count = hashlib.sha256(), 0
+    digest = hashlib.sha256()
+    count = 0
     for root, paths in groups:
         for path in paths:
             relative = path if path.startswith(SYNTHETIC) else os.path.relpath(path, root)
@@ -174,7 +179,8 @@ def synthetic_image(index, size=SYNTHETIC_SIZE):
     """A grey texture whose class (index mod 4) is its pattern: stripes, checkerboard, dots or blobs. Grey levels,
     polarity, contrast, orientation, scale, phase and noise are random, so random features (brightness, contrast)
     separate the classes poorly and crop- and jitter-invariant ones, what pre-training learns, separate them well."""
-    rng, (yy, xx) = np.random.default_rng(index), np.mgrid[0:size, 0:size] / size
+    rng = np.random.default_rng(index)
+    yy, xx = np.mgrid[0:size, 0:size] / size
     angle, freq, phase = rng.uniform(0, math.pi), rng.uniform(3, 7), rng.uniform(0, 2 * math.pi, 2)
     u = 2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle)) + phase[0]
     v = 2 * math.pi * freq * (yy * math.cos(angle) - xx * math.sin(angle)) + phase[1]
@@ -488,7 +494,9 @@ class KnnMonitor:
         chosen = np.sort(
             np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(len(classes))])
         )
-        resize, images, kept = T.Resize((size, size)), [], []
+        resize = T.Resize((size, size))
+        images = []
+        kept = []
         for i in chosen:
             try:
                 images.append(T.functional.pil_to_tensor(resize(open_rgb(paths[i]))))
@@ -506,13 +514,15 @@ class KnnMonitor:
 
     @torch.no_grad()
     def top1(self, backbone, device, amp_dtype=None, batch=256):
-        was_training, features = backbone.training, []
+        was_training = backbone.training
+        features = []
         backbone.eval()  # BatchNorm reads its running statistics and leaves them as they are
         mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
         for chunk in self.images.split(batch):
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 features.append(backbone((chunk.to(device).float() - mean) / std).float())
         backbone.train(was_training)
-        features, labels = torch.cat(features), self.labels.to(device)
+        features = torch.cat(features)
+        labels = self.labels.to(device)
         predicted = knn_predict(features[self.train], labels[self.train], features[self.test], self.classes)
         return float((predicted == labels[self.test]).float().mean() * 100)

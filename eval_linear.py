@@ -104,7 +104,8 @@ def parse_evaluation_args(parser, argv):
     """parse_args, then the shared flags' defaults, which argparse's append would extend rather than replace: the
     built-in textures and random weights."""
     args = parser.parse_args(argv)
-    args.data, args.weights = args.data or [data.SYNTHETIC], args.weights or ["random"]
+    args.data = args.data or [data.SYNTHETIC]
+    args.weights = args.weights or ["random"]
     return args
 
 
@@ -288,7 +289,8 @@ def preprocess(args):
 def extract_features(model, paths, args, device):
     """Features of every image, once: {'final': N x D, and with --stages 'stage1'..'stage4'}, on the CPU."""
     model.eval().to(device)
-    outputs, hooks = {}, []
+    outputs = {}  # the hooks' stage outputs of the batch, beside the final features
+    hooks = []
     if args.stages:
         names, pool = stage_modules(model)
         modules = dict(model.named_modules())
@@ -302,7 +304,8 @@ def extract_features(model, paths, args, device):
     loader = DataLoader(
         dataset, batch_size=args.extract_batch_size, num_workers=args.workers, pin_memory=device.type == "cuda"
     )
-    features, skipped = {}, 0
+    features = {}
+    skipped = 0
     for images, _, n_skipped in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
             outputs["final"] = model(images.to(device, non_blocking=True))
@@ -365,7 +368,8 @@ def probe_dataset(features, dataset, width, args):
         stages={key: run_summary([acc for acc, _ in runs]) for key, runs in per_key.items() if key != "final"},
     )
     if args.knn:
-        final, n = features["final"], len(classes)
+        final = features["final"]
+        n = len(classes)
         accuracies = [
             float(
                 (data.knn_predict(final[tr], labels[tr], final[te], n, args.knn_k, args.knn_temperature) == labels[te])
@@ -545,7 +549,13 @@ def load_backbone(weights, arch=None, image_size=224, patch_size=16, heads=None)
     state dict or a published checkpoint (published_backbone), which must fit the model exactly (load_exactly). A
     file's own arch, ViT patch size and heads win over the arguments; a ViT's heads the file does not say are width /
     64 or --heads, and the line that reports a published layout says which."""
-    state, method, config, unrecognised, report, identity, trained_on = None, weights, {}, None, "", weights, []
+    state = None  # the weights in torchvision's keys, or None: random
+    method = weights
+    config = {}  # our files' image and patch size and heads
+    unrecognised = None  # why no backbone was found in a file
+    report = ""  # the line that says what a published file was read as
+    identity = weights  # random; a file's sha256
+    trained_on = []  # the datasets a fine-tuned backbone has seen
     imagenet = weights == "imagenet" or weights.startswith("imagenet:")
     if weights != "random" and not imagenet:
         if not os.path.isfile(weights):
@@ -556,7 +566,8 @@ def load_backbone(weights, arch=None, image_size=224, patch_size=16, heads=None)
         identity = sha256(weights)
         trained_on = obj.get("trained_on", [])  # finetune_cls.py's datasets, by their file lists
         ours = "method" in obj  # a backbone.pth or checkpoint.pth of this project: its "config" is ours
-        arch, config = obj.get("arch", arch), obj.get("config", {}) if ours else {}
+        arch = obj.get("arch", arch)
+        config = obj.get("config", {}) if ours else {}
         if "backbone_prefix" in obj:  # a training checkpoint of this project
             n = len(obj["backbone_prefix"])
             state = {k[n:]: v for k, v in obj["model"].items() if k.startswith(obj["backbone_prefix"])}
@@ -615,7 +626,8 @@ def weights_fix(path):
     """data.load_weights_only's advice for a --weights file it refuses, by torch's error: a TorchScript archive is
     exported to a state dict, a pickle naming a global that could run code is stripped to its tensors (both only for a
     file the user trusts: loading them runs its code); anything else is not a weights file."""
-    out, quoted = f"{path}.state_dict.pth", json.dumps  # Python strings in double quotes: the shell needs single ones
+    out = f"{path}.state_dict.pth"
+    quoted = json.dumps  # Python strings in double quotes: the shell needs single ones
     export = f'import torch; torch.save(torch.jit.load({quoted(path)}, map_location="cpu").state_dict(), {quoted(out)})'
     strip = (
         "import torch; keep = lambda o: {k: keep(v) if isinstance(v, dict) else v for k, v in o.items() if "
@@ -828,7 +840,8 @@ def published_backbone(obj, weights):
     backbone and its prefix: in a plain state dict '' or DDP's 'module.'; in a checkpoint any path (state_dict.module.
     encoder_q., teacher.backbone., model.encoder.). All else (heads, key encoder, queue, optimizer, mask_token, Swin's
     attn_mask buffers) is dropped, named in one line."""
-    tensors, nested = _tensors(obj), any(isinstance(v, dict) for v in obj.values())
+    tensors = _tensors(obj)
+    nested = any(isinstance(v, dict) for v in obj.values())
     found = sorted(
         {
             (m[1], i)
@@ -840,13 +853,15 @@ def published_backbone(obj, weights):
     )
     if not found:  # no layout we know: with --arch another torchvision model's plain state dict may fit, else nothing
         return {k.removeprefix("module."): v for k, v in obj.get("state_dict", obj).items()}, None, None, ""
-    prefix, (_, layout, rules, finish) = found[0][0], LAYOUTS[found[0][1]]
+    prefix = found[0][0]
+    _, layout, rules, finish = LAYOUTS[found[0][1]]
     if len(found) > 1 and _rank(found[1][0]) == _rank(prefix):
         raise UserError(
             f"--weights {weights} holds several backbones ({', '.join(p for p, _ in found)}) and does "
             "not say which to evaluate; save that one alone."
         )
-    state, dropped = {}, {}
+    state = {}
+    dropped = {}  # what is left out, by name: a count of tensors
     for key, value in tensors.items():
         if not key.startswith(prefix):  # another network or entry: named where its path leaves the backbone's
             name = next((p for p, q in zip(key.split("."), prefix.split(".")) if p != q), key)

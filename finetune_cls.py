@@ -179,7 +179,8 @@ class RandomRotation90:
 
 def transforms_for(args):
     """(train, test) pipelines of the recipe, ending in the ImageNet normalisation every backbone expects."""
-    size, tail = args.img_size, eval_linear.normalised_tensor()
+    size = args.img_size
+    tail = eval_linear.normalised_tensor()
     if args.recipe == "gersp":
         return T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip()] + tail), eval_linear.eval_transform(size)
     big = round(size * 292 / 256)

@@ -191,7 +191,8 @@ def check_args(args, world):
             raise UserError(f"--{name.replace('_', '-')} {low} {high} must satisfy 0 < min <= max <= 1.")
     sizes = [("img_size", 3)] + [("local_size", 2)] * (args.local_crops > 0)  # global: s, l, t; local: s, t
     for name, parts in sizes:
-        size, flag = getattr(args, name), "--" + name.replace("_", "-")
+        size = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
         if size % args.patch_size:
             raise UserError(f"{flag} {size} is not a multiple of --patch-size {args.patch_size}.")
         n = (size // args.patch_size) ** 2
@@ -350,7 +351,8 @@ class PerA(nn.Module):
         self.predictor = DINOHead(width, 3 * args.patch_size**2, args.head_hidden, args.head_bottleneck)
         self.mask_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.register_buffer("center", torch.zeros(args.out_dim))
-        self.dense, self.rate = args.dense, args.drop_path
+        self.dense = args.dense
+        self.rate = args.drop_path
         self.join_at = 0 if args.dense else len(vit.encoder.layers) // 2
 
     def student_encode(self, glob, loc, masks, local_masks):
@@ -467,7 +469,8 @@ def schedules(args, step, steps_per_epoch):
     momentum rise on a cosine; the teacher temperature rises during its warm-up, then stays. A warm-up of W steps is
     the authors' np.linspace(start, peak, W): the peak at step W - 1."""
     total = args.epochs * steps_per_epoch
-    warm, warm_t = args.warmup_epochs * steps_per_epoch, args.teacher_temp_epochs * steps_per_epoch
+    warm = args.warmup_epochs * steps_per_epoch
+    warm_t = args.teacher_temp_epochs * steps_per_epoch
     lr = (
         args.lr * step / max(warm - 1, 1)
         if step < warm

@@ -89,8 +89,10 @@ from data import UserError
 SCRIPT = os.path.basename(__file__)
 METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
 ARCHS = ("swin_t", "swin_s", "swin_b")
-PATCH, STRIDE = 4, 32  # Swin's patch size and the stride of its last stage (SimMIM's encoder_stride)
-WARMUP_START, MIN_LR_RATIO = 1 / 200, 1 / 20  # SimMIM's WARMUP_LR / BASE_LR and MIN_LR / BASE_LR
+PATCH = 4  # Swin's patch size
+STRIDE = 32  # the stride of Swin's last stage (SimMIM's encoder_stride)
+WARMUP_START = 1 / 200  # SimMIM's WARMUP_LR / BASE_LR
+MIN_LR_RATIO = 1 / 20  # SimMIM's MIN_LR / BASE_LR
 LOGGED = ("loss", "l_re", "l_pr", "l_sc", "l_con")  # what train_step() returns; --no-prompt: the first two
 RESUME_MUST_MATCH = ("arch", "batch_size", "img_size", "mask_unit", "mask_ratio", "prompt", "seed")  # + files
 
@@ -224,7 +226,8 @@ class MaskedView:
                 T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
             ]
         )
-        self.grid, self.ratio = size // mask_unit, mask_ratio
+        self.grid = size // mask_unit
+        self.ratio = mask_ratio
 
     def __call__(self, img):
         return self.transform(img), random_mask(self.grid, self.ratio)
