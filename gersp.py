@@ -10,7 +10,7 @@ in the same step, from labeled natural images by supervised classification (NIAL
     python gersp.py --data /data/million_aid --alpha 0          # Table V's ablation: GeRSP's recipe without NIAL
 
 Paper -> code
-    Sec. III-A  equal numbers of RS and natural images per iteration ... NaturalPairs, WithNatural (cycles --natural)
+    Sec. III-A  equal numbers of RS and natural images per iteration ... natural_batches() (cycles --natural)
     Sec. III-B  strong augmentation, both branches ........................ augmentation("gersp")
     Sec. III-C  student = ResNet + projector (FC-ReLU-FC, 128) + predictor (one FC to the natural classes);
                 teacher = EMA copy of backbone + projector; shuffling BN .. Student, GeRSP.keys(), SplitBatchNorm2d
@@ -45,8 +45,9 @@ Table I's MoCo-MAID, which GeRSP trained as MoCo v1 (moco.py's docstring gives t
     - Augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit.
     - The natural data is cycled, reshuffled every pass, its augmentation seeded by (seed + 1, pass, image index);
       with --alpha 0 it is never read, and the step is MoCo's.
-The file reads top to bottom: flags, the method, train(); below the HELPERS banner, what train() calls (processes,
-loader, gather, checkpoints, signals, the log, main), the same text in moco.py, gersp.py, pera.py and preco.py.
+The file reads top to bottom: flags, the method, train(), which makes every decision of the run in sight; below the
+HELPERS banner, what train() calls (processes, loader, gather, checkpoint reading, the log, main), each doing one thing:
+the same text in moco.py, gersp.py, pera.py and preco.py.
 """
 
 import copy

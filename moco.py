@@ -36,8 +36,9 @@ for GeRSP itself; add --lr 0.05 to follow it). Choices of this file, where the p
       the key encoder sees exactly the same weights, and the queue needs no clone for autograd.
     - Keys are constants (no gradient), so gathering them from other processes loses nothing.
     - Augmentations are seeded by (seed, epoch, image index), so a resumed run continues bit-for-bit.
-The file reads top to bottom: flags, the method, train(); below the HELPERS banner, what train() calls (processes,
-loader, gather, checkpoints, signals, the log, main), the same text in moco.py, gersp.py, pera.py and preco.py.
+The file reads top to bottom: flags, the method, train(), which makes every decision of the run in sight; below the
+HELPERS banner, what train() calls (processes, loader, gather, checkpoint reading, the log, main), each doing one thing:
+the same text in moco.py, gersp.py, pera.py and preco.py.
 """
 
 import copy

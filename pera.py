@@ -55,8 +55,9 @@ Choices of this file:
       lengths for time and memory; not the paper's DINOv2 baseline (teacher on global crops only, an iBOT head).
     - Masks are drawn on the device; crops are seeded by (seed, epoch, image index) and every process's RNG state
       is checkpointed, so a resumed run continues bit-for-bit.
-The file reads top to bottom: flags, the method, train(); below the HELPERS banner, what train() calls (processes,
-loader, gather, checkpoints, signals, the log, main), the same text in moco.py, gersp.py, pera.py and preco.py.
+The file reads top to bottom: flags, the method, train(), which makes every decision of the run in sight; below the
+HELPERS banner, what train() calls (processes, loader, gather, checkpoint reading, the log, main), each doing one thing:
+the same text in moco.py, gersp.py, pera.py and preco.py.
 """
 
 import copy

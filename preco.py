@@ -58,8 +58,9 @@ batch 112 per GPU on 8 GPUs (--batch-size 896 in total); export the encoder. Whe
       14, 7, 7) and the last one still has stride 32, so the decoder returns 64 px.
     - Both branches run as ONE forward of [masked; unmasked] (one DDP forward; no batch statistics in Swin).
     - Crops and masks are seeded by (seed, epoch, index), every process's RNG (drop path) is saved: exact resume.
-The file reads top to bottom: flags, the method, train(); below the HELPERS banner, what train() calls (processes,
-loader, gather, checkpoints, signals, the log, main), the same text in moco.py, gersp.py, pera.py and preco.py.
+The file reads top to bottom: flags, the method, train(), which makes every decision of the run in sight; below the
+HELPERS banner, what train() calls (processes, loader, gather, checkpoint reading, the log, main), each doing one thing:
+the same text in moco.py, gersp.py, pera.py and preco.py.
 """
 
 import argparse
