@@ -343,7 +343,7 @@ def evaluate(args):
     runs_left = [(w, d, r) for w in args.weights for d in datasets for r in range(args.runs)]
     runs_left = [(w, d, r) for w, d, r in runs_left if f"{w} | {d.name} | run {r}" not in state["done"]]
     start = time.time()
-    for i, (weights, dataset, run) in enumerate(runs_left, 1):
+    for count, (weights, dataset, run) in enumerate(runs_left, 1):
         key = f"{weights} | {dataset.name} | run {run}"
         model, stopped = fine_tune(args, proc, state, key, weights, dataset, run, signals)
         if stopped:  # every process stopped after the same saved epoch
@@ -372,9 +372,9 @@ def evaluate(args):
         state["current"] = None
         save_checkpoint(state, args, proc)
         log(args, proc, {"weights": weights, "dataset": dataset.name, "run": run, "test_acc": round(accuracy, 3)})
-        eta = timedelta(seconds=int((time.time() - start) / i * (len(runs_left) - i)))
+        eta = timedelta(seconds=int((time.time() - start) / count * (len(runs_left) - count)))
         if proc.rank == 0:
-            print(f"finetune | {key}: top-1 {accuracy:.2f} ({i} of {len(runs_left)} runs, eta {eta})", flush=True)
+            print(f"finetune | {key}: top-1 {accuracy:.2f} ({count} of {len(runs_left)} runs, eta {eta})", flush=True)
     entries = []
     for weights, backbone in backbones.items():
         entry = {"weights": weights, "method": backbone.method, "arch": backbone.arch, "sha256": backbone.identity}
