@@ -137,7 +137,7 @@ def test_a_resume_knows_its_data_by_its_files_not_by_how_the_folder_is_typed(tmp
     assert "checkpoint.pth is not a moco.py training checkpoint; move it away to start afresh" in err, err
 
 
-def test_a_second_run_on_a_live_out_is_refused_and_a_dead_runs_out_is_taken_over(tmp_path):
+def test_a_second_run_on_a_live_out_is_refused_and_a_dead_runs_out_is_taken_over(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "images", classes=2, per_class=8)
     argv = [sys.executable, "-u", os.path.join(REPO, "moco.py"), *tiny_moco(folder, tmp_path / "run", "--epochs", "50")]
     first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -151,11 +151,11 @@ def test_a_second_run_on_a_live_out_is_refused_and_a_dead_runs_out_is_taken_over
     log_lines = len((tmp_path / "run" / "log.jsonl").read_text().splitlines())
     assert json.loads((tmp_path / "run" / "args.json").read_text())["lr"] == 0.03  # the refused run wrote nothing
     saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["step"]
-    third = run_script("moco.py", *tiny_moco(folder, tmp_path / "run", "--epochs", "50", "--max-steps", saved + 2))
-    assert third.returncode == 0, third.stderr
-    assert f"note: --out {tmp_path / 'run'} was held by process {first.pid} on" in third.stdout
-    assert "which ended without releasing it; this run takes it over" in third.stdout
-    assert f"resuming at step {saved}" in third.stdout and f"done at step {saved + 2}" in third.stdout
+    moco.main(tiny_moco(folder, tmp_path / "run", "--epochs", "50", "--max-steps", str(saved + 2)))  # a third run
+    third = capsys.readouterr().out
+    assert f"note: --out {tmp_path / 'run'} was held by process {first.pid} on" in third
+    assert "which ended without releasing it; this run takes it over" in third
+    assert f"resuming at step {saved}" in third and f"done at step {saved + 2}" in third
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == log_lines + 2
 
 
