@@ -7,6 +7,7 @@ lock, the atomic writer, the finiteness check and the stop signals."""
 import argparse
 import fcntl
 import hashlib
+import json
 import math
 import os
 import random
@@ -384,24 +385,26 @@ def hold_out(out):
     to do (a script's evaluate() or train() called twice in one Python session)."""
     if os.path.realpath(out) in _held:
         return
+    lock = None
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "a+")
-    except OSError as err:
-        raise UserError(f"--out {out} cannot be written ({err.strerror}); give a folder this user can write.") from None
-    try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        lock.seek(0)
+        previous = lock.read().strip()
+        lock.truncate(0)
+        os.write(lock.fileno(), f"process {os.getpid()} on {socket.gethostname()}".encode())  # unbuffered: fails here
+    except BlockingIOError:  # a live run holds the lock
         lock.seek(0)
         holder = lock.read().strip() or "another process"
         lock.close()
         raise UserError(f"--out {out} is in use by {holder}; wait for that run to end, or use another --out.") from None
-    lock.seek(0)
-    previous = lock.read().strip()
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}")
-    lock.flush()
+    except OSError as err:  # read-only, not ours, or a full disk
+        if lock is not None:
+            lock.close()
+        raise UserError(
+            f"--out {out} cannot be written ({err.strerror}); give a folder this user can write, with free space."
+        ) from None
     _held[os.path.realpath(out)] = lock
     if previous:  # a killed run leaves its name: say that this run is taking its place
         print(f"note: --out {out} was held by {previous}, which ended without releasing it; this run takes it over")
@@ -416,12 +419,16 @@ def release_out():
 
 
 def save_atomic(obj, path):
-    """torch.save to a temp file, fsync, rename: a kill at any moment leaves the old file or the new one, never half. A
-    failed write (a full disk) removes the partial file and is one sentence: the file at `path` is left as it was."""
+    """torch.save (a str: its text) to a temp file, fsync, rename: a kill at any moment leaves the old file or the new
+    one, never half. A failed write (a full disk) removes the partial file and is one sentence: the file at `path` is
+    left as it was."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(f"{path}.tmp", "wb") as f:
-            torch.save(obj, f)
+            if isinstance(obj, str):  # args.json, results.json, results.md
+                f.write(obj.encode())
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
@@ -433,6 +440,15 @@ def save_atomic(obj, path):
     os.replace(f"{path}.tmp", path)
     os.fsync(folder := os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY))  # the rename survives a crash
     os.close(folder)
+
+
+def append_record(path, record):
+    """One JSON line appended to log.jsonl. A failed write (a full disk) is one sentence; the lines before are kept."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise UserError(f"writing {path} failed ({err.strerror}); the lines written before are kept.") from None
 
 
 def first_non_finite(state_dict):

@@ -455,10 +455,9 @@ def write_results(out, protocol, args, entries, datasets, title, extra=""):
                 table.append(f"| {e['weights']} | {e['method']} | {e['arch']} | {row} | {scores} |")
     text = f"{title}\n\n" + "\n".join(table) + "\n" + (f"\n{extra}" if extra else "")
     measured = {d.name: {"data": os.path.abspath(root), **d.files} for d, root in zip(datasets, args.data)}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"protocol": protocol, "args": vars(args), "datasets": measured, "backbones": entries}, f, indent=1)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
+    results = {"protocol": protocol, "args": vars(args), "datasets": measured, "backbones": entries}
+    data.save_atomic(json.dumps(results, indent=1), os.path.join(out, "results.json"))
+    data.save_atomic(text, os.path.join(out, "results.md"))
     print("\n" + text, flush=True)
 
 
@@ -507,8 +506,8 @@ def evaluate(args):
     title = f"Linear probe (frozen features, {args.preprocess} {args.img_size} px){knn}, {args.runs} run(s), train "
     extra = stage_table(results, [d.name for d in datasets]) if args.stages else ""
     write_results(args.out, "linear", args, results, datasets, title + f"ratio {args.train_ratio}", extra)
-    with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-        f.writelines(json.dumps(record) + "\n" for record in log)
+    for record in log:
+        data.append_record(os.path.join(args.out, "log.jsonl"), record)
     return results
 
 
@@ -563,6 +562,11 @@ def load_backbone(weights, arch=None, image_size=224, patch_size=16, heads=None)
         obj = data.load_weights_only(weights, fix=weights_fix(weights))
         if not isinstance(obj, dict):
             raise UserError(f"--weights {weights} holds a {type(obj).__name__}, not a state dict.")
+        if {"done", "current"} <= obj.keys() and obj["current"] is None:  # finetune_cls.py's, all runs done
+            raise UserError(
+                f"--weights {weights} is a checkpoint of finished fine-tuning runs: it holds their results, not "
+                "weights; finetune_cls.py --save-backbone writes the fine-tuned backbone."
+            )
         identity = sha256(weights)
         trained_on = obj.get("trained_on", [])  # finetune_cls.py's datasets, by their file lists
         ours = "method" in obj  # a backbone.pth or checkpoint.pth of this project: its "config" is ours

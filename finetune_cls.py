@@ -43,7 +43,6 @@ processes it is not (gloo has no SyncBatchNorm), so every process tests with ran
 incomplete training batch of an epoch is dropped (the data is reshuffled every epoch).
 """
 
-import json
 import math
 import os
 import signal
@@ -510,8 +509,7 @@ def save_checkpoint(state, args, proc):
 def log(args, proc, record):
     """A line of log.jsonl, by rank 0."""
     if proc.rank == 0:
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        data.append_record(os.path.join(args.out, "log.jsonl"), record)
 
 
 def main(argv=None):

@@ -61,7 +61,6 @@ import time
 from collections import OrderedDict, namedtuple
 from datetime import timedelta
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -426,7 +425,7 @@ def train(args):
 
     log = Log(args, proc)
     if proc.rank == 0:  # the run's configuration, beside its log
-        Path(args.out, "args.json").write_text(json.dumps(vars(args), indent=2))
+        data.save_atomic(json.dumps(vars(args), indent=2), os.path.join(args.out, "args.json"))
     nial = f"{len(natural)} natural images of {num_classes} classes" if natural else "NIAL off"
     start = f"resuming at step {step}" if step else "starting"
     log(f"{len(paths)} RS images, {nial}, {steps_per_epoch} steps/epoch, {proc.world} process(es), {start}")
@@ -616,8 +615,8 @@ class Log:
     def __call__(self, text, **record):
         if self.proc.rank == 0:  # the progress line; the record, if any, in log.jsonl
             print(f"{METHOD} | {text}", flush=True)
-            with open(os.path.join(self.args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n" if record else "")
+            if record:
+                data.append_record(os.path.join(self.args.out, "log.jsonl"), record)
 
     def add(self, values, skipped):
         self.sums = self.sums + values.float()

@@ -70,7 +70,6 @@ import sys
 import time
 from collections import namedtuple
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -574,7 +573,7 @@ def train(args):
 
     log = Log(args, proc)
     if proc.rank == 0:  # the run's configuration, beside its log
-        Path(args.out, "args.json").write_text(json.dumps(vars(args), indent=2))
+        data.save_atomic(json.dumps(vars(args), indent=2), os.path.join(args.out, "args.json"))
     n = (args.img_size // args.patch_size) ** 2
     n_s, n_l, n_t = (n, 0, n) if args.dense else mask_counts(n, args.mask_ratios)
     tokens = f"{n} patches: student {1 + n_s} -> {1 + n_s + n_l} tokens, teacher {1 + n_t}{' (--dense)' * args.dense}"
@@ -764,8 +763,8 @@ class Log:
     def __call__(self, text, **record):
         if self.proc.rank == 0:  # the progress line; the record, if any, in log.jsonl
             print(f"{METHOD} | {text}", flush=True)
-            with open(os.path.join(self.args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n" if record else "")
+            if record:
+                data.append_record(os.path.join(self.args.out, "log.jsonl"), record)
 
     def add(self, values, skipped):
         self.sums = self.sums + values.float()

@@ -73,7 +73,6 @@ import sys
 import time
 from collections import namedtuple
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -428,7 +427,7 @@ def train(args):
 
     log = Log(args, proc)
     if proc.rank == 0:  # the run's configuration, beside its log
-        Path(args.out, "args.json").write_text(json.dumps(vars(args), indent=2))
+        data.save_atomic(json.dumps(vars(args), indent=2), os.path.join(args.out, "args.json"))
     branches = "both branches" if args.prompt else "no prompt-enhanced branch (- P-E)"
     start = f"resuming at step {step}" if step else "starting"
     log(f"{len(paths)} images, {branches}, {steps_per_epoch} steps/epoch, {proc.world} process(es), {start}")
@@ -616,8 +615,8 @@ class Log:
     def __call__(self, text, **record):
         if self.proc.rank == 0:  # the progress line; the record, if any, in log.jsonl
             print(f"{METHOD} | {text}", flush=True)
-            with open(os.path.join(self.args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n" if record else "")
+            if record:
+                data.append_record(os.path.join(self.args.out, "log.jsonl"), record)
 
     def add(self, values, skipped):
         self.sums = self.sums + values.float()

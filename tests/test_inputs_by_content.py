@@ -110,6 +110,10 @@ def test_a_backbone_fine_tuned_on_a_dataset_is_refused_there_whatever_path_or_fi
         for root in (tmp_path / "ds", tmp_path / "ds" / "inner"):
             err = one_sentence(capsys, eval_linear, PROBE + ["--data", str(root), "--weights", str(weights)])
             assert f"--weights {weights}" in err and "was fine-tuned on" in err and "include its training" in err, err
+    err = one_sentence(
+        capsys, eval_linear, PROBE + ["--data", str(tmp_path / "ds"), "--weights", str(out / "checkpoint.pth")]
+    )
+    assert "is a checkpoint of finished fine-tuning runs: it holds their results, not weights" in err, err
     other = make_image_folder(tmp_path / "other", classes=2, per_class=4, seed=5)
     [entry] = eval_linear.evaluate(
         eval_linear.get_args(PROBE + ["--data", other, "--weights", str(tmp_path / "dapt.pth")])
@@ -202,6 +206,15 @@ def test_a_disk_that_fills_during_a_save_leaves_the_last_good_checkpoint_and_no_
     assert path.read_bytes() == before and not os.path.lexists(f"{path}.tmp")
 
 
+def test_a_disk_that_fills_while_logging_is_one_sentence(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=8)
+    (tmp_path / "run").mkdir()
+    os.symlink("/dev/full", tmp_path / "run" / "log.jsonl")
+    err = one_sentence(capsys, moco, tiny_moco(folder, tmp_path / "run", "--max-steps", "1"))
+    path = tmp_path / "run" / "log.jsonl"
+    assert err == f"moco.py: error: writing {path} failed (No space left on device); the lines written before are kept."
+
+
 def test_a_small_filesystem_that_fills_during_a_save_leaves_the_last_good_checkpoint(tmp_path, capsys):
     """The same on a real full filesystem: a tmpfs big enough for one checkpoint and the backbone, not for a second
     checkpoint beside the first."""
@@ -225,5 +238,9 @@ def test_a_small_filesystem_that_fills_during_a_save_leaves_the_last_good_checkp
         assert "the partial file is removed and" in err and "is left as it was" in err
         assert (disk / "run" / "checkpoint.pth").read_bytes() == before
         assert not os.path.exists(disk / "run" / "checkpoint.pth.tmp")
+        subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=64k"], capture_output=True)  # full now
+        err = one_sentence(capsys, moco, tiny_moco(folder, disk / "run", "--max-steps", "2"))
+        assert f"--out {disk / 'run'} cannot be written (No space left on device)" in err, err
+        assert (disk / "run" / "checkpoint.pth").read_bytes() == before
     finally:
         subprocess.run(["umount", str(disk)], check=True)
