@@ -307,7 +307,7 @@ def read_checkpoint(args, inputs, proc):
     state = data.load_weights_only(path, fix="move it away to start afresh")
     if not isinstance(state, dict) or "done" not in state:
         raise UserError(f"{path} is not a finetune_cls.py checkpoint; use another --out.")
-    if state.get("args") != vars(args):
+    if resume_args(state.get("args", {})) != resume_args(vars(args)):
         raise UserError(
             f"{path} belongs to an evaluation with other arguments; use the same ones to resume, or another --out."
         )
@@ -322,6 +322,13 @@ def read_checkpoint(args, inputs, proc):
     if proc.rank == 0:
         print(f"finetune | resuming: {len(state['done'])} run(s) done", flush=True)
     return state
+
+
+def resume_args(values):
+    """The arguments a resume must match: --data by resolved path (its files are compared by content too, as
+    `inputs`), --workers not at all (it changes no result)."""
+    resolved = [d if d == data.SYNTHETIC else os.path.realpath(d) for d in values.get("data", [])]
+    return {**values, "data": resolved, "workers": None}
 
 
 def evaluate(args):
@@ -396,6 +403,8 @@ def fine_tune(args, proc, state, key, weights, dataset, run, signals):
     whether a signal stopped it: every process stops after the same saved epoch)."""
     torch.manual_seed(args.seed + run)
     backbone = eval_linear.load_backbone(weights, args.arch, args.img_size, args.patch_size, args.heads)
+    if backbone.identity != state["inputs"]["weights"][args.weights.index(weights)]:  # what prepare() read and hashed
+        raise UserError(f"--weights {weights} changed during the evaluation; run it again when the file is final.")
     model = Classifier(backbone.model, backbone.width, len(dataset.classes)).to(proc.device)
     if proc.world > 1 and proc.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

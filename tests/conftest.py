@@ -127,6 +127,20 @@ def run_torchrun(script, nproc, *args, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+def refusal(module, argv, capsys, printed=None):
+    """main(argv) of a script, in this process: exit code 2 and one line on stderr, which is returned (and stdout
+    appended to `printed`, when given)."""
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"{module.__name__}.py: error: "), err
+    if printed is not None:
+        printed.append(captured.out)
+    return err[0]
+
+
 def assert_one_sentence_error(result, script, *fragments):
     """Exit code 2 and a single 'script: error: ...' line on stderr, no traceback."""
     assert result.returncode == 2, result.stdout + result.stderr

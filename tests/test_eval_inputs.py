@@ -17,7 +17,7 @@ import torchvision
 import data
 import eval_linear
 import finetune_cls
-from conftest import make_image_folder
+from conftest import make_image_folder, refusal
 
 EVALUATIONS = (eval_linear, finetune_cls)
 
@@ -27,20 +27,6 @@ class DictConfig:
 
     def __init__(self, content):
         self.content = content
-
-
-def refusal(module, argv, capsys, printed=None):
-    """main(argv) of an evaluation script: exit code 2 and one line on stderr, which is returned (and stdout appended
-    to `printed`, when given)."""
-    with pytest.raises(SystemExit) as exit_info:
-        module.main(argv)
-    captured = capsys.readouterr()
-    err = captured.err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1, err
-    assert err[0].startswith(f"{module.__name__}.py: error: "), err
-    if printed is not None:
-        printed.append(captured.out)
-    return err[0]
 
 
 def extract(sentence):

@@ -16,7 +16,7 @@ import torchvision
 import eval_linear
 import finetune_cls
 import moco
-from conftest import REPO, TINY_RESNET, assert_one_sentence_error, make_image_folder, run_script
+from conftest import REPO, TINY_RESNET, assert_one_sentence_error, make_image_folder, refusal, run_script
 
 PROBE = [
     "--arch",
@@ -35,14 +35,6 @@ PROBE = [
 FINETUNE = PROBE[:4] + ["--epochs", "1", "--batch-size", "4", "--runs", "1", "--train-ratio", "0.5", "--workers", "0"]
 
 
-def one_sentence(capsys, module, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        module.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1, err
-    return err[0]
-
-
 # ------------------------------------------------------------------------------------------------ evaluation tables
 def test_two_datasets_of_one_folder_name_get_a_column_each_and_the_same_files_twice_are_refused(tmp_path, capsys):
     x = make_image_folder(tmp_path / "x" / "images", classes=2, per_class=4, seed=0)
@@ -57,9 +49,9 @@ def test_two_datasets_of_one_folder_name_get_a_column_each_and_the_same_files_tw
         datasets = json.loads((tmp_path / out / "results.json").read_text())["datasets"]
         assert datasets["x/images"]["data"] == x and datasets["x/images"]["files"] == 8
     for module in (eval_linear, finetune_cls):
-        err = one_sentence(capsys, module, PROBE + ["--data", x, "--data", f"{x}/", "--out", str(tmp_path / "n")])
+        err = refusal(module, PROBE + ["--data", x, "--data", f"{x}/", "--out", str(tmp_path / "n")], capsys)
         assert f"--data {x} and --data {x}/ hold the same files" in err, err
-        err = one_sentence(capsys, module, PROBE + ["--data", x, "--dataset", "s", "--data", y, "--dataset", "S"])
+        err = refusal(module, PROBE + ["--data", x, "--dataset", "s", "--data", y, "--dataset", "S"], capsys)
         assert "--dataset s is given twice" in err, err
     assert not (tmp_path / "n").exists()
 
@@ -74,17 +66,40 @@ def test_a_finetune_checkpoint_is_resumed_only_with_the_weights_and_images_it_wa
     finetune_cls.evaluate(finetune_cls.get_args(argv))
     resumed = finetune_cls.evaluate(finetune_cls.get_args(argv))  # the same inputs: the done run is reused
     assert "resuming: 1 run(s) done" in capsys.readouterr().out and resumed[0]["scenes"]["mean"] >= 0
+    retyped = FINETUNE + ["--data", f"{folder}/", "--weights", str(weights), "--out", str(tmp_path / "ft")]
+    finetune_cls.evaluate(finetune_cls.get_args(retyped + ["--workers", "1"]))  # a path typed with its slash
+    assert "resuming: 1 run(s) done" in capsys.readouterr().out
     before = (tmp_path / "ft" / "checkpoint.pth").read_bytes()
     state["conv1.weight"] += 1  # the backbone trained further: the same name, another file
     torch.save({"arch": "resnet18", "method": "moco", "config": {}, "state_dict": state}, weights)
-    err = one_sentence(capsys, finetune_cls, argv)
+    err = refusal(finetune_cls, argv, capsys)
     assert f"was written for other files behind --weights {weights} (compared by content)" in err, err
     torch.save({"arch": "resnet18", "method": "moco", "config": {}, "state_dict": state}, tmp_path / "b2.pth")
     shutil.copy(tmp_path / "b2.pth", weights)
     make_image_folder(tmp_path / "scenes", classes=3, per_class=4)  # a class folder added
-    err = one_sentence(capsys, finetune_cls, argv)
+    err = refusal(finetune_cls, argv, capsys)
     assert f"--weights {weights}, --data {folder} (compared by content)" in err, err
     assert (tmp_path / "ft" / "checkpoint.pth").read_bytes() == before
+
+
+def test_a_weights_file_that_changes_during_a_finetune_is_refused_before_its_next_run(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "scenes", classes=2, per_class=4)
+    weights = tmp_path / "backbone.pth"
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    torch.save({"arch": "resnet18", "method": "moco", "config": {}, "state_dict": state}, weights)
+    real_test_confusion = finetune_cls.test_confusion
+
+    def train_the_backbone_further(*args, **kwargs):  # a pre-training run still writing the file
+        state["conv1.weight"] += 1
+        torch.save({"arch": "resnet18", "method": "moco", "config": {}, "state_dict": state}, weights)
+        return real_test_confusion(*args, **kwargs)
+
+    argv = FINETUNE + ["--data", folder, "--weights", str(weights), "--runs", "2", "--out", str(tmp_path / "ft")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finetune_cls, "test_confusion", train_the_backbone_further)
+        err = refusal(finetune_cls, argv, capsys)
+    assert f"error: --weights {weights} changed during the evaluation; run it again when the file is final." in err
+    assert len(torch.load(tmp_path / "ft" / "checkpoint.pth", weights_only=True)["done"]) == 1  # run 0 is kept
 
 
 def test_a_backbone_fine_tuned_on_a_dataset_is_refused_there_whatever_path_or_file_reaches_the_check(tmp_path, capsys):
@@ -108,11 +123,10 @@ def test_a_backbone_fine_tuned_on_a_dataset_is_refused_there_whatever_path_or_fi
     finetune_cls.main(argv)  # resumed to the end: dapt.pth written
     for weights in (tmp_path / "interrupted.pth", tmp_path / "dapt.pth"):
         for root in (tmp_path / "ds", tmp_path / "ds" / "inner"):
-            err = one_sentence(capsys, eval_linear, PROBE + ["--data", str(root), "--weights", str(weights)])
+            err = refusal(eval_linear, PROBE + ["--data", str(root), "--weights", str(weights)], capsys)
             assert f"--weights {weights}" in err and "was fine-tuned on" in err and "include its training" in err, err
-    err = one_sentence(
-        capsys, eval_linear, PROBE + ["--data", str(tmp_path / "ds"), "--weights", str(out / "checkpoint.pth")]
-    )
+    finished = PROBE + ["--data", str(tmp_path / "ds"), "--weights", str(out / "checkpoint.pth")]
+    err = refusal(eval_linear, finished, capsys)
     assert "is a checkpoint of finished fine-tuning runs: it holds their results, not weights" in err, err
     other = make_image_folder(tmp_path / "other", classes=2, per_class=4, seed=5)
     [entry] = eval_linear.evaluate(
@@ -133,11 +147,11 @@ def test_a_resume_knows_its_data_by_its_files_not_by_how_the_folder_is_typed(tmp
     assert "resuming at step 1" in capsys.readouterr().out
     before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
     make_image_folder(tmp_path / "images", classes=2, per_class=12, seed=3)  # 16 -> 24 images: the epochs would move
-    err = one_sentence(capsys, moco, tiny_moco(folder, tmp_path / "run", "--max-steps", "3"))
+    err = refusal(moco, tiny_moco(folder, tmp_path / "run", "--max-steps", "3"), capsys)
     assert "was written with other --data (16 files then, 24 now, compared by name and size)" in err, err
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before
     (tmp_path / "run" / "backbone.pth").rename(tmp_path / "run" / "checkpoint.pth")  # a backbone given as checkpoint
-    err = one_sentence(capsys, moco, tiny_moco(folder, tmp_path / "run"))
+    err = refusal(moco, tiny_moco(folder, tmp_path / "run"), capsys)
     assert "checkpoint.pth is not a moco.py training checkpoint; move it away to start afresh" in err, err
 
 
@@ -182,9 +196,9 @@ def read_only_folder(tmp_path):
 
 def test_a_read_only_out_is_one_sentence_before_any_work(tmp_path, read_only_folder, capsys):
     folder = make_image_folder(tmp_path / "images", classes=2, per_class=8)
-    err = one_sentence(capsys, moco, tiny_moco(folder, read_only_folder / "run"))
+    err = refusal(moco, tiny_moco(folder, read_only_folder / "run"), capsys)
     assert f"--out {read_only_folder / 'run'} cannot be written (" in err and "give a folder this user can" in err, err
-    err = one_sentence(capsys, eval_linear, PROBE + ["--data", folder, "--out", str(read_only_folder)])
+    err = refusal(eval_linear, PROBE + ["--data", folder, "--out", str(read_only_folder)], capsys)
     assert f"--out {read_only_folder} cannot be written" in err, err
     assert "top-1" not in capsys.readouterr().out  # refused before extraction and probe, not after
 
@@ -210,7 +224,7 @@ def test_a_disk_that_fills_while_logging_is_one_sentence(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "images", classes=2, per_class=8)
     (tmp_path / "run").mkdir()
     os.symlink("/dev/full", tmp_path / "run" / "log.jsonl")
-    err = one_sentence(capsys, moco, tiny_moco(folder, tmp_path / "run", "--max-steps", "1"))
+    err = refusal(moco, tiny_moco(folder, tmp_path / "run", "--max-steps", "1"), capsys)
     path = tmp_path / "run" / "log.jsonl"
     assert err == f"moco.py: error: writing {path} failed (No space left on device); the lines written before are kept."
 
@@ -239,7 +253,7 @@ def test_a_small_filesystem_that_fills_during_a_save_leaves_the_last_good_checkp
         assert (disk / "run" / "checkpoint.pth").read_bytes() == before
         assert not os.path.exists(disk / "run" / "checkpoint.pth.tmp")
         subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=64k"], capture_output=True)  # full now
-        err = one_sentence(capsys, moco, tiny_moco(folder, disk / "run", "--max-steps", "2"))
+        err = refusal(moco, tiny_moco(folder, disk / "run", "--max-steps", "2"), capsys)
         assert f"--out {disk / 'run'} cannot be written (No space left on device)" in err, err
         assert (disk / "run" / "checkpoint.pth").read_bytes() == before
     finally:
