@@ -7,12 +7,16 @@ lock, the atomic writer, the finiteness check and the stop signals."""
 import argparse
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
 import random
 import signal
 import socket
+import sys
+import time
+import uuid
 import warnings
 
 import numpy as np
@@ -84,7 +88,8 @@ def check_out_dir(path, flag="--out"):
 # ---------------------------------------------------------------- images
 def _scan(root):
     """Every image file below `root`, via os.scandir (a million files take seconds). Each directory (st_dev, st_ino)
-    is read once, real folders before links: a link loop (a mirror's `up -> ..`) or a second link adds nothing."""
+    is read once, real folders before links: a link loop (a mirror's `up -> ..`) or a second link adds nothing.
+    Hidden files and folders (macOS's ._ twins, .DS_Store) and __MACOSX/ are no images of the dataset."""
     found = []
     stack = [root]  # real folders still to read
     links = []  # linked folders, read after every real one
@@ -98,6 +103,8 @@ def _scan(root):
         seen.add((info.st_dev, info.st_ino))
         with os.scandir(folder) as entries:
             for entry in entries:
+                if entry.name.startswith(".") or entry.name == "__MACOSX":
+                    continue
                 if entry.is_dir(follow_symlinks=True):
                     (links if entry.is_symlink() else stack).append(entry.path)
                 elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
@@ -105,20 +112,28 @@ def _scan(root):
     return found
 
 
-def list_images(roots):
+def list_images(roots, flag="--data"):
     """(sorted image paths under each root, their identity: file_list_id); "synthetic" stands for the built-in
-    generated dataset."""
+    generated dataset. The same files given twice (one folder inside another, or two names of one) are refused."""
     paths = []
     groups = []  # (root, its paths)
+    identities = []  # each root's file_list_id
     for root in roots:
         if root == SYNTHETIC:
             found = [f"{SYNTHETIC}://{i}" for i in range(SYNTHETIC_IMAGES)]
         elif not os.path.isdir(root):
-            raise UserError(f"--data {root} is not a folder (give a folder of images, or 'synthetic').")
+            raise UserError(f"{flag} {root} is not a folder (give a folder of images, or 'synthetic').")
         elif not (found := sorted(_scan(root))):
-            raise UserError(f"--data {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            raise UserError(f"{flag} {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        identity = file_list_id([(root, found)])
+        for other, known in zip(roots, identities):  # a copy of one, the same folder, or one folder inside another
+            real = [os.path.realpath(r) for r in (root, other)]
+            nested = SYNTHETIC not in (root, other) and (_within(*real) or _within(*real[::-1]))
+            if known == identity or nested:
+                raise UserError(f"{flag} {other} and {flag} {root} hold the same files; give each dataset once.")
         paths += found
         groups.append((root, found))
+        identities.append(identity)
     return paths, file_list_id(groups)
 
 
@@ -140,7 +155,7 @@ def file_list_id(groups):
     return {"files": count, "sha256": digest.hexdigest()}
 
 
-def labeled_images(root):
+def labeled_images(root, flag="--data"):
     """(paths, labels, class_names, identity) of a class-per-folder dataset, below single wrapper folders (EuroSAT's
     2750/): the identity (file_list_id) is taken relative to the folder of the classes, so `ds` and `ds/2750` are the
     same dataset. macOS's __MACOSX/ is never a class; a class folder holding image folders is refused."""
@@ -148,7 +163,7 @@ def labeled_images(root):
         paths, identity = list_images([SYNTHETIC])
         return paths, [i % 4 for i in range(SYNTHETIC_IMAGES)], list(SYNTHETIC_CLASS_NAMES), identity
     if not os.path.isdir(root):
-        raise UserError(f"--data {root} is not a folder (give a folder with one sub-folder per class).")
+        raise UserError(f"{flag} {root} is not a folder (give a folder with one sub-folder per class).")
     while True:
         entries = list(os.scandir(root))
         subdirs = sorted(e.name for e in entries if e.is_dir() and e.name[0] != "." and e.name != "__MACOSX")
@@ -203,7 +218,8 @@ def open_rgb(path):
     """Open any image as 8-bit RGB: grayscale, palette, RGBA and CMYK files are converted; 16-bit and float files are
     read at their full depth and stretched from their minimum to their maximum (a 16-bit RGB PNG through torchvision,
     whose decoder keeps the 16 bits that Pillow cuts to the high byte). A 16-bit colour file of another format is
-    refused, never read black."""
+    refused, never read black. Non-finite pixels (a GeoTIFF's NaN no-data) are filled: img.info["no_data"] counts
+    them."""
     if path.startswith(SYNTHETIC):
         return synthetic_image(int(path.rsplit("/", 1)[1]))
     with Image.open(path) as img:
@@ -223,12 +239,20 @@ def open_rgb(path):
 
 
 def _stretched(pixels):
-    """float32 pixels (H x W, or H x W x 3) -> 8-bit RGB, stretched from their minimum to their maximum."""
-    low, high = float(pixels.min()), float(pixels.max())
-    return Image.fromarray(((pixels - low) / max(high - low, 1e-6) * 255).astype(np.uint8)).convert("RGB")
+    """float32 pixels (H x W, or H x W x 3) -> 8-bit RGB, stretched from their finite minimum to their finite maximum.
+    Non-finite pixels are no-data: left out of the stretch, filled with the minimum, counted in info["no_data"]; a file
+    with no finite pixel is unreadable (ValueError)."""
+    finite = np.isfinite(pixels)
+    if not finite.any():
+        raise ValueError("no finite pixel: the whole image is no-data")
+    low, high = float(pixels[finite].min()), float(pixels[finite].max())
+    pixels = np.where(finite, pixels, low)
+    img = Image.fromarray(((pixels - low) / max(high - low, 1e-6) * 255).astype(np.uint8)).convert("RGB")
+    img.info["no_data"] = int((~finite).reshape(*pixels.shape[:2], -1).any(-1).sum())  # pixels, not values
+    return img
 
 
-def check_readable(paths, samples=32, seed=0):
+def check_readable(paths, samples=32, seed=0, flag="--data"):
     """Open a random sample of the files at start-up: a dataset whose files mostly fail is an error, not a slow run."""
     picked = random.Random(seed).sample(paths, min(samples, len(paths)))
     failed = []
@@ -242,7 +266,7 @@ def check_readable(paths, samples=32, seed=0):
     if len(failed) > len(picked) // 2:
         raise UserError(
             f"{len(failed)} of {len(picked)} sampled images could not be read, e.g. {failed[0]}; "
-            "check that --data points at image files."
+            f"check that {flag} points at image files."
         )
 
 
@@ -305,6 +329,9 @@ class ImageDataset(Dataset):
                     print(f"warning: skipping unreadable image {path} ({type(err).__name__}: {err})", flush=True)
         else:
             raise UserError("no image of the dataset could be read.")
+        if img.info.get("no_data") and self.reported < 5:  # a silent fill would hide a masked scene
+            self.reported += 1
+            print(f"warning: {path} has {img.info['no_data']} non-finite (no-data) pixel(s), filled", flush=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**64)  # torch takes < 2**64
             x = self.transform(img) if self.transform else img
@@ -375,14 +402,170 @@ def load_weights_only(path, fix="give a backbone.pth, a checkpoint.pth or a torc
 
 
 # ---------------------------------------------------------------- what every script's run does the same way
+PROCESS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets in each process it starts
+
+
+def process_env():
+    """The one process check of every script: (rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and
+    LOCAL_RANK, all three set, or (0, 1, 0) with none set (one process started by python). Anything else is one
+    sentence before any write: a RANK left over in a shell would have a lone process wait forever for its group."""
+    given = {name: os.environ.get(name) for name in PROCESS_ENV}
+    unset = [name for name, value in given.items() if value is None]
+    if len(unset) == len(PROCESS_ENV):
+        return 0, 1, 0
+    shown = ", ".join(f"{name}={value}" for name, value in given.items() if value is not None)
+    if unset:
+        raise UserError(
+            f"{shown} is set but {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not: torchrun sets all "
+            "three; start one process with none "
+            "of them set, or several with torchrun."
+        )
+    try:
+        rank, world, local_rank = (int(given[name]) for name in PROCESS_ENV)
+    except ValueError:
+        raise UserError(f"{shown}: RANK, WORLD_SIZE and LOCAL_RANK must be integers, as torchrun sets them.") from None
+    if not 0 <= rank < world or not 0 <= local_rank < world:
+        raise UserError(f"{shown} names no process of a group of {world}: RANK and LOCAL_RANK count from 0.")
+    return rank, world, local_rank
+
+
+def reports_errors():
+    """Whether this process prints a refusal: rank 0 of torchrun's processes, and any process with a bad environment."""
+    try:
+        return process_env()[0] == 0
+    except UserError:
+        return True
+
+
+RUN_RECORD = "run.json"  # in every --out: the script and the run that own it, and the files it wrote outside it
+NO_PATH = (SYNTHETIC, "random", "imagenet")  # values of --data / --weights that name no file (also imagenet:V2 ...)
+
+
+def _given(args, flag):
+    """The paths a flag names (a repeatable flag: every one), without the built-in names."""
+    values = getattr(args, flag, None)
+    values = values if isinstance(values, list) else [values]
+    return [v for v in values if v is not None and v not in NO_PATH and not v.startswith("imagenet:")]
+
+
+def _within(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_paths(script, args, reads, writes, run_files):
+    """The one check of every path a run reads (the flags `reads`) and writes (`writes`: --out and files such as
+    --vis), before any work. Every sentence names the flag the path came from.
+    - An input exists: a folder, or a file for --weights.
+    - No output is, or lies inside, an input; an input is none of the `run_files` the run writes in --out.
+    - --out is new, empty, or this script's run folder (its run.json), never another's. A folder of an earlier version,
+      without run.json, is taken as this script's when it holds only `run_files`, the first of them included.
+    - An existing output file is replaced only when the run of --out wrote it (run.json holds its sha256)."""
+    dashed = {flag: "--" + flag.replace("_", "-") for flag in (*reads, *writes)}
+    inputs = [(flag, path, os.path.realpath(path)) for flag in reads for path in _given(args, flag)]
+    for flag, path, _ in inputs:
+        kind = "file" if flag == "weights" else "folder"
+        if not (os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
+            raise UserError(f"{dashed[flag]} {path} is not a {kind}{' (nor random / imagenet)' * (kind == 'file')}.")
+    files = [(flag, path) for flag in writes if flag != "out" for path in _given(args, flag)]
+    outputs = [("out", args.out)] + [("out", os.path.join(args.out, name)) for name in run_files] + files
+    for (out_flag, output), (in_flag, path, real) in itertools.product(outputs, inputs):
+        if output != args.out and out_flag == "out" and os.path.realpath(output) == real:
+            name = os.path.basename(output)
+            raise UserError(f"{dashed[in_flag]} {path} is the {name} this run writes in --out; give another --out.")
+        if _within(os.path.realpath(output), real):
+            where = "is" if os.path.realpath(output) == real else "lies inside"
+            raise UserError(
+                f"{dashed[out_flag]} {output} {where} {dashed[in_flag]} {path}, which the run reads: its output would "
+                f"replace or join its input; give {dashed[out_flag]} a path outside it."
+            )
+    for flag, path in files:
+        if os.path.realpath(path) in {os.path.realpath(os.path.join(args.out, name)) for name in run_files}:
+            raise UserError(f"{dashed[flag]} {path} is a file this run writes in --out; give another file.")
+        if os.path.isdir(path):
+            raise UserError(f"{dashed[flag]} {path} is a folder; give a file name.")
+        check_out_dir(os.path.dirname(os.path.abspath(path)), f"{dashed[flag]}'s folder")
+    check_out_dir(args.out)
+    record = run_record(args.out)
+    if record is not None and record.get("script") != script:
+        raise UserError(
+            f"--out {args.out} is the run folder of {record.get('script')} ({RUN_RECORD}); give {script} a folder "
+            "of its own."
+        )
+    entries = sorted(set(os.listdir(args.out)) - {".lock"}) if os.path.isdir(args.out) else []
+    earlier = {name.removesuffix(".tmp") for name in entries}  # an earlier version's folder: its files, and leftovers
+    if record is None and entries and not (earlier <= set(run_files) and run_files[0] in entries):
+        raise UserError(
+            f"--out {args.out} holds {', '.join(entries[:3])}{', ...' * (len(entries) > 3)} and no {RUN_RECORD}, so it "
+            f"is no run folder of {script}; give a new or empty folder."
+        )
+    written = (record or {}).get("outputs", {})
+    for flag, path in files:
+        if os.path.exists(path) and written.get(os.path.realpath(path)) != sha256(path):
+            raise UserError(
+                f"{dashed[flag]} {path} exists and the run of --out {args.out} did not write it; move it away or give "
+                "another file."
+            )
+
+
+def run_record(out):
+    """--out's run.json (the script and the run that own it, the files it wrote outside it), or None."""
+    path = os.path.join(out, RUN_RECORD)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        assert isinstance(record, dict)
+    except (OSError, ValueError, AssertionError):
+        raise UserError(f"{path} is not a run record of this project; give another --out.") from None
+    return record
+
+
+def record_output(out, path):
+    """run.json notes a file the run wrote outside --out (--vis, --save-backbone) by its sha256: a later run of the same
+    folder may replace it, no other may."""
+    record = run_record(out)
+    record.setdefault("outputs", {})[os.path.realpath(path)] = sha256(path)
+    save_atomic(json.dumps(record, indent=1), os.path.join(out, RUN_RECORD))
+
+
+def sha256(path):
+    """The sha256 of a file's bytes: what identifies a --weights file, and an output file the run wrote."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+QUIET_FLAGS = ("data", "out", "workers", "log_every", "max_steps", "knn_monitor", "knn_every")  # change no weight
+
+
+def run_segments(checkpoint, args, rank):
+    """What a pre-training run's args.json records: each segment of the run, its flags' values and the step where it
+    began. A resume with other values (of the flags its checkpoint lets change: lr, epochs, ...) starts a segment, and
+    rank 0 prints a note naming each that changes the training (not the QUIET_FLAGS)."""
+    now = vars(args)
+    if not checkpoint:
+        return [{"step": 0, "args": now}]
+    segments = checkpoint.get("segments", [{"step": 0, "args": checkpoint["args"]}])  # older checkpoints: one
+    then = segments[-1]["args"]
+    changed = [k for k, v in now.items() if v != then.get(k)]
+    noted = [f"--{k.replace('_', '-')} {now[k]} (was {then.get(k)})" for k in changed if k not in QUIET_FLAGS]
+    if rank == 0 and noted:
+        print(f"note: resuming at step {checkpoint['step']} with {', '.join(noted)}; args.json keeps each segment")
+    return segments + [{"step": checkpoint["step"], "args": now}] if changed else segments
+
+
 _held = {}  # the --out lock files this process holds (hold_out), by folder; closed by release_out()
 
 
-def hold_out(out):
+def hold_out(out, script):
     """One run per --out: an exclusive lock on out/.lock, which the kernel releases when the process ends, however it
-    ends; a note says so when the previous holder died without releasing it. A folder that cannot be written, or one
-    that a live run holds, is one sentence: the last check before any work. Held already by this process: nothing
-    to do (a script's evaluate() or train() called twice in one Python session)."""
+    ends; a note says so when the previous holder died without releasing it. A new folder gets its run.json, naming
+    `script` and this run. A folder that cannot be written, or one that a live run holds, is one sentence: the last
+    check before any work. Held already by this process: nothing to do (evaluate() or train() called twice in one
+    Python session)."""
     if os.path.realpath(out) in _held:
         return
     lock = None
@@ -406,6 +589,9 @@ def hold_out(out):
             f"--out {out} cannot be written ({err.strerror}); give a folder this user can write, with free space."
         ) from None
     _held[os.path.realpath(out)] = lock
+    if run_record(out) is None:  # this run owns the folder from now on
+        record = {"script": script, "run": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        save_atomic(json.dumps(record | {"outputs": {}}, indent=1), os.path.join(out, RUN_RECORD))
     if previous:  # a killed run leaves its name: say that this run is taking its place
         print(f"note: --out {out} was held by {previous}, which ended without releasing it; this run takes it over")
 
@@ -421,19 +607,23 @@ def release_out():
 def save_atomic(obj, path):
     """torch.save (a str: its text) to a temp file, fsync, rename: a kill at any moment leaves the old file or the new
     one, never half. A failed write (a full disk) removes the partial file and is one sentence: the file at `path` is
-    left as it was."""
+    left as it was. An interruption (a second stop signal) removes it too, and stays an interruption."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(f"{path}.tmp", "wb") as f:
-            if isinstance(obj, str):  # args.json, results.json, results.md
+            if isinstance(obj, str):  # args.json, results.json, results.md, run.json
                 f.write(obj.encode())
             else:
                 torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+    except BaseException as err:
         if os.path.lexists(f"{path}.tmp"):
             os.remove(f"{path}.tmp")
+        if isinstance(err.__context__, Interrupted):  # torch.save's writer reports the interrupted write as its own
+            raise err.__context__ from None
+        if not isinstance(err, (OSError, RuntimeError)):
+            raise
         why = err.strerror if isinstance(err, OSError) else "the write failed; is the disk full?"
         kept = f"{path} is left as it was" if os.path.exists(path) else f"no {os.path.basename(path)} was written yet"
         raise UserError(f"writing {path} failed ({why}): the partial file is removed and {kept}.") from None
@@ -461,19 +651,58 @@ def first_non_finite(state_dict):
     return next((name for name, ok in zip(weights, finite.tolist()) if not ok), None)
 
 
-def catch_stop_signals():
-    """SIGTERM (a scheduler's notice) or Ctrl-C is recorded in the returned list, for the loop to stop at a step it
-    chooses; a second one interrupts at once."""
-    received = []
+# ---------------------------------------------------------------- the one signal policy of every script
+class Interrupted(BaseException):
+    """A stop signal that stops at once: one before the run has anything to save, or a second one. A BaseException,
+    so that no `except Exception` (an unreadable image, a failed write) takes it for something else."""
 
-    def request_stop(signum, frame):
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, request_stop)
-    return received
+
+_stop = {"received": [], "at": 0.0, "wait": False}  # the stop signals received; when the last came; wait: see below
+
+
+def _on_stop_signal(signum, frame):
+    received = _stop["received"]
+    if received and received[-1] == signum and time.monotonic() - _stop["at"] < 1:
+        return  # the same request twice: torchrun forwards to its workers what the terminal or scheduler sent them
+    received.append(signum)
+    _stop["at"] = time.monotonic()
+    if not _stop["wait"] or len(received) > 1:
+        raise Interrupted(signum)
+
+
+def handle_stop_signals():
+    """The first line of every script's main(): from here SIGTERM (a scheduler's notice) and Ctrl-C raise Interrupted
+    at once, until stop_at_safe_points(). Returns the handlers it replaced, for main() to restore."""
+    _stop.update(received=[], at=0.0, wait=False)
+    return {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def stop_at_safe_points():
+    """From here the run has something to save: a first stop signal is only recorded, in the returned list, for the
+    loop to stop at a point it chooses and save; a second raises Interrupted at once (the files written are whole).
+    (A signal before this raised Interrupted: the list starts empty.)"""
+    handle_stop_signals()  # also when train() or evaluate() is called without main()
+    _stop["wait"] = True
+    return _stop["received"]
+
+
+def stop_exit_code(stopped):
+    """128 + the number of the first stop signal this process received (or of SIGTERM, when `stopped` because another
+    process received one), as a shell reports a process that a signal ended; 0 when none came."""
+    received = _stop["received"]
+    signum = received[0] if received else signal.SIGTERM if stopped else 0
+    return 128 + signum if signum else 0
+
+
+def report_stop(script, code, checkpoint=None):
+    """The line before a stopped run exits with `code` (128 + the signal's number): how the same command goes on."""
+    if reports_errors():
+        resume = f"resumes from {checkpoint}" if checkpoint and os.path.exists(checkpoint) else "starts it again"
+        print(f"{script}: stopped by {signal.Signals(code - 128).name}; the same command {resume}.", file=sys.stderr)
 
 
 def ignore_stop_signals(worker_id=None):
@@ -486,14 +715,17 @@ def ignore_stop_signals(worker_id=None):
 @torch.no_grad()
 def knn_predict(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07, chunk=1024):
     """Weighted kNN (InstDisc, DINO): the k training features of highest cosine similarity vote for their class with
-    weight exp(similarity / temperature). Returns the predicted class of every test feature."""
+    weight exp(similarity / temperature), computed as exp((similarity - the nearest's) / temperature): the same vote
+    scaled by a constant, which never overflows float32 (at temperature 0.001, exp(1000) would). Returns the predicted
+    class of every test feature."""
     train = F.normalize(train_features.float(), dim=1)
     labels = torch.as_tensor(train_labels, device=train.device)
     predictions = []
     for part in F.normalize(test_features.float(), dim=1).split(chunk):
         similarity, nearest = (part @ train.T).topk(min(k, len(train)), dim=1)
         votes = torch.zeros(len(part), num_classes, device=part.device)
-        predictions.append(votes.scatter_add_(1, labels[nearest], (similarity / temperature).exp()).argmax(1))
+        weights = ((similarity - similarity[:, :1]) / temperature).exp()  # topk sorts: column 0 is the nearest
+        predictions.append(votes.scatter_add_(1, labels[nearest], weights).argmax(1))
     return torch.cat(predictions)
 
 
@@ -504,7 +736,7 @@ class KnnMonitor:
     training."""
 
     def __init__(self, root, size, seed=0, per_class=200):
-        paths, labels, classes, _ = labeled_images(root)
+        paths, labels, classes, _ = labeled_images(root, "--knn-monitor")
         labels = np.asarray(labels)
         rng = np.random.default_rng(seed)
         chosen = np.sort(

@@ -44,6 +44,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 from collections import namedtuple
@@ -59,6 +60,11 @@ from torchvision.models.vision_transformer import interpolate_embeddings
 
 import data
 from data import UserError
+
+SCRIPT = os.path.basename(__file__)
+READS = ("data", "weights")  # the flags of the paths an evaluation reads (data.check_paths)
+WRITES = ("out",)  # and of those it writes
+RUN_FILES = ("results.json", "results.md", "log.jsonl")  # what evaluate() writes in --out
 
 
 # ---------------------------------------------------------------------------------------------- flags (both scripts)
@@ -172,10 +178,10 @@ def check_args(args):
     for name in ("img_size", "runs", "epochs", "lr", "batch_size", "extract_batch_size", "knn_k", "knn_temperature"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
-    check_datasets(args)
-    data.check_out_dir(args.out)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if data.process_env()[1] > 1:  # the one process check, then every path
         raise UserError("eval_linear.py runs in one process (the probe takes minutes); start it with python.")
+    check_datasets(args)
+    data.check_paths(SCRIPT, args, READS, WRITES, RUN_FILES)
 
 
 # ------------------------------------------------------------------------------------------ datasets (both scripts)
@@ -237,7 +243,9 @@ def readable_images(paths, labels, classes, workers=0):
     the extraction or one epoch) drops the files that fail. A class left without a readable image is an error."""
     if all(p.startswith(data.SYNTHETIC) for p in paths):  # generated, always readable
         return paths, labels, []
-    loader = DataLoader(paths, batch_size=64, num_workers=workers, collate_fn=_decodes)
+    loader = DataLoader(
+        paths, batch_size=64, num_workers=workers, collate_fn=_decodes, worker_init_fn=data.ignore_stop_signals
+    )
     ok = [flag for batch in loader for flag in batch]
     if refused := next((flag for flag in ok if isinstance(flag, str)), None):
         raise UserError(refused)
@@ -302,7 +310,11 @@ def extract_features(model, paths, args, device):
             )
     dataset = data.ImageDataset(paths, transform=preprocess(args))
     loader = DataLoader(
-        dataset, batch_size=args.extract_batch_size, num_workers=args.workers, pin_memory=device.type == "cuda"
+        dataset,
+        batch_size=args.extract_batch_size,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=data.ignore_stop_signals,  # a Ctrl-C is the main process's to handle
     )
     features = {}
     skipped = 0
@@ -436,12 +448,48 @@ def check_distinct(weights, backbones):
             raise UserError(f"--weights {weights[i]} and --weights {weights[j]} are the same weights; give them once.")
 
 
-def write_results(out, protocol, args, entries, datasets, title, extra=""):
-    """results.json (every run, and what was measured: each dataset's file list and each weights file's sha256) and
-    results.md: GeRSP Table I's shape, a row per backbone and protocol (`protocol`, and 'knn' where eval_linear.py
+def evaluation_identity(args, datasets, backbones):
+    """What an evaluation measures, by content: its flags (but the paths, which are compared by content, and --out and
+    --workers, which change no number), each dataset's name and file list, each weights' name and sha256."""
+    values = {k: v for k, v in vars(args).items() if k not in ("data", "weights", "out", "workers")}
+    values["datasets"] = [(d.name, d.files["sha256"]) for d in datasets]
+    values["weights"] = [(w, b.identity) for w, b in zip(args.weights, backbones)]
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def earlier_results(out, identity):
+    """--out's results.json when it holds this very evaluation (`identity`): a second run keeps it; None when --out
+    holds no results; one sentence when it holds another evaluation's, which is never replaced."""
+    path = os.path.join(out, "results.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        results = {}
+    if results.get("identity") != identity:
+        raise UserError(
+            f"--out {out} holds the results of another evaluation ({path}); give another --out, or move them away."
+        )
+    return results
+
+
+def keep_results(out, results):
+    """A second run of one evaluation: its table printed again from --out, nothing written."""
+    table = os.path.join(out, "results.md")
+    shown = open(table).read() if os.path.isfile(table) else json.dumps(results["backbones"], indent=1)
+    print(f"{out} holds the results of this evaluation (the same flags and files); kept:\n\n{shown}", flush=True)
+    return results["backbones"]
+
+
+def write_results(out, protocol, args, entries, datasets, title, identity, extra=""):
+    """results.md: GeRSP Table I's shape, a row per backbone and protocol (`protocol`, and 'knn' where eval_linear.py
     --knn stored a dataset's kNN result under "knn"), mean +- std per dataset, then `extra` (more markdown: the
-    stage-wise table). entries: [{"weights", "method", "arch", "sha256", <dataset>: {"mean", "std", ..., "knn":
-    {...}}}]; the tables are printed too."""
+    stage-wise table); then results.json (every run, what was measured: each dataset's file list and each weights
+    file's sha256, and the evaluation's `identity`), last, so that results.json means the table is whole. entries:
+    [{"weights", "method", "arch", "sha256", <dataset>: {"mean", "std", ..., "knn": {...}}}]; the tables are printed
+    too."""
     names = [d.name for d in datasets]
     table = [
         "| weights | method | arch | protocol | " + " | ".join(f"{d} top-1" for d in names) + " |",
@@ -455,9 +503,9 @@ def write_results(out, protocol, args, entries, datasets, title, extra=""):
                 table.append(f"| {e['weights']} | {e['method']} | {e['arch']} | {row} | {scores} |")
     text = f"{title}\n\n" + "\n".join(table) + "\n" + (f"\n{extra}" if extra else "")
     measured = {d.name: {"data": os.path.abspath(root), **d.files} for d, root in zip(datasets, args.data)}
-    results = {"protocol": protocol, "args": vars(args), "datasets": measured, "backbones": entries}
-    data.save_atomic(json.dumps(results, indent=1), os.path.join(out, "results.json"))
+    results = {"protocol": protocol, "identity": identity, "args": vars(args), "datasets": measured}
     data.save_atomic(text, os.path.join(out, "results.md"))
+    data.save_atomic(json.dumps(results | {"backbones": entries}, indent=1), os.path.join(out, "results.json"))
     print("\n" + text, flush=True)
 
 
@@ -474,7 +522,10 @@ def evaluate(args):
     for weights, backbone in zip(args.weights, backbones):
         for dataset in datasets:
             check_not_source(weights, backbone, dataset)
-    data.hold_out(args.out)  # the last check: one run per --out, which this user can write
+    identity = evaluation_identity(args, datasets, backbones)
+    if kept := earlier_results(args.out, identity):  # the same evaluation again: its results stay as they are
+        return keep_results(args.out, kept)
+    data.hold_out(args.out, SCRIPT)  # the last check: one run per --out, which it owns
 
     results = []
     log = []
@@ -505,21 +556,32 @@ def evaluate(args):
     knn = f" and weighted kNN (k {args.knn_k}, temperature {args.knn_temperature})" if args.knn else ""
     title = f"Linear probe (frozen features, {args.preprocess} {args.img_size} px){knn}, {args.runs} run(s), train "
     extra = stage_table(results, [d.name for d in datasets]) if args.stages else ""
-    write_results(args.out, "linear", args, results, datasets, title + f"ratio {args.train_ratio}", extra)
     for record in log:
         data.append_record(os.path.join(args.out, "log.jsonl"), record)
+    write_results(args.out, "linear", args, results, datasets, title + f"ratio {args.train_ratio}", identity, extra)
     return results
 
 
 def main(argv=None):
+    """Bad input: one sentence and exit code 2; a stop signal: exit code 128 + its number (130 Ctrl-C, 143 SIGTERM).
+    The probe has nothing to save before its table (written last, atomically), so a signal stops it at once."""
     args = get_args(argv)
+    handlers = data.handle_stop_signals()  # from the first line of work
+    code = 0
     try:
         evaluate(args)
+    except data.Interrupted:
+        code = data.stop_exit_code(True)
     except UserError as err:
-        print(f"eval_linear.py: error: {err}", file=sys.stderr)
+        print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
         data.release_out()
+    if code:  # never 0: a `&&` chain or an after-success dependency stops here
+        data.report_stop(SCRIPT, code)
+        sys.exit(code)
 
 
 # ================================================================================================================

@@ -63,7 +63,11 @@ import data
 import eval_linear
 from data import UserError
 
+SCRIPT = os.path.basename(__file__)
 Process = namedtuple("Process", "rank world device amp_dtype workers")  # this process; amp_dtype None: no autocast
+READS = ("data", "weights")  # the flags of the paths a fine-tuning reads (data.check_paths)
+WRITES = ("out", "save_backbone")  # and of those it writes
+RUN_FILES = ("checkpoint.pth", "results.json", "results.md", "log.jsonl")  # what evaluate() writes in --out
 
 RECIPES = {
     "gersp": dict(
@@ -138,28 +142,25 @@ def check_args(args, world):
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
     eval_linear.check_datasets(args)
-    data.check_out_dir(args.out)
-    if args.save_backbone:
-        if len(args.weights) > 1 or len(args.data) > 1:
-            raise UserError("--save-backbone needs a single --weights and a single --data.")
-        if os.path.isdir(args.save_backbone):
-            raise UserError(f"--save-backbone {args.save_backbone} is a folder; give a file name (backbone.pth).")
-        data.check_out_dir(os.path.dirname(os.path.abspath(args.save_backbone)), "--save-backbone's folder")
+    if args.save_backbone and (len(args.weights) > 1 or len(args.data) > 1):
+        raise UserError("--save-backbone needs a single --weights and a single --data.")
+    data.check_paths(SCRIPT, args, READS, WRITES, RUN_FILES)  # no output in an input, no file of another run
 
 
 # ------------------------------------------------------------------------------------------------ processes
 def setup(args):
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them, one process. Returns its facts."""
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (all three, or none: one process). Checks them;
+    returns this process's facts."""
+    rank, world, local_rank = data.process_env()  # the one process check
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    world = int(os.environ.get("WORLD_SIZE", 1))
     workers = args.workers
     if workers is None:  # the CPUs of this machine, shared by its processes
         workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return Process(int(os.environ.get("RANK", 0)), world, device, amp_dtype, workers)
+    return Process(rank, world, device, amp_dtype, workers)
 
 
 def connect(proc):
@@ -297,7 +298,7 @@ def prepare(args, proc):
     return backbones, datasets
 
 
-def read_checkpoint(args, inputs, proc):
+def read_checkpoint(args, inputs):
     """The runs done and the run in progress, from --out's checkpoint when there is one: with the same arguments and
     the same `inputs` (each --weights file's sha256, each dataset's file list) only, else one sentence naming the
     change."""
@@ -319,8 +320,6 @@ def read_checkpoint(args, inputs, proc):
             f"{path} was written for other files behind {', '.join(changed)} (compared by content); use another "
             "--out, or move the checkpoint away to evaluate them afresh."
         )
-    if proc.rank == 0:
-        print(f"finetune | resuming: {len(state['done'])} run(s) done", flush=True)
     return state
 
 
@@ -339,11 +338,16 @@ def evaluate(args):
     torch.manual_seed(args.seed)
     backbones, datasets = prepare(args, proc)
     inputs = {"weights": [b.identity for b in backbones.values()], "datasets": [d.files for d in datasets]}
-    state = read_checkpoint(args, inputs, proc)
+    state = read_checkpoint(args, inputs)
+    identity = eval_linear.evaluation_identity(args, datasets, backbones.values())
+    if kept := eval_linear.earlier_results(args.out, identity):  # finished already: its results stay as they are
+        return eval_linear.keep_results(args.out, kept) if proc.rank == 0 else kept["backbones"]
+    if state["done"] and proc.rank == 0:
+        print(f"finetune | resuming: {len(state['done'])} run(s) done", flush=True)
     if proc.rank == 0:
-        data.hold_out(args.out)  # the last check: one run per --out, which this user can write
+        data.hold_out(args.out, SCRIPT)  # the last check: one run per --out, which it owns
     connect(proc)
-    signals = data.catch_stop_signals()  # SIGTERM or Ctrl-C: the epoch finishes, is saved, and the evaluation stops
+    signals = data.stop_at_safe_points()  # a first SIGTERM or Ctrl-C: the epoch finishes, is saved, and it stops
     sources = [files for backbone in backbones.values() for files in backbone.trained_on]
     state |= {"args": vars(args), "inputs": inputs, "trained_on": sources + inputs["datasets"]}  # what it has seen
     runs_left = [(w, d, r) for w in args.weights for d in datasets for r in range(args.runs)]
@@ -354,12 +358,7 @@ def evaluate(args):
         model, stopped = fine_tune(args, proc, state, key, weights, dataset, run, signals)
         if stopped:  # every process stopped after the same saved epoch
             if proc.rank == 0:
-                epoch = state["current"]["epoch"]
-                print(
-                    f"finetune | stopped by a signal after epoch {epoch} of {key}; {args.out}/checkpoint.pth "
-                    "resumes it",
-                    flush=True,
-                )
+                print(f"finetune | stopped by a signal after epoch {state['current']['epoch']} of {key}", flush=True)
             return None
         test_idx = dataset.splits[run][1]
         test_set = ([dataset.paths[i] for i in test_idx], [dataset.labels[i] for i in test_idx])
@@ -372,6 +371,7 @@ def evaluate(args):
                 "state_dict": model.backbone.state_dict(),
             }
             data.save_atomic(exported | {"trained_on": backbone.trained_on + [dataset.files]}, args.save_backbone)
+            data.record_output(args.out, args.save_backbone)  # this run wrote it: a resume of it may replace it
             print(f"finetune | fine-tuned backbone saved to {args.save_backbone}", flush=True)
         accuracy = float(confusion.diag().sum() / confusion.sum() * 100)
         state["done"][key] = {"accuracy": accuracy, "confusion": confusion.tolist()}
@@ -381,6 +381,8 @@ def evaluate(args):
         eta = timedelta(seconds=int((time.time() - start) / count * (len(runs_left) - count)))
         if proc.rank == 0:
             print(f"finetune | {key}: top-1 {accuracy:.2f} ({count} of {len(runs_left)} runs, eta {eta})", flush=True)
+        if count < len(runs_left) and any_signalled(signals, proc):  # a signal during the test: stop between runs
+            return None
     entries = []
     for weights, backbone in backbones.items():
         entry = {"weights": weights, "method": backbone.method, "arch": backbone.arch, "sha256": backbone.identity}
@@ -393,7 +395,7 @@ def evaluate(args):
         entries.append(entry)
     if proc.rank == 0:
         title = f"Fine-tuning ({args.recipe} recipe), {args.runs} run(s), train ratio {args.train_ratio}"
-        eval_linear.write_results(args.out, "finetune", args, entries, datasets, title)
+        eval_linear.write_results(args.out, "finetune", args, entries, datasets, title, identity)
     return entries
 
 
@@ -522,15 +524,18 @@ def log(args, proc, record):
 
 
 def main(argv=None):
-    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1. Whatever happens, the signal
-    handlers are restored, --out is released and the process group is closed."""
+    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1; a stop signal: exit code 128 +
+    its number (130 Ctrl-C, 143 SIGTERM), never 0, after a line on resuming. Whatever happens, the signal handlers are
+    restored, --out is released and the process group is closed."""
     args = get_args(argv)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # evaluate() replaces them
+    handlers = data.handle_stop_signals()  # from the first line of work: a signal before evaluate() saves stops at once
     try:
-        evaluate(args)
+        stopped = evaluate(args) is None  # None: a signal stopped it after a saved epoch
+    except data.Interrupted:  # before anything was saved, or a second signal: the files written are whole
+        stopped = True
     except (UserError, FloatingPointError) as err:
-        if int(os.environ.get("RANK", 0)) == 0 or isinstance(err, FloatingPointError):
-            print(f"finetune_cls.py: error: {err}", file=sys.stderr)
+        if data.reports_errors() or isinstance(err, FloatingPointError):
+            print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(1 if isinstance(err, FloatingPointError) else 2)
     finally:
         for s, handler in handlers.items():
@@ -538,6 +543,9 @@ def main(argv=None):
         data.release_out()
         if dist.is_initialized():
             dist.destroy_process_group()
+    if code := data.stop_exit_code(stopped):  # never 0: a `&&` chain or an after-success dependency stops here
+        data.report_stop(SCRIPT, code, os.path.join(args.out, "checkpoint.pth"))
+        sys.exit(code)
 
 
 if __name__ == "__main__":

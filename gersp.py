@@ -80,6 +80,8 @@ METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 LOGGED = ("loss", "loss_ct", "loss_ce", "nial_acc")  # what train_step() returns, in log.jsonl
 RESUME_MUST_MATCH = ("arch", "dim", "queue", "batch_size", "img_size", "seed", "alpha")  # and the files read
+READS = ("data", "natural", "knn_monitor")  # the flags of the paths the run reads (data.check_paths)
+WRITES = ("out",)  # and of those it writes
 
 
 def get_args(argv=None):
@@ -212,8 +214,8 @@ def natural_data(args, augment):
     files' identity); with alpha = 0, NIAL is off and --natural is never read."""
     if args.alpha == 0:
         return None, 1, {"files": 0, "sha256": None}
-    paths, labels, classes, files = data.labeled_images(args.natural)
-    data.check_readable(paths, seed=args.seed)
+    paths, labels, classes, files = data.labeled_images(args.natural, "--natural")
+    data.check_readable(paths, seed=args.seed, flag="--natural")
     return data.ImageDataset(paths, labels, augment, seed=args.seed + 1), len(classes), files
 
 
@@ -411,8 +413,9 @@ def train(args):
     scaler = torch.amp.GradScaler(proc.device.type, enabled=proc.amp_dtype == torch.float16)  # --amp fp16 only
     checkpoint = read_checkpoint(args, RESUME_MUST_MATCH, inputs)  # None when --out holds none
     if proc.rank == 0:
-        data.hold_out(args.out)  # the last check: one run per --out
+        data.hold_out(args.out, SCRIPT)  # the last check: one run per --out, which it owns
     connect(proc)  # from here the processes work together
+    signals = data.stop_at_safe_points()  # a first SIGTERM or Ctrl-C is recorded: the loop stops and saves
     ddp_model = ddp(model.student)  # the same weights; a backward through it averages the gradients
     torch.manual_seed(args.seed + proc.rank)  # shuffle-BN permutations: each process its own
     step = last_saved = 0
@@ -423,16 +426,16 @@ def train(args):
         restore_rng(checkpoint["rng"], proc)
         step = last_saved = checkpoint["step"]
 
+    segments = data.run_segments(checkpoint, args, proc.rank)  # args.json: each segment's flags, its first step
     log = Log(args, proc)
     if proc.rank == 0:  # the run's configuration, beside its log
-        data.save_atomic(json.dumps(vars(args), indent=2), os.path.join(args.out, "args.json"))
+        data.save_atomic(json.dumps({"segments": segments}, indent=2), os.path.join(args.out, "args.json"))
     nial = f"{len(natural)} natural images of {num_classes} classes" if natural else "NIAL off"
     start = f"resuming at step {step}" if step else "starting"
     log(f"{len(paths)} RS images, {nial}, {steps_per_epoch} steps/epoch, {proc.world} process(es), {start}")
     if monitor and step == 0:
         log_knn(log, monitor, backbone, 0, 0)  # random init: where the curve starts
     naturals = natural_batches(natural_loader, step, proc.device) if natural else None  # from this step on
-    signals = data.catch_stop_signals()  # SIGTERM or Ctrl-C: recorded; the loop decides when to stop
     stopping = False
     while step < last_step and not stopping:
         epoch = step // steps_per_epoch
@@ -467,13 +470,13 @@ def train(args):
         if proc.rank == 0:  # at every epoch's end and on a stop: what a resume needs, and the backbone users share
             exported = {"arch": args.arch, "method": METHOD, "config": {}}
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-            state |= {"step": step, "epoch": epoch, "args": vars(args), "inputs": inputs, "rng": rngs}
-            state |= {"backbone_prefix": "student.backbone."}  # eval_linear.py reads the backbone from here too
+            state |= {"step": step, "epoch": epoch, "args": vars(args), "segments": segments, "rng": rngs}
+            state |= {"inputs": inputs, "backbone_prefix": "student.backbone."}  # eval_linear.py reads it too
             data.save_atomic(state | exported, os.path.join(args.out, "checkpoint.pth"))
             data.save_atomic(exported | {"state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
         last_saved = step
-    stopped = f"stopped by a signal at step {step}; {args.out}/checkpoint.pth resumes it"
-    log(stopped if stopping else f"done at step {step}: backbone in {args.out}/backbone.pth")
+    log(f"{'stopped by a signal' if stopping else 'done'} at step {step}: backbone in {args.out}/backbone.pth")
+    return stopping
 
 
 # =================================================================================================================
@@ -482,12 +485,14 @@ def train(args):
 # with it. A reader who knows one method file can stop here.
 # =================================================================================================================
 Process = namedtuple("Process", "rank world device amp_dtype")  # this process; amp_dtype None: no autocast
+RUN_FILES = ("checkpoint.pth", "backbone.pth", "args.json", "log.jsonl")  # what train() writes in --out
 
 
 def setup(args):
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them). Checks the flags every
-    pre-training script shares; returns this process's facts."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (all three, or none: one process). Checks them, the
+    flags every pre-training script shares and every path the run reads (READS) and writes (WRITES); returns this
+    process's facts."""
+    rank, world, local_rank = data.process_env()  # the one process check
     for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "knn_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
@@ -495,14 +500,14 @@ def setup(args):
         raise UserError(f"--workers must be 0 or more (got {args.workers}).")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
-    data.check_out_dir(args.out)
+    data.check_paths(SCRIPT, args, READS, WRITES, RUN_FILES)  # no output in an input, no file of another run
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    return Process(int(os.environ.get("RANK", 0)), world, device, amp_dtype)
+    return Process(rank, world, device, amp_dtype)
 
 
 def connect(proc):
@@ -666,14 +671,17 @@ class NonFiniteError(FloatingPointError):
 
 
 def main(argv=None):
-    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1. Whatever happens, the signal
-    handlers are restored, --out is released and the process group is closed."""
+    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1; a stop signal: exit code 128 +
+    its number (130 Ctrl-C, 143 SIGTERM), never 0, after a line on resuming. Whatever happens, the signal handlers are
+    restored, --out is released and the process group is closed."""
     args = get_args(argv)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
+    handlers = data.handle_stop_signals()  # from the first line of work: a signal before train() saves stops at once
     try:
-        train(args)
+        stopped = train(args)  # whether a signal stopped the loop
+    except data.Interrupted:  # before the run had anything to save, or a second signal: the files written are whole
+        stopped = True
     except (UserError, FloatingPointError) as err:
-        if int(os.environ.get("RANK", 0)) == 0 or isinstance(err, FloatingPointError):
+        if data.reports_errors() or isinstance(err, FloatingPointError):
             print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(1 if isinstance(err, FloatingPointError) else 2)
     finally:
@@ -682,6 +690,9 @@ def main(argv=None):
         data.release_out()
         if dist.is_initialized():
             dist.destroy_process_group()
+    if code := data.stop_exit_code(stopped):  # never 0: a `&&` chain or an after-success dependency stops here
+        data.report_stop(SCRIPT, code, os.path.join(args.out, "checkpoint.pth"))
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ TO_TENSOR = T.Compose([T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGEN
 LOGGED = ("loss", "cls", "mse", "koleo")  # what train_step() returns, in log.jsonl
 RESUME_MUST_MATCH = ("arch", "patch_size", "img_size", "local_size", "local_crops", "out_dim", "head_hidden")
 RESUME_MUST_MATCH += ("head_bottleneck", "batch_size", "seed", "dense")  # and --data's files
+READS = ("data", "knn_monitor")  # the flags of the paths the run reads (data.check_paths)
+WRITES = ("out", "vis")  # and of those it writes
 
 
 def get_args(argv=None):
@@ -202,10 +204,14 @@ def check_args(args, world):
                 f"{flag} {size} is too small: its {n} patches of {args.patch_size} px leave a part of "
                 f"--mask-ratios empty ({counts}); use a larger {flag} or a smaller --patch-size."
             )
-    if args.vis and (os.path.isdir(args.vis) or not args.vis.lower().endswith(data.IMAGE_EXTENSIONS)):
-        raise UserError(f"--vis {args.vis} is a folder or has no image extension; give a file name such as vis.png.")
-    if args.vis:
-        data.check_out_dir(os.path.dirname(os.path.abspath(args.vis)), "--vis's folder")
+    for name, target in (("warmup_epochs", "the lr --lr"), ("teacher_temp_epochs", "--teacher-temp")):
+        if getattr(args, name) >= args.epochs:  # a warm-up must end before the run does, as in preco.py
+            raise UserError(
+                f"--{name.replace('_', '-')} {getattr(args, name)} does not fit in --epochs {args.epochs}: "
+                f"{target} would not be reached before the end; give fewer warm-up epochs or more --epochs."
+            )
+    if args.vis and not args.vis.lower().endswith(data.IMAGE_EXTENSIONS):
+        raise UserError(f"--vis {args.vis} has no image extension; give a file name such as vis.png.")
 
 
 # ------------------------------------------------------------------------------------------------ views and masks
@@ -526,6 +532,7 @@ def save_visualisation(model, paths, args, device, rows=4):
     tiles = F.interpolate(tiles.float().cpu(), scale_factor=-(-128 // (g * p)), mode="nearest")
     os.makedirs(os.path.dirname(os.path.abspath(args.vis)), exist_ok=True)
     save_image(make_grid(tiles, nrow=len(panels), padding=2, pad_value=1.0), args.vis)
+    data.record_output(args.out, args.vis)  # the run of --out wrote it: a later run of it may replace it
     return (
         f"partition and reconstruction of {len(images)} images in {args.vis}; columns: image | s / l / t (l red, "
         "t blue) | student input s | teacher input t | true pixels at l | predicted at l"
@@ -558,8 +565,9 @@ def train(args):
     inputs = {"data": data_files}  # what the run reads, by content: a resume needs the same files
     checkpoint = read_checkpoint(args, RESUME_MUST_MATCH, inputs)  # None when --out holds none
     if proc.rank == 0:
-        data.hold_out(args.out)  # the last check: one run per --out
+        data.hold_out(args.out, SCRIPT)  # the last check: one run per --out, which it owns
     connect(proc)  # from here the processes work together
+    signals = data.stop_at_safe_points()  # a first SIGTERM or Ctrl-C is recorded: the loop stops and saves
     # the same weights; a backward through it averages the gradients over processes (the centre: update_center())
     ddp_model = ddp(model, forward_sync_buffers=False)
     torch.manual_seed(args.seed + proc.rank)  # masks and drop path: each process its own
@@ -571,9 +579,10 @@ def train(args):
         restore_rng(checkpoint["rng"], proc)
         step = last_saved = checkpoint["step"]
 
+    segments = data.run_segments(checkpoint, args, proc.rank)  # args.json: each segment's flags, its first step
     log = Log(args, proc)
     if proc.rank == 0:  # the run's configuration, beside its log
-        data.save_atomic(json.dumps(vars(args), indent=2), os.path.join(args.out, "args.json"))
+        data.save_atomic(json.dumps({"segments": segments}, indent=2), os.path.join(args.out, "args.json"))
     n = (args.img_size // args.patch_size) ** 2
     n_s, n_l, n_t = (n, 0, n) if args.dense else mask_counts(n, args.mask_ratios)
     tokens = f"{n} patches: student {1 + n_s} -> {1 + n_s + n_l} tokens, teacher {1 + n_t}{' (--dense)' * args.dense}"
@@ -581,7 +590,6 @@ def train(args):
     log(f"{len(paths)} images, {tokens}, {steps_per_epoch} steps/epoch, {proc.world} process(es), {start}")
     if monitor and step == 0:
         log_knn(log, monitor, backbone, 0, 0)  # random init: where the curve starts
-    signals = data.catch_stop_signals()  # SIGTERM or Ctrl-C: recorded; the loop decides when to stop
     stopping = False
     while step < last_step and not stopping:
         epoch = step // steps_per_epoch
@@ -613,15 +621,15 @@ def train(args):
         if proc.rank == 0:  # at every epoch's end and on a stop: what a resume needs, and the backbone users share
             exported = {"arch": args.arch, "method": METHOD, "config": vit_config}
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-            state |= {"step": step, "epoch": epoch, "args": vars(args), "inputs": inputs, "rng": rngs}
-            state |= {"backbone_prefix": "teacher.encoder."}  # eval_linear.py reads the backbone from here too
+            state |= {"step": step, "epoch": epoch, "args": vars(args), "segments": segments, "rng": rngs}
+            state |= {"inputs": inputs, "backbone_prefix": "teacher.encoder."}  # eval_linear.py reads it too
             data.save_atomic(state | exported, os.path.join(args.out, "checkpoint.pth"))
             data.save_atomic(exported | {"state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
         last_saved = step
     if args.vis and not stopping and proc.rank == 0:  # Fig. 4b, of the final weights
         log(save_visualisation(model, paths, args, proc.device))
-    stopped = f"stopped by a signal at step {step}; {args.out}/checkpoint.pth resumes it"
-    log(stopped if stopping else f"done at step {step}: backbone in {args.out}/backbone.pth")
+    log(f"{'stopped by a signal' if stopping else 'done'} at step {step}: backbone in {args.out}/backbone.pth")
+    return stopping
 
 
 # =================================================================================================================
@@ -630,12 +638,14 @@ def train(args):
 # with it. A reader who knows one method file can stop here.
 # =================================================================================================================
 Process = namedtuple("Process", "rank world device amp_dtype")  # this process; amp_dtype None: no autocast
+RUN_FILES = ("checkpoint.pth", "backbone.pth", "args.json", "log.jsonl")  # what train() writes in --out
 
 
 def setup(args):
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them). Checks the flags every
-    pre-training script shares; returns this process's facts."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (all three, or none: one process). Checks them, the
+    flags every pre-training script shares and every path the run reads (READS) and writes (WRITES); returns this
+    process's facts."""
+    rank, world, local_rank = data.process_env()  # the one process check
     for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "knn_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
@@ -643,14 +653,14 @@ def setup(args):
         raise UserError(f"--workers must be 0 or more (got {args.workers}).")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
-    data.check_out_dir(args.out)
+    data.check_paths(SCRIPT, args, READS, WRITES, RUN_FILES)  # no output in an input, no file of another run
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    return Process(int(os.environ.get("RANK", 0)), world, device, amp_dtype)
+    return Process(rank, world, device, amp_dtype)
 
 
 def connect(proc):
@@ -814,14 +824,17 @@ class NonFiniteError(FloatingPointError):
 
 
 def main(argv=None):
-    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1. Whatever happens, the signal
-    handlers are restored, --out is released and the process group is closed."""
+    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1; a stop signal: exit code 128 +
+    its number (130 Ctrl-C, 143 SIGTERM), never 0, after a line on resuming. Whatever happens, the signal handlers are
+    restored, --out is released and the process group is closed."""
     args = get_args(argv)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
+    handlers = data.handle_stop_signals()  # from the first line of work: a signal before train() saves stops at once
     try:
-        train(args)
+        stopped = train(args)  # whether a signal stopped the loop
+    except data.Interrupted:  # before the run had anything to save, or a second signal: the files written are whole
+        stopped = True
     except (UserError, FloatingPointError) as err:
-        if int(os.environ.get("RANK", 0)) == 0 or isinstance(err, FloatingPointError):
+        if data.reports_errors() or isinstance(err, FloatingPointError):
             print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(1 if isinstance(err, FloatingPointError) else 2)
     finally:
@@ -830,6 +843,9 @@ def main(argv=None):
         data.release_out()
         if dist.is_initialized():
             dist.destroy_process_group()
+    if code := data.stop_exit_code(stopped):  # never 0: a `&&` chain or an after-success dependency stops here
+        data.report_stop(SCRIPT, code, os.path.join(args.out, "checkpoint.pth"))
+        sys.exit(code)
 
 
 if __name__ == "__main__":

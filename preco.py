@@ -95,6 +95,8 @@ WARMUP_START = 1 / 200  # SimMIM's WARMUP_LR / BASE_LR
 MIN_LR_RATIO = 1 / 20  # SimMIM's MIN_LR / BASE_LR
 LOGGED = ("loss", "l_re", "l_pr", "l_sc", "l_con")  # what train_step() returns; --no-prompt: the first two
 RESUME_MUST_MATCH = ("arch", "batch_size", "img_size", "mask_unit", "mask_ratio", "prompt", "seed")  # + files
+READS = ("data", "knn_monitor")  # the flags of the paths the run reads (data.check_paths)
+WRITES = ("out", "vis")  # and of those it writes
 
 
 def get_args(argv=None):
@@ -188,16 +190,17 @@ def check_args(args, world):
             f"--mask-ratio {args.mask_ratio} of {units} mask unit(s) masks the whole image; use a smaller "
             "--mask-unit or --mask-ratio."
         )
-    if args.warmup_epochs >= args.epochs:
-        raise UserError(f"--warmup-epochs {args.warmup_epochs} must be smaller than --epochs {args.epochs}.")
+    if args.warmup_epochs >= args.epochs:  # a warm-up must end before the run does, as in pera.py
+        raise UserError(
+            f"--warmup-epochs {args.warmup_epochs} does not fit in --epochs {args.epochs}: the lr --lr would not be "
+            "reached before the end; give fewer warm-up epochs or more --epochs."
+        )
     if args.prompt and args.lambda_con > 0 and args.batch_size < 2:
         raise UserError(
             "the contrastive term needs at least 2 images per batch; raise --batch-size or set --lambda-con 0."
         )
-    if args.vis and (os.path.isdir(args.vis) or not args.vis.lower().endswith(data.IMAGE_EXTENSIONS)):
-        raise UserError(f"--vis {args.vis} is a folder or has no image extension; give a file name such as vis.png.")
-    if args.vis:
-        data.check_out_dir(os.path.dirname(os.path.abspath(args.vis)), "--vis's folder")
+    if args.vis and not args.vis.lower().endswith(data.IMAGE_EXTENSIONS):
+        raise UserError(f"--vis {args.vis} has no image extension; give a file name such as vis.png.")
 
 
 # ------------------------------------------------------------------------------------------------ masking and data
@@ -365,7 +368,7 @@ def lr_at(args, step, steps_per_epoch):
 
 
 @torch.no_grad()
-def save_visualisation(model, dataset, path, device, count=8):
+def save_visualisation(model, dataset, args, device, count=8):
     """--vis: a PNG, one row per image (epoch 0's crop and mask) of four columns: the masked input x_hat (masked
     units in the mean colour) | Y_Re pasted into the masked units (Eq. 1) | Y_Pr, the prompt branch's output | the
     input x; tiles enlarged to at least 128 px. Returns the line that names the columns."""
@@ -382,10 +385,12 @@ def save_visualisation(model, dataset, path, device, count=8):
     std = torch.tensor(data.IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
     tiles = (torch.stack(columns, dim=1) * std + mean).clamp(0, 1).flatten(0, 1)  # row by row
     tiles = F.interpolate(tiles, scale_factor=math.ceil(128 / images.shape[-1]), mode="nearest")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torchvision.utils.save_image(torchvision.utils.make_grid(tiles.cpu(), nrow=len(columns), pad_value=1.0), path)
+    os.makedirs(os.path.dirname(os.path.abspath(args.vis)), exist_ok=True)
+    grid = torchvision.utils.make_grid(tiles.cpu(), nrow=len(columns), pad_value=1.0)
+    torchvision.utils.save_image(grid, args.vis)
+    data.record_output(args.out, args.vis)  # the run of --out wrote it: a later run of it may replace it
     return (
-        f"reconstructions of {len(images)} images in {path}; columns: masked input (x_hat) | Y_Re in the masked "
+        f"reconstructions of {len(images)} images in {args.vis}; columns: masked input (x_hat) | Y_Re in the masked "
         "units (Eq. 1) | Y_Pr, the prompt branch | input (x)"
     )
 
@@ -413,8 +418,9 @@ def train(args):
     inputs = {"data": data_files}  # what the run reads, by content: a resume needs the same files
     checkpoint = read_checkpoint(args, RESUME_MUST_MATCH, inputs)  # None when --out holds none
     if proc.rank == 0:
-        data.hold_out(args.out)  # the last check: one run per --out
+        data.hold_out(args.out, SCRIPT)  # the last check: one run per --out, which it owns
     connect(proc)  # from here the processes work together
+    signals = data.stop_at_safe_points()  # a first SIGTERM or Ctrl-C is recorded: the loop stops and saves
     ddp_model = ddp(model)  # the same weights; a backward through it averages the gradients over processes
     torch.manual_seed(args.seed + proc.rank)  # drop path: each process its own
     step = last_saved = 0
@@ -425,16 +431,16 @@ def train(args):
         restore_rng(checkpoint["rng"], proc)
         step = last_saved = checkpoint["step"]
 
+    segments = data.run_segments(checkpoint, args, proc.rank)  # args.json: each segment's flags, its first step
     log = Log(args, proc)
     if proc.rank == 0:  # the run's configuration, beside its log
-        data.save_atomic(json.dumps(vars(args), indent=2), os.path.join(args.out, "args.json"))
+        data.save_atomic(json.dumps({"segments": segments}, indent=2), os.path.join(args.out, "args.json"))
     branches = "both branches" if args.prompt else "no prompt-enhanced branch (- P-E)"
     start = f"resuming at step {step}" if step else "starting"
     log(f"{len(paths)} images, {branches}, {steps_per_epoch} steps/epoch, {proc.world} process(es), {start}")
     if monitor and step == 0:
         log_knn(log, monitor, backbone, 0, 0)  # random init: where the curve starts
     logged = LOGGED if args.prompt else LOGGED[:2]  # the names of train_step()'s values
-    signals = data.catch_stop_signals()  # SIGTERM or Ctrl-C: recorded; the loop decides when to stop
     stopping = False
     while step < last_step and not stopping:
         epoch = step // steps_per_epoch
@@ -465,15 +471,15 @@ def train(args):
         if proc.rank == 0:  # at every epoch's end and on a stop: what a resume needs, and the backbone users share
             exported = {"arch": args.arch, "method": METHOD, "config": {}}
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-            state |= {"step": step, "epoch": epoch, "args": vars(args), "inputs": inputs, "rng": rngs}
-            state |= {"backbone_prefix": "encoder."}  # eval_linear.py reads the backbone from here too
+            state |= {"step": step, "epoch": epoch, "args": vars(args), "segments": segments, "rng": rngs}
+            state |= {"inputs": inputs, "backbone_prefix": "encoder."}  # eval_linear.py reads it too
             data.save_atomic(state | exported, os.path.join(args.out, "checkpoint.pth"))
             data.save_atomic(exported | {"state_dict": backbone.state_dict()}, os.path.join(args.out, "backbone.pth"))
         last_saved = step
     if args.vis and not stopping and proc.rank == 0:  # also of a finished run: its weights are the checkpoint's
-        log(save_visualisation(model, dataset, args.vis, proc.device))
-    stopped = f"stopped by a signal at step {step}; {args.out}/checkpoint.pth resumes it"
-    log(stopped if stopping else f"done at step {step}: backbone in {args.out}/backbone.pth")
+        log(save_visualisation(model, dataset, args, proc.device))
+    log(f"{'stopped by a signal' if stopping else 'done'} at step {step}: backbone in {args.out}/backbone.pth")
+    return stopping
 
 
 # =================================================================================================================
@@ -482,12 +488,14 @@ def train(args):
 # with it. A reader who knows one method file can stop here.
 # =================================================================================================================
 Process = namedtuple("Process", "rank world device amp_dtype")  # this process; amp_dtype None: no autocast
+RUN_FILES = ("checkpoint.pth", "backbone.pth", "args.json", "log.jsonl")  # what train() writes in --out
 
 
 def setup(args):
-    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without them). Checks the flags every
-    pre-training script shares; returns this process's facts."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (all three, or none: one process). Checks them, the
+    flags every pre-training script shares and every path the run reads (READS) and writes (WRITES); returns this
+    process's facts."""
+    rank, world, local_rank = data.process_env()  # the one process check
     for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "knn_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)}).")
@@ -495,14 +503,14 @@ def setup(args):
         raise UserError(f"--workers must be 0 or more (got {args.workers}).")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
-    data.check_out_dir(args.out)
+    data.check_paths(SCRIPT, args, READS, WRITES, RUN_FILES)  # no output in an input, no file of another run
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     amp_dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    return Process(int(os.environ.get("RANK", 0)), world, device, amp_dtype)
+    return Process(rank, world, device, amp_dtype)
 
 
 def connect(proc):
@@ -666,14 +674,17 @@ class NonFiniteError(FloatingPointError):
 
 
 def main(argv=None):
-    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1. Whatever happens, the signal
-    handlers are restored, --out is released and the process group is closed."""
+    """Bad input: one sentence and exit code 2; non-finite loss or weights: exit code 1; a stop signal: exit code 128 +
+    its number (130 Ctrl-C, 143 SIGTERM), never 0, after a line on resuming. Whatever happens, the signal handlers are
+    restored, --out is released and the process group is closed."""
     args = get_args(argv)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # train() replaces them
+    handlers = data.handle_stop_signals()  # from the first line of work: a signal before train() saves stops at once
     try:
-        train(args)
+        stopped = train(args)  # whether a signal stopped the loop
+    except data.Interrupted:  # before the run had anything to save, or a second signal: the files written are whole
+        stopped = True
     except (UserError, FloatingPointError) as err:
-        if int(os.environ.get("RANK", 0)) == 0 or isinstance(err, FloatingPointError):
+        if data.reports_errors() or isinstance(err, FloatingPointError):
             print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(1 if isinstance(err, FloatingPointError) else 2)
     finally:
@@ -682,6 +693,9 @@ def main(argv=None):
         data.release_out()
         if dist.is_initialized():
             dist.destroy_process_group()
+    if code := data.stop_exit_code(stopped):  # never 0: a `&&` chain or an after-success dependency stops here
+        data.report_stop(SCRIPT, code, os.path.join(args.out, "checkpoint.pth"))
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -152,5 +152,6 @@ def assert_one_sentence_error(result, script, *fragments):
 
 
 @pytest.fixture
-def image_folder(tmp_path):
-    return make_image_folder(tmp_path / "images")
+def image_folder(tmp_path_factory):
+    """Images in a folder of their own: a run's --out (tmp_path) may not hold its inputs."""
+    return make_image_folder(tmp_path_factory.mktemp("data") / "images")

@@ -298,18 +298,21 @@ def test_every_seed_the_flag_accepts_seeds_numpy_torch_and_the_dataset(capsys):
 # ------------------------------------------------------------------------------------------------ run pieces
 def test_one_run_holds_an_out_folder_a_dead_runs_lock_is_taken_over_and_a_release_frees_it(tmp_path, capsys):
     out = tmp_path / "run"
-    data.hold_out(str(out))
+    data.hold_out(str(out), "moco.py")
     holder = subprocess.run(
-        [sys.executable, "-c", f"import data; data.hold_out({str(out)!r})"], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-c", f"import data; data.hold_out({str(out)!r}, 'moco.py')"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert holder.returncode == 1 and f"--out {out} is in use by process {os.getpid()} on" in holder.stderr
     data.release_out()
     assert (out / ".lock").read_text() == ""  # released: the next run has nothing to say
     killed = subprocess.run(
-        [sys.executable, "-c", f"import data, os; data.hold_out({str(out)!r}); os._exit(9)"], cwd=REPO
+        [sys.executable, "-c", f"import data, os; data.hold_out({str(out)!r}, 'moco.py'); os._exit(9)"], cwd=REPO
     )
     assert killed.returncode == 9  # died holding it: the kernel released the lock, its name stays
-    data.hold_out(str(out))
+    data.hold_out(str(out), "moco.py")
     note = capsys.readouterr().out
     assert f"note: --out {out} was held by process" in note and "ended without releasing it" in note
     data.release_out()

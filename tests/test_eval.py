@@ -240,9 +240,10 @@ def test_imagenet_means_the_classic_v1_weights_and_v2_is_asked_for(image_folder,
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), cache / "resnet18-f37072fd.pth")  # IMAGENET1K_V1's file
     argv = FAST_PROBE + ["--data", image_folder, "--arch", "resnet18", "--runs", "1", "--train-ratio", "0.5"]
-    [result] = eval_linear.evaluate(eval_linear.get_args(argv + ["--weights", "imagenet", "--out", str(tmp_path)]))
+    out = tmp_path / "probe"  # beside the cache, not holding it
+    [result] = eval_linear.evaluate(eval_linear.get_args(argv + ["--weights", "imagenet", "--out", str(out)]))
     assert result["method"] == "torchvision IMAGENET1K_V1"
-    assert "| imagenet | torchvision IMAGENET1K_V1 | resnet18 | linear |" in (tmp_path / "results.md").read_text()
+    assert "| imagenet | torchvision IMAGENET1K_V1 | resnet18 | linear |" in (out / "results.md").read_text()
     for weights, arch, fragment in [
         ("imagenet:V2", "resnet18", "no IMAGENET1K_V2 weights for resnet18"),
         ("imagenet", "resnet50", "resnet50-0676ba61.pth"),  # V1; V2 is resnet50-11ad3fa6
@@ -315,7 +316,9 @@ def test_finetuning_resumes_after_a_signal_and_matches_an_uninterrupted_evaluati
         signal.raise_signal(signal.SIGTERM)  # what a scheduler sends before pre-emption
 
     monkeypatch.setattr(finetune_cls, "train_epoch", train_epoch_then_sigterm)
-    finetune_cls.main(argv + ["--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit) as stop:
+        finetune_cls.main(argv + ["--out", str(tmp_path / "b")])
+    assert stop.value.code == 128 + signal.SIGTERM  # never 0: an interrupted evaluation is no result
     ckpt = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
     assert ckpt["current"]["epoch"] == 1 and not ckpt["done"] and not (tmp_path / "b" / "results.json").exists()
     monkeypatch.setattr(finetune_cls, "train_epoch", real_train_epoch)

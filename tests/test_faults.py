@@ -45,7 +45,7 @@ def tiny_argv(script, folders, data_folder=None):
     return {
         "moco": TINY_RESNET + ["--queue", "16"],
         "gersp": TINY_RESNET + ["--queue", "16", "--natural", folders["natural"]],
-        "pera": TINY_VIT,
+        "pera": TINY_VIT + ["--teacher-temp-epochs", "0"],  # a warm-up must fit in the 1-epoch runs
         "preco": TINY_SWIN + ["--batch-size", "4"],
     }[script] + ["--data", data_folder or folders["rs"]]
 
@@ -89,12 +89,14 @@ def test_sigterm_then_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(s
             os.kill(os.getpid(), signal.SIGTERM)  # delivered to this process's handler, as from outside
         return steps[-1]
 
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as stop:
         patch.setattr(module, "train_step", signalled_at_step_3)
-        module.main(argv + ["--out", str(out)])  # returns normally: the run stopped and saved
-    rest = capsys.readouterr().out
+        module.main(argv + ["--out", str(out)])  # the run stops, saves, and exits as a SIGTERM'd process does
+    printed = capsys.readouterr()
     stopped_at = torch.load(out / "checkpoint.pth", weights_only=True)["step"]
-    assert f"stopped by a signal at step {stopped_at}" in rest and stopped_at == 3
+    assert stop.value.code == 128 + signal.SIGTERM and stopped_at == 3
+    assert f"stopped by a signal at step {stopped_at}" in printed.out
+    assert printed.err == f"{script}.py: stopped by SIGTERM; the same command resumes from {out}/checkpoint.pth.\n"
     proc = start(script, argv + ["--out", out])
     wait_for(proc, f"resuming at step {stopped_at}")
     wait_for(proc, f"step {stopped_at + 1}/")
@@ -118,7 +120,7 @@ def test_a_process_group_sigterm_with_data_workers_saves_before_exiting(folders,
     wait_for(proc, "step 2/")
     os.killpg(proc.pid, signal.SIGTERM)  # the workers get it too, as from a terminal or a batch scheduler
     rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "stopped by a signal" in rest, rest
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by a signal" in rest, rest  # never 0
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] >= 2
 
 
@@ -330,13 +332,15 @@ def test_every_bad_input_of_a_pretraining_script_is_one_sentence_and_touches_not
         if setup:
             setup(out)
         before = snapshot(out)
-        if "per process" in name:
-            monkeypatch.setenv("WORLD_SIZE", "4")
+        if "per process" in name:  # rank 0 of 4 processes, as torchrun starts it
+            for key, value in (("RANK", "0"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0")):
+                monkeypatch.setenv(key, value)
         data_folder = extra[extra.index("--data") + 1] if "--data" in extra else None  # --data is repeatable
         extra = [a for i, a in enumerate(extra) if "--data" not in extra[max(i - 1, 0) : i + 1]]
         with pytest.raises(SystemExit) as exit_info:
             METHODS[script].main(tiny_argv(script, folders, data_folder) + ["--out", str(out)] + extra)
-        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(key, raising=False)
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert exit_info.value.code == 2, name
         assert len(err) == 1 and err[0].startswith(f"{script}.py: error:") and fragment in err[0], (name, err)

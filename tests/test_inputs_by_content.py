@@ -63,12 +63,14 @@ def test_a_finetune_checkpoint_is_resumed_only_with_the_weights_and_images_it_wa
     state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
     torch.save({"arch": "resnet18", "method": "moco", "config": {}, "state_dict": state}, weights)
     argv = FINETUNE + ["--data", folder, "--weights", str(weights), "--out", str(tmp_path / "ft")]
-    finetune_cls.evaluate(finetune_cls.get_args(argv))
-    resumed = finetune_cls.evaluate(finetune_cls.get_args(argv))  # the same inputs: the done run is reused
-    assert "resuming: 1 run(s) done" in capsys.readouterr().out and resumed[0]["scenes"]["mean"] >= 0
+    first = finetune_cls.evaluate(finetune_cls.get_args(argv))
+    results = (tmp_path / "ft" / "results.json").read_bytes()
+    kept = finetune_cls.evaluate(finetune_cls.get_args(argv))  # the same inputs: the results are kept, not redone
+    assert "holds the results of this evaluation" in capsys.readouterr().out and kept == first
     retyped = FINETUNE + ["--data", f"{folder}/", "--weights", str(weights), "--out", str(tmp_path / "ft")]
     finetune_cls.evaluate(finetune_cls.get_args(retyped + ["--workers", "1"]))  # a path typed with its slash
-    assert "resuming: 1 run(s) done" in capsys.readouterr().out
+    assert "holds the results of this evaluation" in capsys.readouterr().out
+    assert (tmp_path / "ft" / "results.json").read_bytes() == results
     before = (tmp_path / "ft" / "checkpoint.pth").read_bytes()
     state["conv1.weight"] += 1  # the backbone trained further: the same name, another file
     torch.save({"arch": "resnet18", "method": "moco", "config": {}, "state_dict": state}, weights)
@@ -115,9 +117,10 @@ def test_a_backbone_fine_tuned_on_a_dataset_is_refused_there_whatever_path_or_fi
         real_train_epoch(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)  # the job stops after its first saved epoch: checkpoint.pth holds it
 
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit):
         patch.setattr(finetune_cls, "train_epoch", stop_after_one_epoch)
         finetune_cls.main(argv)
+    assert f"stopped by SIGTERM; the same command resumes from {out / 'checkpoint.pth'}" in capsys.readouterr().err
     assert torch.load(out / "checkpoint.pth", weights_only=True)["current"]["epoch"] == 1
     shutil.copy(out / "checkpoint.pth", tmp_path / "interrupted.pth")
     finetune_cls.main(argv)  # resumed to the end: dapt.pth written
@@ -130,7 +133,9 @@ def test_a_backbone_fine_tuned_on_a_dataset_is_refused_there_whatever_path_or_fi
     assert "is a checkpoint of finished fine-tuning runs: it holds their results, not weights" in err, err
     other = make_image_folder(tmp_path / "other", classes=2, per_class=4, seed=5)
     [entry] = eval_linear.evaluate(
-        eval_linear.get_args(PROBE + ["--data", other, "--weights", str(tmp_path / "dapt.pth")])
+        eval_linear.get_args(
+            PROBE + ["--data", other, "--weights", str(tmp_path / "dapt.pth"), "--out", str(tmp_path / "probe")]
+        )
     )
     assert entry["method"] == "random+finetune:ds" and entry["arch"] == "resnet18"
 
@@ -167,7 +172,8 @@ def test_a_second_run_on_a_live_out_is_refused_and_a_dead_runs_out_is_taken_over
     first.kill()  # SIGKILL: no handler runs, the lock's holder is left written
     first.wait(timeout=60)
     log_lines = len((tmp_path / "run" / "log.jsonl").read_text().splitlines())
-    assert json.loads((tmp_path / "run" / "args.json").read_text())["lr"] == 0.03  # the refused run wrote nothing
+    (segment,) = json.loads((tmp_path / "run" / "args.json").read_text())["segments"]
+    assert segment["args"]["lr"] == 0.03  # the refused run wrote nothing
     saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["step"]
     moco.main(tiny_moco(folder, tmp_path / "run", "--epochs", "50", "--max-steps", str(saved + 2)))  # a third run
     third = capsys.readouterr().out
@@ -222,9 +228,10 @@ def test_a_disk_that_fills_during_a_save_leaves_the_last_good_checkpoint_and_no_
 
 def test_a_disk_that_fills_while_logging_is_one_sentence(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "images", classes=2, per_class=8)
-    (tmp_path / "run").mkdir()
+    moco.main(tiny_moco(folder, tmp_path / "run", "--max-steps", "1"))
+    os.remove(tmp_path / "run" / "log.jsonl")
     os.symlink("/dev/full", tmp_path / "run" / "log.jsonl")
-    err = refusal(moco, tiny_moco(folder, tmp_path / "run", "--max-steps", "1"), capsys)
+    err = refusal(moco, tiny_moco(folder, tmp_path / "run", "--max-steps", "2"), capsys)
     path = tmp_path / "run" / "log.jsonl"
     assert err == f"moco.py: error: writing {path} failed (No space left on device); the lines written before are kept."
 

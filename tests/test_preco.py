@@ -257,7 +257,8 @@ def test_log_has_every_term_and_the_visualisation_has_four_columns(trained):
         assert record["loss"] == pytest.approx(
             record["l_re"] + record["l_pr"] + record["l_sc"] + record["l_con"], abs=1e-4
         )
-    assert json.load(open(root / "run" / "args.json"))["mask_unit"] == 8
+    (segment,) = json.load(open(root / "run" / "args.json"))["segments"]  # one run, no resume: one segment
+    assert segment["step"] == 0 and segment["args"]["mask_unit"] == 8
     png = np.asarray(Image.open(root / "vis.png").convert("RGB"))  # 4 images x 4 columns of 32 px zoomed 4x, 2 px gaps
     assert png.shape == (4 * (128 + 2) + 2, 4 * (128 + 2) + 2, 3)
     captions = "columns: masked input (x_hat) | Y_Re in the masked units (Eq. 1) | Y_Pr, the prompt branch | input (x)"
@@ -336,7 +337,7 @@ def test_a_non_finite_loss_stops_the_run_with_exit_1(tmp_path, capsys):
         (["--mask-unit", "16", "--mask-ratio", "0.9"], "masks the whole image"),
         (["--epochs", "0"], "--epochs must be positive"),
         (["--lambda-sc", "-1"], "--lambda-sc must not be negative"),
-        (["--warmup-epochs", "3"], "must be smaller than --epochs 3"),
+        (["--warmup-epochs", "3"], "--warmup-epochs 3.0 does not fit in --epochs 3"),
         (["--batch-size", "1"], "at least 2 images per batch"),
         (["--out", __file__], "is a file"),
         (["--vis", os.path.dirname(__file__)], "is a folder"),
@@ -357,7 +358,8 @@ def test_resuming_with_other_settings_or_processes_is_refused_and_keeps_the_run(
     with pytest.raises(SystemExit) as exit_info:
         run(folder, root / "run", "--max-steps", "5", "--mask-ratio", "0.5")
     assert exit_info.value.code == 2 and "other --mask-ratio" in capsys.readouterr().err
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):  # rank 0 of 2, as torchrun sets it
+        monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit):
         run(folder, root / "run", "--batch-size", "3")
     assert "not divisible by the 2 processes" in capsys.readouterr().err
