@@ -666,8 +666,9 @@ _stop = {"received": [], "at": 0.0, "wait": False}  # the stop signals received;
 
 def _on_stop_signal(signum, frame):
     received = _stop["received"]
-    if received and received[-1] == signum and time.monotonic() - _stop["at"] < 1:
-        return  # the same request twice: torchrun forwards to its workers what the terminal or scheduler sent them
+    again = received[-1:] == [signum] and time.monotonic() - _stop["at"] < 1
+    if again and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun forwards to its workers what the terminal sent them
+        return
     received.append(signum)
     _stop["at"] = time.monotonic()
     if not _stop["wait"] or len(received) > 1:
