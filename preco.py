@@ -489,9 +489,9 @@ def train(args):
 
 
 # =================================================================================================================
-# HELPERS: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
-# equal: a fix lands in all four). Each does one thing and returns what it found; train() above decides what to do
-# with it. A reader who knows one method file can stop here.
+# HELPERS: from here to the end the text is the same in every method file (the tests find the method files by this
+# banner and hold the text equal: a fix lands in all of them). Each does one thing and returns what it found; train()
+# above decides what to do with it. A reader who knows one method file can stop here.
 # =================================================================================================================
 Process = namedtuple("Process", "rank world device amp_dtype")  # this process; amp_dtype None: no autocast
 
