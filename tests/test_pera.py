@@ -14,7 +14,7 @@ import eval_linear
 import pera
 from conftest import TINY_VIT, assert_ran_cleanly, make_image_folder, run_torchrun
 
-TINY = TINY_VIT
+TINY = TINY_VIT  # conftest.tiny_argv: the tests of every method run it
 
 
 def tiny_views(args, batch=4):
