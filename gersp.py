@@ -47,7 +47,7 @@ Table I's MoCo-MAID, which GeRSP trained as MoCo v1 (moco.py's docstring gives t
       with --alpha 0 it is never read, and the step is MoCo's.
 The file reads top to bottom: flags, the method, train(), which makes every decision of the run in sight; below the
 HELPERS banner, what train() calls (processes, loader, gather, checkpoint reading, the log, main), each doing one thing:
-the same text in moco.py, gersp.py, pera.py and preco.py.
+the same text in every method file.
 """
 
 import copy
@@ -480,9 +480,9 @@ def train(args):
 
 
 # =================================================================================================================
-# HELPERS: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
-# equal: a fix lands in all four). Each does one thing and returns what it found; train() above decides what to do
-# with it. A reader who knows one method file can stop here.
+# HELPERS: from here to the end the text is the same in every method file (the tests find the method files by this
+# banner and hold the text equal: a fix lands in all of them). Each does one thing and returns what it found; train()
+# above decides what to do with it. A reader who knows one method file can stop here.
 # =================================================================================================================
 Process = namedtuple("Process", "rank world device amp_dtype")  # this process; amp_dtype None: no autocast
 RUN_FILES = ("checkpoint.pth", "backbone.pth", "args.json", "log.jsonl")  # what train() writes in --out

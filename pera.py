@@ -7,35 +7,43 @@ whose pixels the student predicts) and the teacher part t. Both networks run on 
 
     python pera.py --data synthetic --arch vit_tiny --img-size 32 --patch-size 8 --batch-size 32 --epochs 2 \
         --local-crops 2 --warmup-epochs 0 --teacher-temp-epochs 1 --vis runs/pera/vis.png
-    python pera.py --data /data/million_aid                                   # one GPU, the paper's recipe (ViT-B/16)
+    python pera.py --data /data/million_aid          # one GPU: the defaults, on a ViT-B/16 (the paper's: a ViT-G/16)
     torchrun --nproc_per_node=8 pera.py --data /data/million_aid --img-size 448 --mask-ratios 0.2 0.2 0.6 \
-        --mse-weight 7.68 --koleo-weight 0.1      # the authors' ViT-B config (448 px global, 96 px local crops)
+        --out runs/pera_vitb                      # the authors' ViT-B config (448 px global, 96 px local crops)
+    python pera.py ... --mse-reduction mean --mse-weight 0.1 --koleo-weight 0.01     # Eq. 4 and Eq. 9 as printed
     python tests/benchmark.py pera.py --data /data/million_aid --steps 20 [--dense]   # time, memory (Table 10)
 
 Paper -> code
     Eq. 1-3  disjoint masks s / l / t, U = s + l + t .............................. disjoint_masks(), mask_counts()
+    Eq. 1-3  a fresh partition of every crop; the views crop-major ................ masked_views()
     Sec. 3.2.2  aligned views: one crop + flips, two colourings ................... AlignedMultiCrop
     Fig. 2b  sparse student, mask tokens join halfway; sparse teacher ............. encode(), PerA
+    Sec. 3.2.2  projector g (student, teacher) and pixel predictor q .............. DINOHead
+    Eq. 4  its target: each patch's p x p x 3 pixels, in the embedding's order .... patchify()
     Eq. 4  pixel MSE of the predictor q at l ...................................... pixel_loss()
     Eq. 5-7  [cls] cross-entropy, temperatures, centre ..... cls_loss(), teacher_targets(), update_center()
     Eq. 8  KoLeo (float32, outside autocast) ...................................... koleo()
     Eq. 9-10  L = C1 L_cls + C2 L_MSE + C3 L_KoLeo; teacher = EMA of the student .. train_step(), PerA.ema_update()
+    Sec. 4.1  AdamW on the student, q and the mask token (the teacher: Eq. 10) .... train()
     Sec. 4.1  warm-up + cosine lr, rising wd / momentum, drop path ................ schedules(), block_forward()
     Fig. 4b  partition and reconstruction pictures (--vis) ........................ save_visualisation()
     Sec. 3.2.3  the teacher encoder is the backbone; the run: data, loop, save .... train()
 
-Stated by the paper and taken: s/l/t 0.3/0.2/0.5, C1-C3 1.0/0.1/0.01, student temperature 0.1, teacher temperature
-warm-up 30 epochs, lr warm-up 20 epochs, drop path 0.3, 200 epochs, total batch 192, AdamW, patch 16, multi-crop,
-131,072 prototypes (Sec. 4.1, and the authors' ViT-B config).
-Where the paper is silent or contradicts itself, the authors' code (the flag gives the alternative):
+Stated by the paper and taken: C1 = 1.0 (after Eq. 9), student temperature 0.1, teacher temperature warm-up 30
+epochs, lr warm-up 20 epochs, drop path 0.3, 200 epochs, total batch 192, AdamW, patch 16, multi-crop, 131,072
+prototypes, s/l/t 0.3/0.2/0.5 (Sec. 4.1; the code's, equal best in Table 13: --mask-ratios 0.2 0.2 0.6).
+Where the paper is ambiguous, silent, or contradicts the authors' code, the code's value (the flag gives the paper's):
+    - L_MSE (Eq. 4, "1/B sum (x - p)^2"): the code sums each patch's p*p*3 squared errors and averages over the
+      patches at l; the paper's text reads as a mean over every value: --mse-reduction mean.
+    - C2 = 0.01 on that loss and C3 = 0.1, the code's (MAE_LOSS_WEIGHT, KOLEO_LOSS_WEIGHT in Configs/pera_vitb.yaml);
+      the paper's C2 0.1 and C3 0.01 (after Eq. 9) are swapped against them: --mse-weight 0.1 --koleo-weight 0.01.
     - Mask tokens (+ position embedding) join the student before block depth // 2 ("halfway").
-    - The code's ratios are 0.2/0.2/0.6 (best of Table 13 with 0.2/0.3/0.5): --mask-ratios 0.2 0.2 0.6.
-    - L_MSE is a mean over all values (Eq. 4); the code sums a patch's p*p*3 values, x 0.01 = --mse-weight 7.68 (p 16).
-    - The code's KoLeo weight is 0.1 (--koleo-weight 0.1); the paper's 0.01 is taken.
-    - Pixel target: the student view's ImageNet-normalised pixels at l, no per-patch normalisation.
+    - Pixel target: the STUDENT view (colour-jittered, as the code; the paper says "original images"),
+      ImageNet-normalised, no per-patch normalisation.
     - [cls] loss index-matched (student crop i vs teacher crop i), averaged over all crops; no cross-crop pairs.
     - Teacher temperature 0.03 -> 0.05 (--warmup-teacher-temp, --teacher-temp); centre momentum 0.9 (Eq. 7's n).
-    - The centre averages all crops of the global batch; KoLeo (eps 1e-8) on each global crop's head outputs, summed.
+    - The centre averages all crops of the GLOBAL batch; KoLeo (eps 1e-8) on each global crop's head outputs,
+      summed, its nearest neighbours searched within each PROCESS's share (as the code): it depends on the processes.
     - Heads g and q: GELU MLP 2048-2048-384 (--head-hidden, --head-bottleneck), L2 norm, weight-normed last layer.
     - lr 1e-3 at any batch size, warm-up from 0, cosine to --min-lr 1e-6; all schedules stepped per iteration.
     - Both warm-ups (lr, teacher temperature) are the code's np.linspace(start, peak, W): the peak at step W - 1.
@@ -43,21 +51,22 @@ Where the paper is silent or contradicts itself, the authors' code (the flag giv
     - AdamW betas (0.9, 0.999), eps 2e-5; gradient clipping at global norm 3.0 (--clip-grad 0 = off).
     - Drop path uniform over the student's blocks, per sample; none in the teacher.
     - 2 global crops (scale 0.4-1) and --local-crops 8 of 96 px (--local-size), scale 0.05-0.4, all pairs.
-    - Shared horizontal AND vertical flips; student colour p=0.8: grayscale (0.1) or ColorJitter(0.4, 0.4, 0.2, 0.1).
+    - Shared horizontal AND vertical flips. Student colour with p=0.8: grayscale (for 0.1 of those) INSTEAD of
+      ColorJitter(0.4, 0.4, 0.2, 0.1) (the paper: "DINOv2's colour distortion, additionally random grayscale").
     - Teacher colour: the same jitter with p=0.1. No blur, no solarisation (Sec. 4.1 lists none either).
     - Local crops are split into s and t too (their l patches dropped); their position embeddings bicubic-resized.
 Choices of this file:
-    - --arch vit_base (the paper's comparisons, Tables 9-13; its ViT-G has no torchvision preset) on 224 px global
+    - --arch vit_base (the paper's comparisons, Tables 9-13; its ViT-G/16 has no torchvision preset) on 224 px global
       crops, a quarter of the tokens of the code's 448; local crops of 96 px, at most 3/7 of a smaller --img-size.
-    - --out-dim 8,192 for vit_tiny; its short CPU runs (README) need --drop-path 0 and the code's loss weights
-      (--mse-weight 1.92 at p 8, --koleo-weight 0.1): with the paper's the teacher probes below random init.
+    - --out-dim 8,192 for vit_tiny; its short CPU runs (README) need --drop-path 0: with 0.3, made for ViT-B, the
+      teacher probes below random init.
     - --dense is full-length PerA (both networks on every patch from block 0), Table 10's comparison of sequence
       lengths for time and memory; not the paper's DINOv2 baseline (teacher on global crops only, an iBOT head).
     - Masks are drawn on the device; crops are seeded by (seed, epoch, image index) and every process's RNG state
       is checkpointed, so a resumed run continues bit-for-bit.
 The file reads top to bottom: flags, the method, train(), which makes every decision of the run in sight; below the
 HELPERS banner, what train() calls (processes, loader, gather, checkpoint reading, the log, main), each doing one thing:
-the same text in moco.py, gersp.py, pera.py and preco.py.
+the same text in every method file.
 """
 
 import copy
@@ -122,8 +131,14 @@ def get_args(argv=None):
     p.add_argument("--center-momentum", type=float, default=0.9, help="momentum n of the centre (Eq. 7)")
     p.add_argument("--teacher-momentum", type=float, default=0.992, help="EMA momentum m at step 0; cosine to 1")
     p.add_argument("--cls-weight", type=float, default=1.0, help="C1, weight of the [cls] loss (Eq. 9)")
-    p.add_argument("--mse-weight", type=float, default=0.1, help="C2, weight of the pixel MSE (Eq. 9)")
-    p.add_argument("--koleo-weight", type=float, default=0.01, help="C3, weight of KoLeo (Eq. 9)")
+    p.add_argument(
+        "--mse-reduction",
+        choices=("patch-sum", "mean"),
+        default="patch-sum",
+        help="L_MSE (Eq. 4): each patch's squared errors summed, averaged over patches (the code's), or the mean",
+    )
+    p.add_argument("--mse-weight", type=float, default=0.01, help="C2, weight of L_MSE (Eq. 9; the paper's: 0.1)")
+    p.add_argument("--koleo-weight", type=float, default=0.1, help="C3, weight of KoLeo (Eq. 9; the paper's: 0.01)")
     p.add_argument("--epochs", type=int, default=200, help="training epochs")
     p.add_argument("--batch-size", type=int, default=192, help="TOTAL batch over all processes")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after the warm-up")
@@ -225,7 +240,8 @@ class AlignedMultiCrop:
         self.jitter = T.ColorJitter(0.4, 0.4, 0.2, 0.1)  # Sec. 4.1: brightness ... hue, in a random order
 
     def student_colour(self, img):
-        """DINOv2-style colour distortion plus random grayscale (code: p=0.8; grayscale for 0.1 of those)."""
+        """With p=0.8 a colour change: grayscale for 0.1 of those, the jitter for the rest (code; the paper: DINOv2's
+        distortion "additionally" with random grayscale)."""
         if torch.rand(1) < 0.8:
             return TF.rgb_to_grayscale(img, 3) if torch.rand(1) < 0.1 else self.jitter(img)
         return img
@@ -318,6 +334,7 @@ def encode(vit, images, keep=None, masked=None, mask_token=None, join_at=0, rate
     x = vit.encoder.dropout(torch.cat([cls, x], dim=1))
     for i, block in enumerate(vit.encoder.layers):
         if masked is not None and i == join_at:  # Sec. 3.2.2: mask tokens "participate in encoding halfway"
+            # appended after the kept patches: attention ignores order, each token's position is its embedding
             x = torch.cat([x, mask_token + take(pos.expand(len(x), -1, -1), masked)], dim=1)
         x = block_forward(block, x, rate)
     return vit.encoder.ln(x)
@@ -335,7 +352,8 @@ class DINOHead(nn.Module):
             nn.init.trunc_normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
         self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
-        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)  # gain 1: unit-norm prototypes
+        # each row's gain starts at 1 (code): g's rows are unit prototypes; q's outputs start as cosines in [-1, 1]
+        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
 
     def forward(self, x):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1, eps=1e-6))
@@ -368,9 +386,10 @@ class PerA(nn.Module):
         keep = torch.cat([s, t], dim=1) if self.dense else s  # --dense: every patch, from block 0
         x = encode(self.student.encoder, glob, keep, l, self.mask_token, self.join_at, rate)
         cls = [x[:, 0]]
-        if loc is not None:
-            cls.append(encode(self.student.encoder, loc, None if self.dense else local_masks[0], rate=rate)[:, 0])
-        return torch.cat(cls), x[:, -l.shape[1] :]
+        if loc is not None:  # local crops: the student's part s only (their l is dropped)
+            local_s, _, _ = local_masks
+            cls.append(encode(self.student.encoder, loc, None if self.dense else local_s, rate=rate)[:, 0])
+        return torch.cat(cls), x[:, -l.shape[1] :]  # the mask tokens come last
 
     def forward(self, glob, loc, masks, local_masks):
         """Head outputs of the global then local crops (crop-major rows) and the predicted pixels at l."""
@@ -378,9 +397,12 @@ class PerA(nn.Module):
         return self.student.head(cls), self.predictor(at_l)
 
     def teacher_encode(self, glob, loc, masks, local_masks):
-        cls = [encode(self.teacher.encoder, glob, None if self.dense else masks[2])[:, 0]]
+        """The teacher encoder alone, on the part t of every crop: the class tokens (global then local)."""
+        _, _, t = masks
+        cls = [encode(self.teacher.encoder, glob, None if self.dense else t)[:, 0]]
         if loc is not None:
-            cls.append(encode(self.teacher.encoder, loc, None if self.dense else local_masks[2])[:, 0])
+            _, _, local_t = local_masks
+            cls.append(encode(self.teacher.encoder, loc, None if self.dense else local_t)[:, 0])
         return torch.cat(cls)
 
     @torch.no_grad()
@@ -412,8 +434,9 @@ def update_center(center, teacher_out, momentum):
 
 
 def koleo(x, eps=1e-8):
-    """Eq. 8: -1/B sum_i log(||x_i - x_i'|| + eps), x_i' the nearest other vector of the batch (after L2 norm). In
-    float32 even under autocast: bf16 rounding could pick the wrong nearest neighbour."""
+    """Eq. 8: -1/B sum_i log(||x_i - x_i'|| + eps), x_i' the nearest other vector of the batch (after L2 norm). The
+    batch is this process's share (as in the code): with more processes, fewer candidates. In float32 even under
+    autocast: bf16 rounding could pick the wrong nearest neighbour."""
     with torch.autocast(x.device.type, enabled=False):
         x = F.normalize(x.float(), dim=-1, eps=eps)
         with torch.no_grad():
@@ -423,9 +446,14 @@ def koleo(x, eps=1e-8):
         return -torch.log(F.pairwise_distance(x, x[nearest], eps=eps) + eps).mean()
 
 
-def pixel_loss(predicted, images, learnable, patch_size):
-    """Eq. 4: L_MSE, the mean squared error of the predicted pixels at l against the image's (normalised) own."""
-    return F.mse_loss(predicted.float(), take(patchify(images, patch_size), learnable))
+def pixel_loss(predicted, images, learnable, patch_size, reduction="patch-sum"):
+    """Eq. 4: L_MSE of the pixels predicted at l against the student view's own (normalised) pixels there.
+    "patch-sum", the authors' code: each patch's p*p*3 squared errors summed, then averaged over the patches (its C2
+    0.01 holds at any --patch-size); "mean": averaged over every value, i.e. "patch-sum" / (3 p^2)."""
+    target = take(patchify(images, patch_size), learnable)
+    if reduction == "mean":
+        return F.mse_loss(predicted.float(), target)
+    return (predicted.float() - target).pow(2).sum(dim=-1).mean()
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -451,8 +479,9 @@ def train_step(model, ddp_model, views, args, sched, optimizer, scaler, amp_dtyp
         s_out, pred = ddp_model(s_glob, s_loc, masks, local_masks)
     s_out = s_out.float()
     l_cls = cls_loss(s_out, teacher_targets(t_out, model.center, sched["teacher_temp"]), args.student_temp)
-    l_mse = pixel_loss(pred, s_glob, masks[1], args.patch_size)
-    l_koleo = sum(koleo(x) for x in s_out[: len(s_glob)].chunk(GLOBAL_CROPS))  # Eq. 8 per global crop
+    _, learnable, _ = masks
+    l_mse = pixel_loss(pred, s_glob, learnable, args.patch_size, args.mse_reduction)  # Eq. 4 at l
+    l_koleo = sum(koleo(x) for x in s_out[: len(s_glob)].chunk(GLOBAL_CROPS))  # Eq. 8 per global crop (this process's)
     loss = args.cls_weight * l_cls + args.mse_weight * l_mse + args.koleo_weight * l_koleo  # Eq. 9
     update_center(model.center, t_out, args.center_momentum)
     optimizer.zero_grad(set_to_none=True)
@@ -633,9 +662,9 @@ def train(args):
 
 
 # =================================================================================================================
-# HELPERS: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
-# equal: a fix lands in all four). Each does one thing and returns what it found; train() above decides what to do
-# with it. A reader who knows one method file can stop here.
+# HELPERS: from here to the end the text is the same in every method file (the tests find the method files by this
+# banner and hold the text equal: a fix lands in all of them). Each does one thing and returns what it found; train()
+# above decides what to do with it. A reader who knows one method file can stop here.
 # =================================================================================================================
 Process = namedtuple("Process", "rank world device amp_dtype")  # this process; amp_dtype None: no autocast
 RUN_FILES = ("checkpoint.pth", "backbone.pth", "args.json", "log.jsonl")  # what train() writes in --out

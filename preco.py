@@ -14,17 +14,24 @@ No code was released: where the paper is silent, this file follows SimMIM's offi
 
 Paper -> code
     Sec. 3.2  patch-wise random masking ............... random_mask() on a grid of --mask-unit px, upsample_mask()
+    Sec. 3.2  the input: an augmented crop, its mask .. MaskedView (seeded per image: exact resume)
     Eq. 1  y = g_mlp(f_swin(x_hat)) on masked patches . PReCo.embed() (mask token) + PReCo.forward() (Swin, decoder)
+    Eq. 1  decoder g: stride-32 features to pixels .... PReCo.decoder (SimMIM's 1x1 conv + PixelShuffle)
     Eq. 2  L_Re = ||Y_Re - X|| / N, N masked pixels ... masked_distance(Y_Re, X, pixel mask)
     Sec. 3.3  prompt-enhanced branch: the unmasked x
+              (the "prompt template", an all-zero mask)
               through the SAME encoder and decoder .... preco_losses(): one forward of [masked; unmasked] images
     Sec. 3.4  L_Pr = Eq. 2 between Y_Pr and X ......... masked_distance(Y_Pr, X, all pixels, or --pr-pixels masked)
     Eq. 3  L_Sc = Dist(Y_Re, Y_Pr on the same part) ... masked_distance(Y_Re, Y_Pr, pixel mask, --sc-dist)
-    Sec. 3.3  contrastive: x and x_hat as two views ... info_nce() on the pooled features, over the global batch
-    Eq. 4  L = l_Re L_Re + l_Pr L_Pr + l_Sc L_Sc ...... train_step() (+ l_Con L_Con, the term Sec. 3.3 adds;
-                                                        --lambda-con 0 is Eq. 4 as printed)
+    Eq. 4  L = l_Re L_Re + l_Pr L_Pr + l_Sc L_Sc ...... train_step(); Eq. 4 as printed has these 3 terms only
+    not Eq. 4: + l_Con L_Con, this file's reading
+              of Sec. 3.3 ("contrastive learning is also
+              integrated": x and x_hat as two views) .. info_nce() on the pooled features, over the global batch;
+                                                        ON by default, --lambda-con 0 gives Eq. 4 as printed
     Sec. 4.1  AdamW (0.9, 0.999, 1e-8), lr 1e-5 ....... build_optimizer(), lr_at()
     Table 7  "- P-E" (no prompt-enhanced branch) ...... --no-prompt
+    Sec. 4.1  export: the encoder f (Swin, torchvision
+              keys, no head) as backbone.pth .......... train() (backbone = model.encoder)
     the run: data, model, resume, loop, log, save ..... train() (sets the lr every step; --vis at the end)
 
 Stated by the paper (defaults): Swin-B, 192 x 192 inputs, AdamW betas (0.9, 0.999) eps 1e-8, lr 1e-5, 200 epochs,
@@ -46,7 +53,9 @@ batch 112 per GPU on 8 GPUs (--batch-size 896 in total); export the encoder. Whe
     - Every process's features enter InfoNCE through a differentiable gather: N processes on B / N images each
       train like one process on B (MoCo-style constants would lose (N-1)/N of the negatives' gradient).
     - Its temperature is 0.2 (MoCo v2's) --temperature; its weight --lambda-con 1: the contrastive term is ON by
-      default although Eq. 4 as printed has none (--lambda-con 0). Eq. 4's lambdas are 1 (--lambda-*).
+      default although Eq. 4 as printed has none (--lambda-con 0). The paper contradicts itself (Sec. 3.3 integrates
+      it, Eq. 4 omits it), has no code, and SimMIM has no such term to decide; the text names it part of PReCo, and
+      at small scale it is what pays (README: 60.85 with it, 39.82 without, random 49.89). Eq. 4's lambdas are 1.
     - InfoNCE runs in float32 outside autocast (bf16 rounding would show at 1/T = 5).
     - --no-prompt ("- P-E") drops the unmasked branch and so L_Pr, L_Sc and the contrastive term: SimMIM remains.
     - Weight decay 0.05 (SimMIM), not on norms, biases, the mask token and relative position bias tables (SimMIM).
@@ -54,13 +63,11 @@ batch 112 per GPU on 8 GPUs (--batch-size 896 in total); export the encoder. Whe
     - lr per step as SimMIM: linear warmup from lr/200 for --warmup-epochs 10, cosine over all steps to lr/20.
     - The paper's lr 1e-5 is the lr itself; SimMIM would rescale its BASE_LR by batch / 512 (not done here).
     - Window 7 (torchvision) instead of SimMIM's 6 at 192 px: backbone.pth must load into torchvision's swin_t/b.
-    - torchvision pads each stage to the window: at 64 px the stages are 16, 8, 4, 2 tokens wide (padded to 21,
-      14, 7, 7) and the last one still has stride 32, so the decoder returns 64 px.
     - Both branches run as ONE forward of [masked; unmasked] (one DDP forward; no batch statistics in Swin).
     - Crops and masks are seeded by (seed, epoch, index), every process's RNG (drop path) is saved: exact resume.
 The file reads top to bottom: flags, the method, train(), which makes every decision of the run in sight; below the
 HELPERS banner, what train() calls (processes, loader, gather, checkpoint reading, the log, main), each doing one thing:
-the same text in moco.py, gersp.py, pera.py and preco.py.
+the same text in every method file.
 """
 
 import argparse
@@ -90,7 +97,7 @@ SCRIPT = os.path.basename(__file__)
 METHOD = SCRIPT.removesuffix(".py")  # "method" in checkpoints and backbone.pth
 ARCHS = ("swin_t", "swin_s", "swin_b")
 PATCH = 4  # Swin's patch size
-STRIDE = 32  # the stride of Swin's last stage (SimMIM's encoder_stride)
+STRIDE = 32  # the stride of Swin's last stage (SimMIM's encoder_stride); torchvision pads each stage to its window
 WARMUP_START = 1 / 200  # SimMIM's WARMUP_LR / BASE_LR
 MIN_LR_RATIO = 1 / 20  # SimMIM's MIN_LR / BASE_LR
 LOGGED = ("loss", "l_re", "l_pr", "l_sc", "l_con")  # what train_step() returns; --no-prompt: the first two
@@ -251,7 +258,9 @@ class PReCo(nn.Module):
             module.p = drop_path * i / max(len(blocks) - 1, 1)
         self.mask_token = nn.Parameter(torch.zeros(self.encoder.features[0][-1].normalized_shape[0]))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.decoder = nn.Sequential(  # SimMIM's 1x1 conv as a Linear on N H W C (a 1x1 conv's grad upsets DDP at 1x1)
+        # g: SimMIM's 1x1 conv, as the same Linear on Swin's N H W C output (at a 1 x 1 last stage the conv's gradient
+        # layout made DDP warn every step), then PixelShuffle: each stride-32 token paints its own 32 x 32 pixels
+        self.decoder = nn.Sequential(
             nn.Linear(width, STRIDE**2 * 3), torchvision.ops.Permute([0, 3, 1, 2]), nn.PixelShuffle(STRIDE)
         )
         self.tokens_per_unit = mask_unit // PATCH
@@ -300,20 +309,23 @@ def preco_losses(
     if not prompt:
         y_re, _ = model(images, mask)
         return [masked_distance(y_re.float(), images, pixel_mask)]  # Eq. 2
-    pixels, pooled = model(torch.cat([images, images]), torch.cat([mask, torch.zeros_like(mask)]))
+    prompt_mask = torch.zeros_like(mask)  # Sec. 3.3's prompt template: the same image with nothing masked
+    pixels, pooled = model(torch.cat([images, images]), torch.cat([mask, prompt_mask]))
     (y_re, y_pr), (z_re, z_pr) = pixels.float().chunk(2), pooled.float().chunk(2)
     pr_mask = pixel_mask if pr_pixels == "masked" else torch.ones_like(pixel_mask)
     return [
         masked_distance(y_re, images, pixel_mask),  # Eq. 2
-        masked_distance(y_pr, images, pr_mask),  # Sec. 3.4: Eq. 2 for Y_Pr
+        # Sec. 3.4: Eq. 2 for Y_Pr; no identity task: every 32 x 32 pixels come back from one stride-32 token
+        masked_distance(y_pr, images, pr_mask),
         masked_distance(y_re, y_pr.detach() if sc_stop_grad else y_pr, pixel_mask, sc_dist),  # Eq. 3
-        info_nce(z_re, z_pr, temperature),
-    ]  # Sec. 3.3
+        info_nce(z_re, z_pr, temperature),  # Sec. 3.3, this file's reading: not a term of Eq. 4
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ training
 def train_step(model, images, mask, optimizer, scaler, amp_dtype, args):
-    """One AdamW step on Eq. 4; returns [loss, L_Re, L_Pr, L_Sc, L_Con] ([loss, L_Re] with --no-prompt), no sync."""
+    """One AdamW step on Eq. 4 + l_Con L_Con; returns [loss, L_Re, L_Pr, L_Sc, L_Con] ([loss, L_Re] with --no-prompt),
+    no sync."""
     with autocast(images.device, amp_dtype):
         terms = preco_losses(
             model,
@@ -327,7 +339,7 @@ def train_step(model, images, mask, optimizer, scaler, amp_dtype, args):
             args.temperature,
         )
     weights = (args.lambda_re, args.lambda_pr, args.lambda_sc, args.lambda_con)
-    loss = sum(w * term for w, term in zip(weights, terms))  # Eq. 4
+    loss = sum(w * term for w, term in zip(weights, terms))  # Eq. 4, + the contrastive term unless --lambda-con 0
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if args.clip_grad > 0:
@@ -483,9 +495,9 @@ def train(args):
 
 
 # =================================================================================================================
-# HELPERS: from here to the end the text is the same in moco.py, gersp.py, pera.py and preco.py (a test holds them
-# equal: a fix lands in all four). Each does one thing and returns what it found; train() above decides what to do
-# with it. A reader who knows one method file can stop here.
+# HELPERS: from here to the end the text is the same in every method file (the tests find the method files by this
+# banner and hold the text equal: a fix lands in all of them). Each does one thing and returns what it found; train()
+# above decides what to do with it. A reader who knows one method file can stop here.
 # =================================================================================================================
 Process = namedtuple("Process", "rank world device amp_dtype")  # this process; amp_dtype None: no autocast
 RUN_FILES = ("checkpoint.pth", "backbone.pth", "args.json", "log.jsonl")  # what train() writes in --out

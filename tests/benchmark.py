@@ -5,9 +5,11 @@
 
 The method is built through its own file's classes and train_step, with the file's flags (defaults included). Three
 timings, each after 3 warm-up steps: N steps on synthetic tensors already on the device (images/s, peak memory);
-N of the step's compute floor (the backbone passes alone: forward + backward of the trained encoder, forward of
-the other); N steps fed by the file's real loader on --data. step_over_floor near 1 means the method adds little
-around its backbones. Nothing is written.
+N of the step's compute floor, every network pass the method needs (forward + backward of what it trains: encoder,
+projector, heads, predictor, decoder; forward of its EMA teacher); N steps fed by the file's real loader on --data.
+step_over_floor then prices all the rest (losses, optimiser, EMA, queue, gathers): near 1, the method adds little
+around its networks. Nothing is written. A method file is found by its HELPERS banner (tests/methods.py); one with no
+entry in RUNS below is refused in one sentence that says what to add.
 """
 
 import argparse
@@ -26,6 +28,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from methods import REPO, is_method_file, method_files  # noqa: E402
 
 
 def epochs(loader):
@@ -34,7 +37,7 @@ def epochs(loader):
 
 
 def moco_run(m, args, ctx):
-    """MoCo: queries with gradient, shuffled keys without; the floor is the two encoders' passes."""
+    """MoCo: queries with gradient, shuffled keys without; the floor is both encoders' passes, projectors included."""
     local = args.batch_size // ctx.world
     encoder = m.Encoder(args.arch, args.dim, m.bn_group_count(args, ctx.world), args.head)
     model = m.MoCo(encoder, args.queue, args.dim, args.moco_m, args.temperature).to(ctx.device)
@@ -61,6 +64,7 @@ def moco_run(m, args, ctx):
     return dict(
         name=f"moco {args.version}",
         images=args.batch_size,
+        model=model,
         step=step,
         floor=floor,
         synthetic=synthetic,
@@ -69,7 +73,8 @@ def moco_run(m, args, ctx):
 
 
 def gersp_run(m, args, ctx):
-    """GeRSP: the student on RS queries and natural images, the teacher on keys; the floor is those passes."""
+    """GeRSP: the student on RS queries and natural images, the teacher on keys; the floor is those passes (the
+    student's projector and predictor, the teacher's projector included)."""
     local = args.batch_size // ctx.world
     augment = m.augmentation(args.aug, args.img_size)
     paths = data.list_images(args.data)[0]
@@ -103,6 +108,7 @@ def gersp_run(m, args, ctx):
     return dict(
         name="gersp",
         images=args.batch_size * (2 if natural else 1),
+        model=model,
         step=step,
         floor=floor,
         synthetic=synthetic,
@@ -111,7 +117,8 @@ def gersp_run(m, args, ctx):
 
 
 def pera_run(m, args, ctx):
-    """PerA: sparse (or --dense) student and teacher; the floor is both encoders' passes on the same masks."""
+    """PerA: sparse (or --dense) student and teacher; the floor is both networks' passes on the same masks: the
+    student encoder, its head g and the pixel predictor q, and the teacher encoder and its head."""
     model = m.PerA(args).to(ctx.device)
     ddp_model = m.ddp(model, forward_sync_buffers=False)
     optimizer = torch.optim.AdamW(
@@ -139,10 +146,9 @@ def pera_run(m, args, ctx):
     def floor(views):
         s_glob, t_glob, s_loc, t_loc, masks, local_masks = m.masked_views(views, args)
         with m.autocast(ctx.device, ctx.amp_dtype):
-            cls, at_l = model.student_encode(s_glob, s_loc, masks, local_masks)
-            (cls.float().sum() + at_l.float().sum()).backward()
-            with torch.no_grad():
-                model.teacher_encode(t_glob, t_loc, masks, local_masks)
+            head_out, pixels = model(s_glob, s_loc, masks, local_masks)
+            (head_out.float().sum() + pixels.float().sum()).backward()
+            model.teacher_forward(t_glob, t_loc, masks, local_masks)  # no gradient
 
     local = args.batch_size // ctx.world  # the loader's layout: image x crop x 3 x h x w
     synthetic = [
@@ -152,6 +158,7 @@ def pera_run(m, args, ctx):
     return dict(
         name="pera --dense (full-length)" if args.dense else "pera",
         images=args.batch_size,
+        model=model,
         step=step,
         floor=floor,
         synthetic=synthetic,
@@ -161,7 +168,7 @@ def pera_run(m, args, ctx):
 
 def preco_run(m, args, ctx):
     """PReCo: [masked; unmasked] through one Swin + decoder (--no-prompt: the masked batch); the floor is the
-    encoder's forward + backward over the same images."""
+    forward + backward of the encoder (mask token included) and the decoder over the same images and masks."""
     model = m.PReCo(args.arch, args.mask_unit, args.drop_path).to(ctx.device)
     ddp_model = m.ddp(model)
     optimizer = m.build_optimizer(model, args)
@@ -176,9 +183,12 @@ def preco_run(m, args, ctx):
         return m.train_step(ddp_model, *batch, optimizer, ctx.scaler, ctx.amp_dtype, args)
 
     def floor(batch):
-        both = torch.cat([batch[0], batch[0]]) if args.prompt else batch[0]
+        images, mask = batch
+        if args.prompt:  # the prompt branch: the same images, nothing masked
+            images, mask = torch.cat([images, images]), torch.cat([mask, torch.zeros_like(mask)])
         with m.autocast(ctx.device, ctx.amp_dtype):
-            model.encoder(both).float().sum().backward()
+            pixels, pooled = model(images, mask)
+            (pixels.float().sum() + pooled.float().sum()).backward()
 
     local, grid = args.batch_size // ctx.world, args.img_size // args.mask_unit
     synthetic = [
@@ -188,6 +198,7 @@ def preco_run(m, args, ctx):
     return dict(
         name="preco" if args.prompt else "preco - P-E",
         images=args.batch_size,
+        model=model,
         step=step,
         floor=floor,
         synthetic=synthetic,
@@ -195,7 +206,23 @@ def preco_run(m, args, ctx):
     )
 
 
-RUNS = {"moco": moco_run, "gersp": gersp_run, "pera": pera_run, "preco": preco_run}
+RUNS = {"moco": moco_run, "gersp": gersp_run, "pera": pera_run, "preco": preco_run}  # a new method adds its own
+
+
+def load_method(script):
+    """The method file `script` (a path, or the name of one of this repository's method files) as a module; or one
+    sentence: it is not a method file, or it has no entry in RUNS."""
+    path = script if os.path.isfile(script) else os.path.join(REPO, os.path.basename(script))
+    if not is_method_file(path):
+        known = ", ".join(method_files())
+        sys.exit(f"benchmark.py: error: {script} is not a method file (one with the HELPERS banner: {known}).")
+    name = os.path.basename(path).removesuffix(".py")
+    if name not in RUNS:
+        sys.exit(
+            f"benchmark.py: error: {script} has no entry here; add a {name}_run(m, args, ctx) to tests/benchmark.py's "
+            f"RUNS, returning its step, its floor (every network pass it needs) and its inputs, as moco_run does."
+        )
+    return importlib.import_module(name)
 
 
 def timed(fn, steps, device):
@@ -219,10 +246,10 @@ def timed(fn, steps, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("script", help="moco.py, gersp.py, pera.py or preco.py")
+    parser.add_argument("script", help=f"a method file: {', '.join(method_files())}")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
     ours, rest = parser.parse_known_args(argv)
-    m = importlib.import_module(os.path.basename(ours.script).removesuffix(".py"))
+    m = load_method(ours.script)
     with tempfile.TemporaryDirectory() as out:  # setup() checks --out and finds no checkpoint there
         args = m.get_args(rest + ["--out", out])
         try:

@@ -18,6 +18,7 @@ import data
 import eval_linear
 import finetune_cls
 from conftest import make_image_folder, refusal
+from methods import METHODS
 
 EVALUATIONS = (eval_linear, finetune_cls)
 
@@ -299,8 +300,7 @@ def test_the_built_in_textures_are_reported_as_synthetic(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ nan / inf flags
 @pytest.mark.parametrize(
     "script, value",
-    [(name, "nan") for name in ("moco", "gersp", "pera", "preco", "eval_linear", "finetune_cls")]
-    + [("eval_linear", "inf"), ("moco", "-inf")],
+    [(name, "nan") for name in METHODS + ["eval_linear", "finetune_cls"]] + [("eval_linear", "inf"), ("moco", "-inf")],
 )
 def test_every_script_refuses_a_non_finite_float_flag_in_one_line(script, value, capsys):
     with pytest.raises(SystemExit) as exit_info:  # what `python SCRIPT --lr=nan` does first: parse its flags

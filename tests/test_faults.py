@@ -2,6 +2,7 @@
 write, corrupt and odd image files among good ones, a dead DDP process, and every kind of bad input."""
 
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -16,16 +17,14 @@ import torch
 import torchvision
 from PIL import Image
 
+import conftest
 import data
 import eval_linear
 import finetune_cls
-import gersp
-import moco
-import pera
-import preco
-from conftest import REPO, TINY_RESNET, TINY_SWIN, TINY_VIT, assert_one_sentence_error, make_image_folder, run_script
+import methods
+from conftest import REPO, assert_one_sentence_error, make_image_folder, run_script
 
-METHODS = {"moco": moco, "gersp": gersp, "pera": pera, "preco": preco}
+METHODS = {name: importlib.import_module(name) for name in methods.METHODS}  # every method file, found by its banner
 EVALS = {"eval_linear": eval_linear, "finetune_cls": finetune_cls}
 
 
@@ -42,12 +41,7 @@ def folders(tmp_path_factory):
 
 def tiny_argv(script, folders, data_folder=None):
     """Arguments of a run of a few real steps for each pre-training script (16 images: 2 or 4 steps per epoch)."""
-    return {
-        "moco": TINY_RESNET + ["--queue", "16"],
-        "gersp": TINY_RESNET + ["--queue", "16", "--natural", folders["natural"]],
-        "pera": TINY_VIT + ["--teacher-temp-epochs", "0"],  # a warm-up must fit in the 1-epoch runs
-        "preco": TINY_SWIN + ["--batch-size", "4"],
-    }[script] + ["--data", data_folder or folders["rs"]]
+    return conftest.tiny_argv(script) + ["--data", data_folder or folders["rs"]]
 
 
 def model_tensors(out):
@@ -138,7 +132,7 @@ def test_a_crash_in_the_middle_of_a_checkpoint_write_leaves_the_previous_checkpo
         data.save_atomic({"step": 2, "weights": torch.zeros(3)}, str(path))
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
-    for module in (moco, gersp, pera, preco, finetune_cls):
+    for module in (*METHODS.values(), finetune_cls):
         assert "def save_atomic" not in open(module.__file__).read()  # no script writes its own way
 
 

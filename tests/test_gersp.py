@@ -16,6 +16,9 @@ import gersp
 import moco
 from conftest import TINY_RESNET, assert_ran_cleanly, make_image_folder, run_torchrun
 
+# conftest.tiny_argv: the tests of every method run it (the built-in textures as the natural images)
+TINY = TINY_RESNET + ["--bn-group", "4", "--queue", "16", "--natural", "synthetic"]
+
 
 def per_sample_gersp(num_classes=3, dim=4, queue=8):
     """A GeRSP whose backbone has no BatchNorm, so every output depends on its own image only."""

@@ -16,6 +16,8 @@ import data
 import moco
 from conftest import TINY_RESNET, assert_one_sentence_error, make_image_folder, run_script
 
+TINY = TINY_RESNET + ["--bn-group", "4", "--queue", "16"]  # conftest.tiny_argv: the tests of every method run it
+
 
 def tiny_moco(queue=6, dim=4, momentum=0.9, temperature=0.5, encoder=None):
     encoder = encoder or nn.Sequential(nn.Flatten(), nn.Linear(12, dim))  # no BatchNorm: keys depend on one image

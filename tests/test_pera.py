@@ -14,7 +14,7 @@ import eval_linear
 import pera
 from conftest import TINY_VIT, assert_ran_cleanly, make_image_folder, run_torchrun
 
-TINY = TINY_VIT
+TINY = TINY_VIT  # conftest.tiny_argv: the tests of every method run it
 
 
 def tiny_views(args, batch=4):
@@ -132,15 +132,22 @@ def test_koleo_finds_the_nearest_neighbour_in_float32_under_bf16_autocast():
     assert under_autocast == pytest.approx(expected, abs=1e-5) and pera.koleo(x).item() == under_autocast
 
 
-def test_pixel_loss_is_the_mse_at_the_learnable_patches_only():
+def test_pixel_loss_is_the_squared_error_at_the_learnable_patches_only_summed_per_patch_as_the_authors_code():
     images = torch.randn(2, 3, 16, 16)  # 4 patches of 8 px each
     learnable = torch.tensor([[1, 3], [0, 2]])
     predicted = torch.zeros(2, 2, 8 * 8 * 3)
     patches = [
         [images[b, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] for r in range(2) for c in range(2)] for b in range(2)
     ]
-    expected = torch.stack([patches[b][i] for b in range(2) for i in learnable[b].tolist()]).pow(2).mean()
-    assert pera.pixel_loss(predicted, images, learnable, 8).item() == pytest.approx(expected.item(), rel=1e-6)
+    at_l = torch.stack([patches[b][i] for b in range(2) for i in learnable[b].tolist()])  # 4 patches x 3 x 8 x 8
+    per_patch_sums = at_l.pow(2).sum(dim=(1, 2, 3))
+    assert pera.pixel_loss(predicted, images, learnable, 8).item() == pytest.approx(per_patch_sums.mean().item())
+    mean = pera.pixel_loss(predicted, images, learnable, 8, "mean").item()
+    assert mean == pytest.approx(at_l.pow(2).mean().item(), rel=1e-6)  # --mse-reduction mean: Eq. 4 as a plain MSE
+    # the default C2 0.01 on the patch sums is the old --mse-weight 1.92 on the mean at patch 8 (8 x 8 x 3 = 192)
+    assert 0.01 * per_patch_sums.mean().item() == pytest.approx(1.92 * mean, rel=1e-6)
+    args = pera.get_args([])
+    assert (args.mse_reduction, args.mse_weight, args.koleo_weight) == ("patch-sum", 0.01, 0.1)  # the code's
 
 
 def test_cls_loss_matches_a_hand_computed_value():
@@ -164,7 +171,7 @@ def test_train_step_gives_the_teacher_no_gradient_and_moves_it_by_the_ema():
     sched = {"teacher_temp": 0.04, "teacher_momentum": 0.9}
     terms = pera.train_step(model, model, tiny_views(args), args, sched, optimizer, scaler, None)
     loss, l_cls, l_mse, l_koleo = terms.tolist()
-    assert math.isfinite(loss) and loss == pytest.approx(l_cls + 0.1 * l_mse + 0.01 * l_koleo, rel=1e-5)
+    assert math.isfinite(loss) and loss == pytest.approx(l_cls + 0.01 * l_mse + 0.1 * l_koleo, rel=1e-5)  # Eq. 9
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
     assert model.mask_token.grad is not None and model.predictor.mlp[0].weight.grad is not None
     for t, old_t, s, _ in zip(model.teacher.parameters(), teacher_before, model.student.parameters(), student_before):
@@ -181,9 +188,10 @@ def train_tiny(folder, out, *extra):
 @pytest.mark.smoke  # real training steps and one exact resume
 def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path):
     folder = make_image_folder(tmp_path / "imgs", classes=3, per_class=4)  # 12 images: 3 steps per epoch
-    straight = train_tiny(folder, tmp_path / "a", "--epochs", "2", "--max-steps", "5")
-    train_tiny(folder, tmp_path / "b", "--epochs", "2", "--max-steps", "2")  # stopped mid-epoch
-    resumed = train_tiny(folder, tmp_path / "b", "--epochs", "2", "--max-steps", "5")
+    two_epochs = ["--epochs", "2", "--teacher-temp-epochs", "1"]  # the temperature warms up over the first
+    straight = train_tiny(folder, tmp_path / "a", *two_epochs, "--max-steps", "5")
+    train_tiny(folder, tmp_path / "b", *two_epochs, "--max-steps", "2")  # stopped mid-epoch
+    resumed = train_tiny(folder, tmp_path / "b", *two_epochs, "--max-steps", "5")
     assert straight["step"] == resumed["step"] == 5
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key  # teacher, student, centre, mask token
@@ -194,7 +202,7 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path):
     assert {"cls", "mse", "koleo", "lr", "wd", "teacher_momentum", "teacher_temp", "peak_mem_gb"} <= set(log[0])
     # the logged schedule is the one its step used (steps 0-4 for lines 1-5): a 3-step warm-up, 0.05 at step 2
     assert [r["teacher_temp"] for r in log] == pytest.approx([0.03, 0.04, 0.05, 0.05, 0.05])
-    args = pera.get_args(TINY + ["--epochs", "2"])
+    args = pera.get_args(TINY + two_epochs)
     for r in log:
         assert {k: r[k] for k in ("lr", "wd", "teacher_momentum")} == pytest.approx(
             {k: v for k, v in pera.schedules(args, r["step"] - 1, 3).items() if k != "teacher_temp"}

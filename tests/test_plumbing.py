@@ -1,11 +1,13 @@
-"""The helper block below each method file's banner: the same text in all four, each file's own train() above it, and
-what the helpers do for every method (bf16 autocast, window means in the log, the kNN monitor that never changes the
-training, a two-node launch)."""
+"""The helper block below each method file's banner: the same text in every method file (found by that banner, a new
+one included), each file's own train() above it, and what the helpers do for every method (bf16 autocast, window means
+in the log, the kNN monitor that never changes the training, a two-node launch)."""
 
 import argparse
 import ast
+import importlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,63 +17,86 @@ import torch
 import torchvision
 from torch.distributed.run import get_args_parser as torchrun_parser
 
-import eval_linear
-import finetune_cls
-import gersp
 import moco
-import pera
-import preco
-from conftest import REPO, TINY_RESNET, TINY_SWIN, TINY_VIT, make_image_folder
+from conftest import REPO, TINY_RESNET, make_image_folder, tiny_argv
+from methods import BANNER, METHODS, method_files
 
-BANNER = "# " + "=" * 113 + "\n# HELPERS"
+# Budgets, counted on the ruff-formatted file (CI checks the format): README, Adding a method, states them
+TRAIN_LINES, HELPER_LINES, LOG_LINES, FUNCTION_LINES, CLASS_LINES = 90, 220, 40, 80, 60
 
 
-def test_the_helper_block_is_the_same_text_in_the_four_method_files():
+def assert_helper_blocks_equal(root):
+    """Every method file in `root` has the banner once, and the text from it to the end is the same in all."""
     blocks = {}
-    for name in ("moco.py", "gersp.py", "pera.py", "preco.py"):
-        text = open(os.path.join(REPO, name)).read()
+    for name in method_files(root):
+        text = open(os.path.join(root, name)).read()
         assert text.count(BANNER) == 1, name
         blocks[name] = text[text.index(BANNER) :]
-    assert all(block == blocks["moco.py"] for block in blocks.values()), [
-        n for n, b in blocks.items() if b != blocks["moco.py"]
-    ]
-    assert "def setup(" in blocks["moco.py"] and "def train(" not in blocks["moco.py"]  # the loop is above
+    texts = list(blocks.values())
+    common = max(texts, key=texts.count)
+    assert all(block == common for block in texts), [name for name, block in blocks.items() if block != common]
+    assert "def setup(" in common and "def train(" not in common  # the loop is above
 
 
-@pytest.mark.parametrize("name", ["moco.py", "gersp.py", "pera.py", "preco.py"])
-def test_each_method_file_decides_in_its_own_train_and_its_helpers_only_do(name):
+def assert_train_decides_and_helpers_only_do(path):
     """README, Reading a method file: the method, then its train() that checks the method's flags, calls train_step()
     and writes the checkpoint in sight, then the helpers, which never check the method's flags, never raise the stop
-    of a non-finite run and hold only process facts. Budgets, counted on the ruff-formatted file (CI checks the
-    format): train() at most 90 lines, the helper block 220, Log 40, no function over 80 and no class over 60."""
-    text = open(os.path.join(REPO, name)).read()
+    of a non-finite run and hold only process facts; within the budgets."""
+    text = open(path).read()
     above = text[: text.index(BANNER)]
     helpers = text[text.index(BANNER) :]
     tree = ast.parse(text)
     (train,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train"]
-    assert train.lineno < above.count("\n") + 1 and train.end_lineno - train.lineno + 1 <= 90
+    assert train.lineno < above.count("\n") + 1 and train.end_lineno - train.lineno + 1 <= TRAIN_LINES
     calls = [n.func for n in ast.walk(train) if isinstance(n, ast.Call)]
     called = {f.id for f in calls if isinstance(f, ast.Name)} | {f.attr for f in calls if isinstance(f, ast.Attribute)}
     assert {"setup", "check_args", "make_loader", "read_checkpoint", "train_step", "save_atomic"} <= called, called
     raised = {n.exc.func.id for n in ast.walk(train) if isinstance(n, ast.Raise) and isinstance(n.exc, ast.Call)}
-    assert raised == {
-        "NonFiniteError",
-        "UserError",
-    }  # the stops on a non-finite loss or weights, and on unreadable data
+    # the stops on a non-finite loss or weights, and on unreadable data
+    assert raised == {"NonFiniteError", "UserError"}
     assert "check_args(" not in helpers and "raise NonFiniteError" not in helpers
-    assert helpers.count("\n") <= 220 and moco.Process._fields == ("rank", "world", "device", "amp_dtype")
+    assert helpers.count("\n") <= HELPER_LINES
     for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            limit = (
-                40 if node.name == "Log" else 60 if isinstance(node, ast.ClassDef) else 80 if node is not train else 90
-            )
-            assert node.end_lineno - node.lineno + 1 <= limit, (name, node.name)
+        if node is train or not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            continue
+        limit = LOG_LINES if node.name == "Log" else CLASS_LINES if isinstance(node, ast.ClassDef) else FUNCTION_LINES
+        assert node.end_lineno - node.lineno + 1 <= limit, (path, node.name)
 
 
-@pytest.mark.parametrize("module", [moco, gersp, pera, preco, eval_linear, finetune_cls])
-def test_every_flag_reaches_the_script_through_torchrun(module, monkeypatch):
+def test_the_helper_block_is_the_same_text_in_every_method_file():
+    assert {"moco", "gersp", "pera", "preco"} <= set(METHODS)  # found by the banner
+    assert_helper_blocks_equal(REPO)
+    assert moco.Process._fields == ("rank", "world", "device", "amp_dtype")  # process facts only
+
+
+@pytest.mark.parametrize("name", method_files())
+def test_each_method_file_decides_in_its_own_train_and_its_helpers_only_do(name):
+    assert_train_decides_and_helpers_only_do(os.path.join(REPO, name))
+
+
+def test_a_new_method_file_is_found_and_checked_with_no_edit_and_a_changed_byte_in_its_helpers_fails(tmp_path):
+    """README, Adding a method: copy moco.py to mymethod.py. The checks above find it by its banner and hold it to
+    the same helper block and budgets as the others; one changed byte below its banner fails them."""
+    for name in method_files():
+        shutil.copy(os.path.join(REPO, name), tmp_path / name)
+    shutil.copy(os.path.join(REPO, "moco.py"), tmp_path / "mymethod.py")
+    shutil.copy(os.path.join(REPO, "data.py"), tmp_path / "data.py")  # a module, not a method file
+    assert method_files(tmp_path) == sorted(method_files() + ["mymethod.py"])
+    assert_helper_blocks_equal(tmp_path)
+    assert_train_decides_and_helpers_only_do(tmp_path / "mymethod.py")
+    text = (tmp_path / "mymethod.py").read_text()
+    changed = text[: text.index(BANNER)] + text[text.index(BANNER) :].replace("def main(", "def Main(")
+    assert len(changed) == len(text) and sum(a != b for a, b in zip(changed, text)) == 1  # one byte
+    (tmp_path / "mymethod.py").write_text(changed)
+    with pytest.raises(AssertionError, match="mymethod.py"):
+        assert_helper_blocks_equal(tmp_path)
+
+
+@pytest.mark.parametrize("name", METHODS + ["eval_linear", "finetune_cls"])
+def test_every_flag_reaches_the_script_through_torchrun(name, monkeypatch):
     """torchrun parses the whole command line first: a flag of ours that abbreviates one of its options (--monitor
     for --monitor-interval) stops every torchrun launch with 'ambiguous option' before the script starts."""
+    module = importlib.import_module(name)
     parsers = []
 
     def keep_parser(parser, *args, **kwargs):
@@ -99,16 +124,11 @@ def first_logged(module, argv, out):
     return json.loads(open(out / "log.jsonl").readline())
 
 
-@pytest.mark.parametrize("name", ["moco", "gersp", "pera", "preco"])
+@pytest.mark.parametrize("name", METHODS)
 def test_every_method_trains_under_bf16_autocast_and_computes_the_same_loss(name, folder, tmp_path):
     """CUDA runs use bf16 by default; the CPU runs the same autocast path. Step 1 starts from the same weights and
     batch, so its loss under bf16 must differ from float32's only by rounding."""
-    module, argv = {
-        "moco": (moco, TINY_RESNET + ["--queue", "16"]),
-        "gersp": (gersp, TINY_RESNET + ["--queue", "16", "--natural", folder]),
-        "pera": (pera, TINY_VIT),
-        "preco": (preco, TINY_SWIN + ["--batch-size", "4"]),
-    }[name]
+    module, argv = importlib.import_module(name), tiny_argv(name)
     argv = argv + ["--data", folder, "--max-steps", "1"]
     exact = first_logged(module, argv + ["--amp", "off"], tmp_path / "fp32")
     rounded = first_logged(module, argv + ["--amp", "bf16"], tmp_path / "bf16")

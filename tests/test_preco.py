@@ -20,6 +20,8 @@ import eval_linear
 import preco
 from conftest import TINY_SWIN, assert_ran_cleanly, make_image_folder, run_torchrun
 
+TINY = TINY_SWIN + ["--batch-size", "4"]  # conftest.tiny_argv: the tests of every method run it (16 images: 4 steps)
+
 
 def tiny_args(*extra):
     return preco.get_args(TINY_SWIN + list(extra))
