@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import backbones
 import eval_linear
 import finetune_cls
 from conftest import make_image_folder
@@ -168,9 +169,7 @@ def test_resnet_layouts_load_exactly_and_compute_the_original_network(layout, tm
     writer, prefix, dropped = RESNET_LAYOUTS[layout]
     original = resnet18()
     torch.save(writer(original.state_dict()), tmp_path / "weights.pth")
-    model, width, arch, method, _, _ = eval_linear.load_backbone(
-        str(tmp_path / "weights.pth"), "resnet18", image_size=32
-    )
+    model, width, arch, method, _, _ = backbones.load_backbone(str(tmp_path / "weights.pth"), "resnet18", image_size=32)
     line = capsys.readouterr().out.strip().splitlines()
     assert (width, arch) == (512, "resnet18") and len(line) == 1 and prefix in line[0], line
     assert all(d in line[0] for d in dropped) and ("dropped" in line[0]) == bool(dropped), line
@@ -275,7 +274,7 @@ def vit_reference(sd, x, heads, patch):
 def test_dinov2_layerscale_is_folded_exactly_and_its_mask_token_dropped(tmp_path, capsys):
     sd = timm_vit(patch=14, grid=2, layerscale=True) | {"mask_token": torch.randn(1, 192)}  # dinov2_vit*14_pretrain
     torch.save(sd, tmp_path / "dinov2_vitt14_pretrain.pth")
-    model, width, arch, method, _, _ = eval_linear.load_backbone(
+    model, width, arch, method, _, _ = backbones.load_backbone(
         str(tmp_path / "dinov2_vitt14_pretrain.pth"), image_size=28
     )
     line = capsys.readouterr().out
@@ -318,7 +317,7 @@ def test_dino_teacher_and_timm_vits_load_exactly(layout, patch, grid, prefix, dr
         {"dino_full_checkpoint": dino_full_checkpoint, "timm_with_classifier": timm_with_classifier}[layout](sd),
         tmp_path / "weights.pth",
     )
-    model, _, arch, _, _, _ = eval_linear.load_backbone(str(tmp_path / "weights.pth"), image_size=patch * grid)
+    model, _, arch, _, _, _ = backbones.load_backbone(str(tmp_path / "weights.pth"), image_size=patch * grid)
     line = capsys.readouterr().out
     assert arch == "vit_tiny" and model.patch_size == patch and prefix in line and all(d in line for d in dropped)
     x = torch.randn(2, 3, patch * grid, patch * grid)
@@ -329,7 +328,7 @@ def test_dino_teacher_and_timm_vits_load_exactly(layout, patch, grid, prefix, dr
 def test_dinov2_37_by_37_positions_are_interpolated_to_the_evaluation_grid(tmp_path):
     sd = timm_vit(patch=14, grid=37, layerscale=True)  # dinov2 at 518 px; evaluated at 224 px: 16 x 16
     torch.save(sd, tmp_path / "dinov2.pth")
-    model, _, _, _, _, _ = eval_linear.load_backbone(str(tmp_path / "dinov2.pth"), image_size=224)
+    model, _, _, _, _, _ = backbones.load_backbone(str(tmp_path / "dinov2.pth"), image_size=224)
     positions = model.encoder.pos_embedding.detach()
     assert positions.shape == (1, 1 + 16 * 16, 192)
     torch.testing.assert_close(positions[0, 0], sd["pos_embed"][0, 0])  # the class token's is kept
@@ -356,7 +355,7 @@ def test_moco_v3_vit_small_is_built_with_its_12_heads_which_its_file_names(layou
     torch.save(
         {"moco_v3_lincls": moco_v3_lincls, "moco_v3_vit_pretrain": moco_v3_vit_pretrain}[layout](sd), tmp_path / "w.pth"
     )
-    loaded = eval_linear.load_backbone(str(tmp_path / "w.pth"), image_size=32)
+    loaded = backbones.load_backbone(str(tmp_path / "w.pth"), image_size=32)
     line = capsys.readouterr().out
     assert loaded.arch == "vit_small" and " heads 12" in line and "assumed" not in line, line
     x = torch.randn(2, 3, 32, 32)
@@ -370,9 +369,9 @@ def test_a_vit_whose_file_does_not_say_its_heads_is_built_as_printed_and_heads_o
     """MoCo v3's convert_to_deit.py writes {'model': ...}: no arch. The line says what was assumed and the flag."""
     sd = timm_vit(patch=16, grid=2, width=384)
     torch.save({"model": sd}, tmp_path / "deit.pth")
-    assumed = eval_linear.load_backbone(str(tmp_path / "deit.pth"), image_size=32)
+    assumed = backbones.load_backbone(str(tmp_path / "deit.pth"), image_size=32)
     assert "6 heads assumed (width / 64; --heads N if not)" in capsys.readouterr().out
-    given = eval_linear.load_backbone(str(tmp_path / "deit.pth"), image_size=32, heads=12)
+    given = backbones.load_backbone(str(tmp_path / "deit.pth"), image_size=32, heads=12)
     assert "12 heads (--heads)" in capsys.readouterr().out
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -387,7 +386,7 @@ def test_dinov2_block_chunks_are_counted_as_blocks_and_load_exactly(tmp_path, ca
     chunked = {re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{int(m[1]) // 3}.{m[1]}.", k): v for k, v in sd.items()}
     assert "blocks.3.11.mlp.fc2.bias" in chunked
     torch.save({"teacher": prefixed("backbone.", chunked)}, tmp_path / "teacher_checkpoint.pth")
-    loaded = eval_linear.load_backbone(str(tmp_path / "teacher_checkpoint.pth"), image_size=28)
+    loaded = backbones.load_backbone(str(tmp_path / "teacher_checkpoint.pth"), image_size=28)
     assert loaded.arch == "vit_tiny" and len(loaded.model.encoder.layers) == 12
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
@@ -510,7 +509,7 @@ def simmim(sd):  # SimMIM's checkpoint: model = SimMIM(encoder=SwinTransformerFo
 def test_microsoft_swin_and_simmim_load_exactly_into_torchvision_swin_t(layout, tmp_path, capsys):
     sd = ms_swin()
     torch.save({"model": sd} if layout == "swin_official" else simmim(sd), tmp_path / "swin.pth")
-    model, width, arch, method, _, _ = eval_linear.load_backbone(str(tmp_path / "swin.pth"))
+    model, width, arch, method, _, _ = backbones.load_backbone(str(tmp_path / "swin.pth"))
     line = capsys.readouterr().out
     assert (width, arch) == (768, "swin_t") and "attn_mask (5 tensors)" in line, line  # shifted: 1 + 1 + 3
     assert ("head (2 tensors)" if layout == "swin_official" else "mask_token (1 tensor), decoder (2") in line, line
