@@ -52,6 +52,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
+import backbones
 import data
 from backbones import load_backbone  # finetune_cls.py's too: both programs load any file alike
 from data import UserError
@@ -270,7 +271,10 @@ def stage_modules(model):
         return [f"features.{i}" for i in (1, 3, 5, 7)], lambda y: y.mean(dim=(1, 2))  # N H W C
     if isinstance(model, torchvision.models.VisionTransformer):
         n = len(model.encoder.layers)
-        return [f"encoder.layers.encoder_layer_{d - 1}" for d in (n // 4, n // 2, 3 * n // 4, n)], lambda y: y[:, 0]
+        names = [f"encoder.layers.encoder_layer_{d - 1}" for d in (n // 4, n // 2, 3 * n // 4, n)]
+        if isinstance(model, backbones.MeanPooledViT):  # MAE's global_pool: its feature is the patch tokens' mean
+            return names, lambda y: y[:, 1:].mean(dim=1)
+        return names, lambda y: y[:, 0]
     raise UserError(f"--stages does not know the stages of {type(model).__name__}.")
 
 
