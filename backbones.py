@@ -398,6 +398,7 @@ UNSUPPORTED = [  # (a key, in torchvision's names where a layout mapped it, what
     (r"\.mlp\.w12\.", "ViT with a SwiGLU feed-forward"),  # DINOv2 ViT-g
     (r"\.attn\.sampling_offsets\.", "ViT with RVSA's rotated varied-size window attention"),  # ViT_Win_RVSA
     (r"\.PCM\.", "ViT whose blocks add ViTAE's parallel convolution (PCM) to attention"),  # ViTAE, ViTAE-RVSA
+    (r"^channel_embed$", "ViT with SatMAE's band groups, a patch embedding each and a channel embedding"),  # group_c
 ]
 
 SATLAS_PREFIXES = ("backbone.backbone.", "backbone.backbone.backbone.")  # satlaspretrain_models: single-, multi-image

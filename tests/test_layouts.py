@@ -633,6 +633,12 @@ def satmae_temporal():  # models_mae_temporal.py: pos_embed 384 channels narrowe
     return {"model": vit_with({"cls_token": torch.randn(1, 1, 512), "pos_embed": torch.randn(1, 5, 128)})}
 
 
+def satmae_group_channels():  # models_vit_group_channels.py: a PatchEmbed per band group, a channel_embed
+    groups = {f"patch_embed.{i}.proj.weight": torch.randn(512, n, 8, 8) for i, n in enumerate((4, 4, 2))}
+    embeds = {"pos_embed": torch.randn(1, 5, 256), "channel_embed": torch.randn(1, 3, 256)}
+    return {"model": {"cls_token": torch.randn(1, 1, 512)} | groups | embeds}
+
+
 def multispectral():  # SSL4EO-S12's B13_rn50_moco_0099_ckpt.pth: MoCo's checkpoint of a 13-band conv1
     sd = resnet18().state_dict() | {"conv1.weight": torch.randn(64, 13, 7, 7)}
     return moco_v1_v2(sd)
@@ -659,6 +665,10 @@ REFUSALS = {  # file, what the one sentence says
     "satmae_temporal": (
         satmae_temporal,
         ["is a temporal ViT (SatMAE's): its positions are 128 wide and its tokens 512, the other 384 channels"],
+    ),
+    "satmae_group_channels": (
+        satmae_group_channels,
+        ["is a ViT with SatMAE's band groups, a patch embedding each and a channel embedding (channel_embed)"],
     ),
     "multispectral_13_bands": (
         multispectral,
