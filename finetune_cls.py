@@ -59,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
+import backbones
 import data
 import eval_linear
 from data import UserError
@@ -233,14 +234,9 @@ class Classifier(nn.Module):
 
 
 def model_config(backbone, image_size):
-    """What data.build_model needs besides the arch: a ViT's image and patch size, and its heads."""
-    if hasattr(backbone, "patch_size"):
-        return {
-            "image_size": image_size,
-            "patch_size": backbone.patch_size,
-            "heads": backbone.encoder.layers[0].num_heads,
-        }
-    return {}
+    """What backbones.build_model needs besides the arch: a ViT's image and patch size, heads, shape and pooling, a
+    Swin's window and final norm (a backbone.pth must load again as the same model)."""
+    return backbones.model_config(backbone, image_size)
 
 
 @torch.no_grad()
