@@ -1,5 +1,6 @@
 """Shared test helpers: tiny generated image folders in a temp dir (never a real dataset) and script runners."""
 
+import hashlib
 import importlib
 import os
 import subprocess
@@ -155,6 +156,19 @@ def assert_one_sentence_error(result, script, *fragments):
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def snapshot(path):
+    """Every file under `path` with a hash of its content (or None when `path` does not exist)."""
+    if not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return {
+        os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+        for d, _, files in os.walk(path)
+        for f in files
+    }
 
 
 @pytest.fixture

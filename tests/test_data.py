@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
@@ -338,3 +339,53 @@ def test_the_finiteness_check_names_the_first_bad_tensor():
         "c": torch.ones(1) * float("nan"),
     }
     assert data.first_non_finite(state) == "b" and data.first_non_finite({"a": torch.ones(2)}) is None
+
+
+def test_non_finite_pixels_are_no_data_filled_and_counted_and_an_image_without_one_is_unreadable(tmp_path, capsys):
+    """A float32 GeoTIFF's NaN no-data: read as all black before (its min and max were NaN)."""
+    pixels = np.random.default_rng(0).uniform(200, 3000, (16, 16)).astype(np.float32)
+    pixels[3, 5] = np.nan
+    pixels[0, 0] = np.inf
+    Image.fromarray(pixels, mode="F").save(tmp_path / "scene.tif")
+    img = data.open_rgb(str(tmp_path / "scene.tif"))
+    finite = np.isfinite(pixels)
+    expected = (pixels - pixels[finite].min()) / (pixels[finite].max() - pixels[finite].min()) * 255
+    got = np.asarray(img)[..., 0].astype(np.float64)
+    assert img.info["no_data"] == 2 and got[3, 5] == got[0, 0] == 0  # filled with the minimum
+    assert np.abs(got[finite] - expected[finite]).max() <= 1 and got.max() == 255  # stretched over finite pixels
+    Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32), mode="F").save(tmp_path / "void.tif")
+    with pytest.raises(ValueError, match="no finite pixel"):
+        data.open_rgb(str(tmp_path / "void.tif"))
+    dataset = data.ImageDataset([str(tmp_path / "void.tif"), str(tmp_path / "scene.tif")], transform=T.ToTensor())
+    assert dataset[0][2] == 1  # skipped as unreadable, the next file read
+    printed = capsys.readouterr().out
+    assert "skipping unreadable image" in printed and "void.tif" in printed
+    assert f"{tmp_path / 'scene.tif'} has 2 non-finite (no-data) pixel(s), filled" in printed
+
+
+def test_the_weighted_knn_votes_as_in_float64_at_any_temperature():
+    """exp(similarity / 0.001) overflows float32: every vote was inf, and argmax gave class 0 to every test image."""
+    torch.manual_seed(0)
+    train, test, labels = torch.randn(200, 16), torch.randn(50, 16), torch.randint(0, 4, (200,))
+    for temperature in (0.07, 0.01, 0.001):
+        train64, test64 = F.normalize(train.double(), dim=1), F.normalize(test.double(), dim=1)
+        similarity, nearest = (test64 @ train64.T).topk(20, dim=1)
+        votes = torch.zeros(50, 4, dtype=torch.float64).scatter_add_(
+            1, labels[nearest], (similarity / temperature).exp()
+        )
+        predicted = data.knn_predict(train, labels, test, 4, temperature=temperature)
+        assert torch.equal(predicted, votes.argmax(1)), temperature
+        assert len(set(predicted.tolist())) > 1, temperature
+
+
+def test_hidden_files_and_macos_twins_are_no_images_of_any_dataset(tmp_path):
+    make_image_folder(tmp_path / "ds", classes=2, per_class=2)
+    for folder in (tmp_path / "ds" / "class0", tmp_path / "ds" / "__MACOSX" / "class0", tmp_path / "ds" / ".cache"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "._0.png").write_bytes(b"AppleDouble")
+        (folder / ".hidden.jpg").write_bytes(b"not shown by ls")
+    paths, _ = data.list_images([str(tmp_path / "ds")])
+    assert sorted(os.path.relpath(p, tmp_path / "ds") for p in paths) == [
+        os.path.join(f"class{c}", f"{i}.png") for c in range(2) for i in range(2)
+    ]
+    assert data.labeled_images(str(tmp_path / "ds"))[0] == paths  # the same for labeled datasets

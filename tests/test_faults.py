@@ -1,7 +1,6 @@
 """Fault injection for every script: real signals to real training processes, crashes in the middle of a checkpoint
 write, corrupt and odd image files among good ones, a dead DDP process, and every kind of bad input."""
 
-import hashlib
 import importlib
 import json
 import os
@@ -22,7 +21,7 @@ import data
 import eval_linear
 import finetune_cls
 import methods
-from conftest import REPO, assert_one_sentence_error, make_image_folder, run_script
+from conftest import REPO, assert_one_sentence_error, make_image_folder, run_script, snapshot
 
 METHODS = {name: importlib.import_module(name) for name in methods.METHODS}  # every method file, found by its banner
 EVALS = {"eval_linear": eval_linear, "finetune_cls": finetune_cls}
@@ -248,19 +247,6 @@ def test_a_pickle_that_would_run_code_is_one_line_on_the_command_line(folders, t
     )
     assert_one_sentence_error(result, "eval_linear.py", "loads with weights_only=True")
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "eval").exists()
-
-
-def snapshot(path):
-    """Every file under `path` with a hash of its content (or None when `path` does not exist)."""
-    if not os.path.exists(path):
-        return None
-    if os.path.isfile(path):
-        return hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return {
-        os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-        for d, _, files in os.walk(path)
-        for f in files
-    }
 
 
 def bad_cases(folders, tmp):
