@@ -8,7 +8,7 @@ whose pixels the student predicts) and the teacher part t. Both networks run on 
     python pera.py --data synthetic --arch vit_tiny --img-size 32 --patch-size 8 --batch-size 32 --epochs 2 \
         --local-crops 2 --warmup-epochs 0 --teacher-temp-epochs 1 --vis runs/pera/vis.png
     python pera.py --data /data/million_aid          # one GPU: the defaults, on a ViT-B/16 (the paper's: a ViT-G/16)
-    torchrun --nproc_per_node=8 pera.py --data /data/million_aid --img-size 448 --mask-ratios 0.2 0.2 0.6 \
+    torchrun --nproc_per_node=8 pera.py --data /data/million_aid --img-size 448 \
         --out runs/pera_vitb                      # the authors' ViT-B config (448 px global, 96 px local crops)
     python pera.py ... --mse-reduction mean --mse-weight 0.1 --koleo-weight 0.01     # Eq. 4 and Eq. 9 as printed
     python tests/benchmark.py pera.py --data /data/million_aid --steps 20 [--dense]   # time, memory (Table 10)
@@ -31,8 +31,10 @@ Paper -> code
 
 Stated by the paper and taken: C1 = 1.0 (after Eq. 9), student temperature 0.1, teacher temperature warm-up 30
 epochs, lr warm-up 20 epochs, drop path 0.3, 200 epochs, total batch 192, AdamW, patch 16, multi-crop, 131,072
-prototypes, s/l/t 0.3/0.2/0.5 (Sec. 4.1; the code's, equal best in Table 13: --mask-ratios 0.2 0.2 0.6).
+prototypes.
 Where the paper is ambiguous, silent, or contradicts the authors' code, the code's value (the flag gives the paper's):
+    - s/l/t 0.2/0.2/0.6 (S_RATIO, T_RATIO in both configs; equal best in Table 13, and Sec. 4.4.3's "s:l about 1:1"):
+      Sec. 4.1's 0.3/0.2/0.5 contradicts both: --mask-ratios 0.3 0.2 0.5.
     - L_MSE (Eq. 4, "1/B sum (x - p)^2"): the code sums each patch's p*p*3 squared errors and averages over the
       patches at l; the paper's text reads as a mean over every value: --mse-reduction mean.
     - C2 = 0.01 on that loss and C3 = 0.1, the code's (MAE_LOSS_WEIGHT, KOLEO_LOSS_WEIGHT in Configs/pera_vitb.yaml);
@@ -117,8 +119,12 @@ def get_args(argv=None):
     scale = dict(type=float, nargs=2, metavar=("MIN", "MAX"))
     p.add_argument("--global-scale", default=[0.4, 1.0], help="area range of the global crops", **scale)
     p.add_argument("--local-scale", default=[0.05, 0.4], help="area range of the local crops", **scale)
-    ratios = dict(type=float, nargs=3, default=[0.3, 0.2, 0.5], metavar=("S", "L", "T"))
-    p.add_argument("--mask-ratios", help="disjoint parts: student, learnable, teacher (Eq. 1-3); sum 1", **ratios)
+    ratios = dict(type=float, nargs=3, default=[0.2, 0.2, 0.6], metavar=("S", "L", "T"))
+    p.add_argument(
+        "--mask-ratios",
+        help="disjoint parts: student, learnable, teacher (Eq. 1-3); sum 1 (paper: 0.3 0.2 0.5)",
+        **ratios,
+    )
     p.add_argument("--dense", action="store_true", help="full-length PerA, every patch from block 0 (Table 10)")
     p.add_argument("--out-dim", type=int, help="DINO head prototypes (default: 131072, the paper's; vit_tiny 8192)")
     p.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the head and predictor MLPs")
@@ -196,7 +202,7 @@ def check_args(args, world):
     if min(args.mask_ratios) <= 0 or abs(sum(args.mask_ratios) - 1) > 1e-6:
         raise UserError(
             f"--mask-ratios {' '.join(map(str, args.mask_ratios))} must be three positive fractions "
-            "s l t that sum to 1 (Eq. 3), e.g. 0.3 0.2 0.5."
+            "s l t that sum to 1 (Eq. 3), e.g. 0.2 0.2 0.6."
         )
     for name in ("teacher_momentum", "center_momentum"):
         if not 0 <= getattr(args, name) <= 1:

@@ -93,7 +93,7 @@ def test_centering_temperatures_and_schedules_follow_their_formulas():
     pera.update_center(center, t, 0.9)
     torch.testing.assert_close(center, 0.9 * torch.tensor([0.5, 0.0, 1.0]) + 0.1 * t.mean(0))  # Eq. 7
     args = pera.get_args(["--epochs", "100"])
-    assert (args.student_temp, args.mask_ratios, args.out_dim, args.local_size) == (0.1, [0.3, 0.2, 0.5], 131072, 96)
+    assert (args.student_temp, args.mask_ratios, args.out_dim, args.local_size) == (0.1, [0.2, 0.2, 0.6], 131072, 96)
     assert pera.get_args(["--img-size", "448"]).local_size == 96  # the authors' 448 px global, 96 px local crops
     at = [pera.schedules(args, step * 10, 10) for step in (0, 10, 15, 30, 60, 100)]  # 10 steps per epoch
     # warm-ups as the authors' np.linspace(start, peak, W): W = 300 steps for the temperature, 200 for the lr
