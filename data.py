@@ -491,7 +491,8 @@ def check_paths(script, args, reads, writes, run_files):
             f"--out {args.out} is the run folder of {record.get('script')} ({RUN_RECORD}); give {script} a folder "
             "of its own."
         )
-    entries = sorted(set(os.listdir(args.out)) - {".lock"}) if os.path.isdir(args.out) else []
+    making = {".lock", f"{RUN_RECORD}.tmp"}  # what rank 0's hold_out() may be writing while another rank looks
+    entries = sorted(set(os.listdir(args.out)) - making) if os.path.isdir(args.out) else []
     earlier = {name.removesuffix(".tmp") for name in entries}  # an earlier version's folder: its files, and leftovers
     if record is None and entries and not (earlier <= set(run_files) and run_files[0] in entries):
         raise UserError(
