@@ -683,6 +683,12 @@ def handle_stop_signals():
     return {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
+def restore_stop_signals(handlers):
+    """The handlers handle_stop_signals() replaced, back (main()'s last act: a test or a notebook goes on)."""
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+
+
 def stop_at_safe_points():
     """From here the run has something to save: a first stop signal is only recorded, in the returned list, for the
     loop to stop at a point it chooses and save; a second raises Interrupted at once (the files written are whole).

@@ -42,7 +42,6 @@ import itertools
 import json
 import os
 import re
-import signal
 import sys
 import time
 from collections import namedtuple
@@ -578,8 +577,7 @@ def main(argv=None):
         print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+        data.restore_stop_signals(handlers)
         data.release_out()
     if code:  # never 0: a `&&` chain or an after-success dependency stops here
         data.report_stop(SCRIPT, code)

@@ -45,7 +45,6 @@ incomplete training batch of an epoch is dropped (the data is reshuffled every e
 
 import math
 import os
-import signal
 import sys
 import time
 from collections import namedtuple
@@ -534,8 +533,7 @@ def main(argv=None):
             print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(1 if isinstance(err, FloatingPointError) else 2)
     finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+        data.restore_stop_signals(handlers)
         data.release_out()
         if dist.is_initialized():
             dist.destroy_process_group()

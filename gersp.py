@@ -55,7 +55,6 @@ import json
 import math
 import os
 import resource
-import signal
 import sys
 import time
 from collections import OrderedDict, namedtuple
@@ -490,8 +489,7 @@ RUN_FILES = ("checkpoint.pth", "backbone.pth", "args.json", "log.jsonl")  # what
 
 def setup(args):
     """nanoGPT-style: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (all three, or none: one process). Checks them, the
-    flags every pre-training script shares and every path the run reads (READS) and writes (WRITES); returns this
-    process's facts."""
+    flags every method shares and the paths the run reads and writes (READS, WRITES); returns this process's facts."""
     rank, world, local_rank = data.process_env()  # the one process check
     for name in ("epochs", "batch_size", "lr", "img_size", "log_every", "max_steps", "knn_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
@@ -685,8 +683,7 @@ def main(argv=None):
             print(f"{SCRIPT}: error: {err}", file=sys.stderr)
         sys.exit(1 if isinstance(err, FloatingPointError) else 2)
     finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+        data.restore_stop_signals(handlers)
         data.release_out()
         if dist.is_initialized():
             dist.destroy_process_group()
