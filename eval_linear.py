@@ -33,6 +33,9 @@ Preprocessing (--preprocess): paper004 = paper 004's test pipeline, resize to 29
 silent about its linear probe's preprocessing) = the whole image resized to --img-size (default 224, GeRSP's
 fine-tuning size), which keeps the borders of EuroSAT's 64-px images that a centre crop would cut.
 Choices where the papers are silent: features are not normalised; the std is the sample std (ddof=1).
+An --out holds one evaluation: the same flags and files again (compared by content) print the table it holds and write
+nothing; another evaluation into it is refused. A stop signal ends the probe at once (exit 128 + its number): it has
+nothing to save before its table, which is written last.
 The file reads: the flags, the datasets and their splits, the features, the probe, the results table and evaluate().
 Loading any backbone file exactly, and the published checkpoints' layouts, are backbones.py's (finetune_cls.py's too).
 """

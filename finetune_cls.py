@@ -37,6 +37,8 @@ run is recorded as done, so a job killed in between writes it when resumed. Befo
 epoch; the last one holds the weights --save-backbone then writes), one pass over the weights checks that they are
 finite: a NaN or inf stops the evaluation with exit code 1, naming the epoch and the tensor, and the files written
 before stay as they were.
+A finished evaluation run again with the same flags and files prints its table and writes nothing; another
+evaluation into its --out is refused. A stop signal ends the epoch, saves it, and exits with 128 + its number.
 Choices where the papers are silent: weight decay 0 with Adam (paper 004 names none); the lr is stepped per epoch;
 BatchNorm is synchronised across GPUs under torchrun (the papers fine-tune with one batch of 64 / 100); on several CPU
 processes it is not (gloo has no SyncBatchNorm), so every process tests with rank 0's running statistics; the last
