@@ -1,8 +1,10 @@
 """What the pre-training scripts share (the evaluation scripts use it too): the flag parser, image discovery and
 opening, what a run knows its data by (the file list, by content), the built-in "synthetic" textures (every script
 runs without a download), the dataset (augmentations seeded by (seed, epoch, index)) and sampler, torchvision
-backbones, weights_only loading, the kNN monitor, and the few run pieces every script uses the same way: the --out
-lock, the atomic writer, the finiteness check and the stop signals."""
+backbones, weights_only loading, the kNN monitor, and the run pieces every script uses the same way, so that nothing
+is lost by construction: the one process check, the one check of every path a run reads and writes (and run.json,
+which says whose an --out is), the --out lock, the atomic writer, a resumed run's segments, the finiteness check and
+the one signal policy."""
 
 import argparse
 import fcntl
