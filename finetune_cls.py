@@ -60,9 +60,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-import backbones
 import data
 import eval_linear
+from backbones import model_config  # what builds a saved backbone again: its shape, pooling, window
 from data import UserError
 
 SCRIPT = os.path.basename(__file__)
@@ -232,12 +232,6 @@ class Classifier(nn.Module):
 
     def forward(self, x):
         return self.fc(self.backbone(x))
-
-
-def model_config(backbone, image_size):
-    """What backbones.build_model needs besides the arch: a ViT's image and patch size, heads, shape and pooling, a
-    Swin's window and final norm (a backbone.pth must load again as the same model)."""
-    return backbones.model_config(backbone, image_size)
 
 
 @torch.no_grad()
