@@ -117,9 +117,7 @@ def _scan(root):
 def list_images(roots, flag="--data"):
     """(sorted image paths under each root, their identity: file_list_id); "synthetic" stands for the built-in
     generated dataset. The same files given twice (one folder inside another, or two names of one) are refused."""
-    paths = []
     groups = []  # (root, its paths)
-    identities = []  # each root's file_list_id
     for root in roots:
         if root == SYNTHETIC:
             found = [f"{SYNTHETIC}://{i}" for i in range(SYNTHETIC_IMAGES)]
@@ -127,16 +125,21 @@ def list_images(roots, flag="--data"):
             raise UserError(f"{flag} {root} is not a folder (give a folder of images, or 'synthetic').")
         elif not (found := sorted(_scan(root))):
             raise UserError(f"{flag} {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-        identity = file_list_id([(root, found)])
-        for other, known in zip(roots, identities):  # a copy of one, the same folder, or one folder inside another
-            real = [os.path.realpath(r) for r in (root, other)]
-            nested = SYNTHETIC not in (root, other) and (_within(*real) or _within(*real[::-1]))
-            if known == identity or nested:
-                raise UserError(f"{flag} {other} and {flag} {root} hold the same files; give each dataset once.")
-        paths += found
         groups.append((root, found))
-        identities.append(identity)
-    return paths, file_list_id(groups)
+    if len(groups) == 1:  # one folder: its identity is the dataset's, each file stat'ed once
+        return groups[0][1], file_list_id(groups)
+    check_given_once(roots, [file_list_id([group]) for group in groups], flag)
+    return [path for _, found in groups for path in found], file_list_id(groups)
+
+
+def check_given_once(roots, identities, flag="--data"):
+    """One sentence when two of `roots` hold the same files: equal file lists (a copy, a path typed with its slash, a
+    wrapper folder), or one folder inside the other."""
+    for (i, root), (j, other) in itertools.combinations(enumerate(roots), 2):
+        real = [os.path.realpath(r) for r in (root, other)]
+        nested = SYNTHETIC not in (root, other) and (_within(*real) or _within(*real[::-1]))
+        if identities[i] == identities[j] or nested:
+            raise UserError(f"{flag} {root} and {flag} {other} hold the same files; give each dataset once.")
 
 
 def file_list_id(groups):

@@ -206,9 +206,7 @@ def labeled_datasets(roots, names, train_ratio, runs, seed, verbose=True, worker
     for every backbone and both scripts, and no image stands in for another with the wrong label. The same files
     given twice, under any path, are refused."""
     listed = [data.labeled_images(root) for root in roots]
-    for i, j in itertools.combinations(range(len(roots)), 2):
-        if listed[i][3] == listed[j][3]:
-            raise UserError(f"--data {roots[i]} and --data {roots[j]} hold the same files; give each dataset once.")
+    data.check_given_once(roots, [files for *_, files in listed])
     datasets = []
     for name, (paths, labels, classes, files) in zip(names or default_names(roots), listed):
         if verbose:
